@@ -1,0 +1,154 @@
+"""The ``evse`` command line.
+
+Errors an installer can cause (a wrong port, a silent device, a bad option)
+end in one line naming what failed and a non-zero exit, never a traceback.
+Exit codes: 0 ok, 1 the operation failed (device, bus), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from functools import partial
+
+import trio
+
+from fieldbus.errors import FieldbusError, PortConfigError
+from ops.probe import KINDS, probe
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    pass
+
+
+def _unit(text: str) -> int:
+    try:
+        unit = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"unit id {text!r} is not a number") from None
+    if not 1 <= unit <= 247:
+        raise argparse.ArgumentTypeError(f"unit id {unit} is outside 1..247")
+    return unit
+
+
+def _port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port {text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 0..65535")
+    return port
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evse", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("probe", help="read one device once and print its reading as JSON")
+    p.add_argument("kind", metavar="KIND", help=f"device model: {', '.join(KINDS)}")
+    p.add_argument("port", metavar="PORT",
+                   help="tcp://HOST:PORT or rtu:///dev/ttyX?baud=9600&parity=N&stopbits=1")
+    p.add_argument("--unit", type=_unit, default=None, help="Modbus unit id 1..247")
+    p.add_argument("--timeout", type=float, default=1.0, help="seconds per request (default 1)")
+
+    s = sub.add_parser("sim", help="run the device simulator (Modbus TCP, RTU on a pty, HTTP)")
+    s.add_argument("--device", action="append", metavar="KIND[:UNIT]",
+                   help="simulated device (repeatable; default evse-din:1 and sdm630:2)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--tcp-port", type=_port_number, default=5020,
+                   help="Modbus TCP port (default 5020, 0 = any free port)")
+    s.add_argument("--no-tcp", action="store_true", help="do not serve Modbus TCP")
+    s.add_argument("--no-rtu", action="store_true", help="do not serve RTU on a pty")
+    s.add_argument("--rtu-link", metavar="PATH", help="symlink to the pty's serial device")
+    s.add_argument("--control-port", type=_port_number, default=8020,
+                   help="HTTP control port (default 8020, 0 = any free port)")
+
+    d = sub.add_parser("demo", help="simulator plus a probe of every device on it")
+    d.add_argument("--seconds", type=float, default=3.0, help="how long to charge (default 3)")
+    return parser
+
+
+async def _run_probe(args: argparse.Namespace) -> int:
+    result = await probe(args.kind, args.port, args.unit, timeout=args.timeout)
+    print(json.dumps(result, indent=2))
+    return EXIT_OK
+
+
+async def _run_sim(args: argparse.Namespace) -> int:
+    from ops.sim.app import DeviceSpec, SimConfig, Simulator  # noqa: PLC0415 - keep probe light
+
+    try:
+        devices = [DeviceSpec.parse(d) for d in (args.device or ["evse-din:1", "sdm630:2"])]
+        sim = Simulator(SimConfig(
+            devices=devices,
+            host=args.host,
+            tcp_port=None if args.no_tcp else args.tcp_port,
+            rtu=not args.no_rtu,
+            rtu_link=args.rtu_link,
+            control_port=args.control_port,
+        ))
+    except (ValueError, FieldbusError) as exc:
+        raise UsageError(str(exc)) from None
+    async with trio.open_nursery() as nursery:
+        try:
+            endpoints = await nursery.start(sim.run)
+        except OSError as exc:
+            raise UsageError(f"cannot bind: {exc.strerror or exc}") from None
+        print(json.dumps({"ready": endpoints.to_json()}), flush=True)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                nursery.cancel_scope.cancel(reason="signal")
+                break
+    return EXIT_OK
+
+
+async def _run_demo(args: argparse.Namespace) -> int:
+    from ops.demo import run_demo  # noqa: PLC0415
+
+    return await run_demo(seconds=args.seconds)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    runner = {"probe": _run_probe, "sim": _run_sim, "demo": _run_demo}[args.command]
+    try:
+        return trio.run(partial(runner, args))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        known = _explain(exc)
+        if known is None:
+            raise
+        code, message = known
+        print(f"evse {args.command}: {message}", file=sys.stderr)
+        return code
+
+
+def _explain(exc: BaseException) -> tuple[int, str] | None:
+    """Exit code and one line for an error an operator can cause; None otherwise."""
+    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        return _explain(exc.exceptions[0])
+    if isinstance(exc, UsageError | ValueError | PortConfigError):
+        return EXIT_USAGE, f"error: {exc}"
+    if isinstance(exc, FieldbusError):
+        return EXIT_FAILED, f"{type(exc).__name__}: {exc}"
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

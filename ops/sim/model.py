@@ -1,0 +1,156 @@
+"""The simulator's physics, without I/O: an EV, a contactor board and a meter.
+
+Time comes in as an argument (``now``, trio's clock in the running simulator),
+so the model is tested without sockets and integrates energy exactly.
+
+Control pilot (IEC 61851-1 table A.3/A.4): no EV -> A; EV connected -> B;
+the EV goes to C (or D) only while it wants energy *and* the station offers a
+PWM duty of at least 6 A; otherwise it stays in B. The contactor follows:
+closed only in C/D with an offer of at least 6 A, the board enabled and no
+RCD trip, unless it is welded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from fieldbus.boards import PilotState
+
+NOMINAL_VOLTAGE = 230.0
+NOMINAL_FREQUENCY = 50.0
+#: IEC 61851-1: the lowest current a PWM duty may offer.
+MIN_OFFER = 6.0
+
+FAULTS = ("rcd_trip", "pilot_error", "board_silent", "meter_silent", "welded", "overdraw")
+
+
+@dataclass
+class EV:
+    plugged: bool = False
+    #: What the EV asks for while plugged: "B" (paused / full) or "C" / "D" (wants charge).
+    wants: str = "C"
+    phases: int = 3
+    #: The EV's on-board charger limit, A per phase.
+    max_current: float = 16.0
+
+
+@dataclass
+class Faults:
+    rcd_trip: bool = False
+    #: None, "E" or "F": the pilot reads as that state whatever the EV does.
+    pilot_error: str | None = None
+    board_silent: bool = False
+    meter_silent: bool = False
+    welded: bool = False
+    #: Extra amperes the EV draws above the offer (0 = none).
+    overdraw: float = 0.0
+
+
+@dataclass
+class BoardState:
+    #: Allowed current as commanded by the firmware, A (0 = off).
+    command: float = 0.0
+    enabled: bool = True
+    #: Hardware failsafe, where the board model has one (seconds, amperes).
+    failsafe_timeout: float = 0.0
+    failsafe_current: float = 0.0
+    failsafe_tripped: bool = False
+    last_request: float = 0.0
+    hardware_max: float = 32.0
+    #: Cable (PP) limit of the plugged cable, A.
+    cable_limit: float = 32.0
+
+
+@dataclass
+class Station:
+    """The whole physical state; every method takes the current time."""
+
+    ev: EV = field(default_factory=EV)
+    faults: Faults = field(default_factory=Faults)
+    board: BoardState = field(default_factory=BoardState)
+    energy_wh: float = 0.0
+    voltage: float = NOMINAL_VOLTAGE
+    frequency: float = NOMINAL_FREQUENCY
+    updated: float = 0.0
+
+    # -- derived quantities ------------------------------------------------
+
+    @property
+    def offered(self) -> float:
+        """The PWM offer the EV sees, A (0 = none)."""
+        b = self.board
+        command = b.failsafe_current if b.failsafe_tripped else b.command
+        if not b.enabled or self.faults.rcd_trip or self.faults.pilot_error:
+            return 0.0
+        offer = min(command, b.hardware_max, b.cable_limit if self.ev.plugged else b.hardware_max)
+        return offer if offer >= MIN_OFFER else 0.0
+
+    @property
+    def pilot(self) -> PilotState:
+        if self.faults.pilot_error:
+            return PilotState(self.faults.pilot_error)
+        if not self.ev.plugged:
+            return PilotState.A
+        if self.ev.wants in ("C", "D") and self.offered >= MIN_OFFER:
+            return PilotState(self.ev.wants)
+        return PilotState.B
+
+    @property
+    def contactor_closed(self) -> bool:
+        if self.faults.welded:
+            return True
+        return self.pilot in (PilotState.C, PilotState.D) and not self.faults.rcd_trip
+
+    @property
+    def phase_currents(self) -> tuple[float, float, float]:
+        if not self.ev.plugged or not self.contactor_closed:
+            return (0.0, 0.0, 0.0)
+        if self.pilot not in (PilotState.C, PilotState.D):
+            # Welded but the EV has stopped: it draws only what it overdraws.
+            draw = self.faults.overdraw
+        else:
+            draw = min(self.ev.max_current, self.offered) + self.faults.overdraw
+        phases = 3 if self.ev.phases == 3 else 1
+        return tuple(draw if i < phases else 0.0 for i in range(3))  # type: ignore[return-value]
+
+    @property
+    def phase_powers(self) -> tuple[float, float, float]:
+        a, b, c = (i * self.voltage for i in self.phase_currents)
+        return (a, b, c)
+
+    # -- time and inputs ----------------------------------------------------
+
+    def advance(self, now: float) -> None:
+        """Integrate energy up to ``now`` and run the board's watchdog."""
+        if now > self.updated:
+            self.energy_wh += sum(self.phase_powers) * (now - self.updated) / 3600.0
+            self.updated = now
+        b = self.board
+        if (
+            b.failsafe_timeout > 0
+            and not b.failsafe_tripped
+            and now - b.last_request >= b.failsafe_timeout
+        ):
+            b.failsafe_tripped = True
+
+    def board_contacted(self, now: float) -> None:
+        """A Modbus request reached the board: it feeds the watchdog."""
+        self.advance(now)
+        self.board.last_request = now
+        self.board.failsafe_tripped = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ev": asdict(self.ev),
+            "faults": asdict(self.faults),
+            "board": asdict(self.board),
+            "pilot": self.pilot.value,
+            "offered_a": self.offered,
+            "contactor_closed": self.contactor_closed,
+            "current_a": list(self.phase_currents),
+            "power_w": list(self.phase_powers),
+            "voltage_v": self.voltage,
+            "frequency_hz": self.frequency,
+            "energy_wh": self.energy_wh,
+        }

@@ -1,0 +1,108 @@
+"""The simulator's physics, without I/O: time is an argument."""
+
+from __future__ import annotations
+
+import pytest
+
+from fieldbus.boards import PilotState
+from ops.sim.model import Station
+
+
+def charging_station(command: float = 16.0, phases: int = 3) -> Station:
+    s = Station()
+    s.ev.plugged = True
+    s.ev.phases = phases
+    s.board.command = command
+    return s
+
+
+def test_no_ev_is_state_a_and_nothing_flows() -> None:
+    s = Station()
+    s.board.command = 16
+    assert s.pilot is PilotState.A
+    assert not s.contactor_closed
+    assert s.phase_currents == (0.0, 0.0, 0.0)
+
+
+def test_ev_charges_only_with_an_offer_of_at_least_6_a() -> None:
+    s = charging_station(command=0)
+    assert s.pilot is PilotState.B
+    s.board.command = 5
+    assert s.offered == 0.0
+    assert s.pilot is PilotState.B
+    s.board.command = 6
+    assert s.pilot is PilotState.C
+    assert s.contactor_closed
+
+
+def test_ev_draws_the_lower_of_offer_and_its_own_limit_on_its_phases() -> None:
+    s = charging_station(command=32, phases=1)
+    s.ev.max_current = 13
+    assert s.phase_currents == (13.0, 0.0, 0.0)
+    s.ev.phases = 3
+    s.board.command = 10
+    assert s.phase_currents == (10.0, 10.0, 10.0)
+    assert s.phase_powers == pytest.approx((2300.0, 2300.0, 2300.0))
+
+
+def test_offer_is_capped_by_cable_and_hardware() -> None:
+    s = charging_station(command=32)
+    s.board.cable_limit = 20
+    s.board.hardware_max = 25
+    assert s.offered == 20
+    s.board.cable_limit = 63
+    assert s.offered == 25
+
+
+def test_paused_ev_stays_in_b_and_ventilation_is_d() -> None:
+    s = charging_station()
+    s.ev.wants = "B"
+    assert s.pilot is PilotState.B and not s.contactor_closed
+    s.ev.wants = "D"
+    assert s.pilot is PilotState.D and s.contactor_closed
+
+
+def test_energy_integrates_power_over_time_exactly() -> None:
+    s = charging_station(command=16)
+    s.advance(0.0)
+    s.advance(3600.0)
+    assert s.energy_wh == pytest.approx(3 * 230 * 16)
+    s.board.command = 0
+    s.advance(7200.0)
+    assert s.energy_wh == pytest.approx(3 * 230 * 16)
+
+
+def test_faults() -> None:
+    s = charging_station()
+    s.faults.rcd_trip = True
+    assert s.offered == 0 and not s.contactor_closed
+    s.faults.rcd_trip = False
+    s.faults.pilot_error = "F"
+    assert s.pilot is PilotState.F and not s.contactor_closed
+    s.faults.pilot_error = None
+    s.faults.overdraw = 4
+    assert s.phase_currents == (20.0, 20.0, 20.0)
+
+
+def test_welded_contactor_reports_closed_when_commanded_off() -> None:
+    s = charging_station()
+    s.faults.welded = True
+    s.board.command = 0
+    assert s.pilot is PilotState.B
+    assert s.contactor_closed
+    # The EV has stopped drawing: only an injected overdraw would flow.
+    assert s.phase_currents == (0.0, 0.0, 0.0)
+
+
+def test_failsafe_watchdog_applies_the_failsafe_current() -> None:
+    s = charging_station(command=16)
+    s.board.failsafe_timeout = 2.0
+    s.board.failsafe_current = 8.0
+    s.board_contacted(10.0)
+    s.advance(11.9)
+    assert s.offered == 16
+    s.advance(12.0)
+    assert s.board.failsafe_tripped
+    assert s.offered == 8
+    s.board_contacted(12.5)
+    assert s.offered == 16
