@@ -250,26 +250,27 @@ class Board:
             await self.master.write_coil(self.unit, f.address, level)
             return
         # A bit inside a holding register: read-modify-write, keep the other bits.
-        current = int(f.decode(await self.master.read_holding_registers(
-            self.unit, f.address, f.width)) or 0)
+        current = int(
+            f.decode(await self.master.read_holding_registers(self.unit, f.address, f.width)) or 0
+        )
         new = current | (1 << bit.bit) if level else current & ~(1 << bit.bit)
         await write_field(self.master, self.unit, f, new, multiple=self.model.write_multiple)
 
-    async def arm_failsafe(self, timeout: float, current: float) -> None:
-        """Arm the board's watchdog: silent for ``timeout`` s -> apply ``current`` A.
+    async def arm_failsafe(self, watchdog: float, current: float) -> None:
+        """Arm the board's watchdog: no request for ``watchdog`` s -> apply ``current`` A.
 
-        The current is written before the timeout, so the watchdog is never
-        armed with a stale failsafe current.
+        The current is written before the watchdog period, so the watchdog is
+        never armed with a stale failsafe current.
         """
         m = self.model
         if m.failsafe_timeout is None or m.failsafe_current is None:
             raise Unsupported(f"{m.title} has no hardware failsafe")
-        if timeout <= 0:
-            raise ValueError(f"failsafe timeout must be positive, not {timeout}")
+        if watchdog <= 0:
+            raise ValueError(f"failsafe watchdog period must be positive, not {watchdog}")
         amps = self.command_value(current)
         mp = m.write_multiple
         await write_field(self.master, self.unit, m.failsafe_current, amps, multiple=mp)
-        await write_field(self.master, self.unit, m.failsafe_timeout, timeout, multiple=mp)
+        await write_field(self.master, self.unit, m.failsafe_timeout, watchdog, multiple=mp)
 
 
 # --- EVSE DIN / EVSE-WB / SimpleEVSE (evracing) -----------------------------
@@ -277,8 +278,12 @@ class Board:
 # only: evcc charger/simpleevse.go, openWB/core packages/modules/common/evse.py
 # and syssi/esphome-evse-wallbox all write with FC16 (quantity 1); no driver
 # uses 06, so it is unconfirmed whether the board accepts it.
-_DIN = {n: Field(Table.HOLDING, 1000 + i) for i, n in enumerate(
-    ("command", "offered", "vehicle", "cable", "control", "firmware", "evse_state", "status"))}
+_DIN = {
+    n: Field(Table.HOLDING, 1000 + i)
+    for i, n in enumerate(
+        ("command", "offered", "vehicle", "cable", "control", "firmware", "evse_state", "status")
+    )
+}
 
 EVSE_DIN = BoardModel(
     kind="evse-din",
@@ -288,8 +293,9 @@ EVSE_DIN = BoardModel(
     # is no separate E/F code, so 5 reads as F plus a device fault
     # [evcc-simpleevse], [owb-evse], [esphome-evse].
     pilot=_DIN["vehicle"],
-    pilot_codes=MappingProxyType({1: PilotState.A, 2: PilotState.B, 3: PilotState.C,
-                                  4: PilotState.D, 5: PilotState.F}),
+    pilot_codes=MappingProxyType(
+        {1: PilotState.A, 2: PilotState.B, 3: PilotState.C, 4: PilotState.D, 5: PilotState.F}
+    ),
     pilot_faults=MappingProxyType({5: BoardFault.DEVICE}),
     # 1000 configured current, A (0 = off). 2005 b7 "0.01 A" mode is disputed
     # (openWB: precise current; another list: PWM debug bit), so integer amps.
@@ -313,17 +319,19 @@ EVSE_DIN = BoardModel(
     # either way (the doc: treat b4 as an RCD fault on older firmware); a test
     # in progress also means no charging, so reporting it costs nothing.
     faults=_DIN["status"],
-    fault_bits=MappingProxyType({
-        1: BoardFault.DIODE,
-        2: BoardFault.VENTILATION,
-        4: BoardFault.RCD_SELFTEST,
-        5: BoardFault.RCD_TRIP,
-    }),
+    fault_bits=MappingProxyType(
+        {
+            1: BoardFault.DIODE,
+            2: BoardFault.VENTILATION,
+            4: BoardFault.RCD_SELFTEST,
+            5: BoardFault.RCD_TRIP,
+        }
+    ),
     write_multiple=True,
     # openWB sleeps 100 ms before each access [owb-evse].
     request_gap=0.1,
     notes="No watchdog register (lists end at 1009/2017): the firmware keeps "
-          "register 1000 safe itself and stops on any bus fault.",
+    "register 1000 safe itself and stops on any bus fault.",
 )
 
 # --- Heidelberg Energy Control (Amperfied) ----------------------------------
@@ -346,12 +354,23 @@ HEIDELBERG = BoardModel(
     # State 10 also appears when the box is locked on purpose (remote lock 259,
     # evcc's wake-up trick), so its PILOT fault may be transient.
     pilot=Field(Table.INPUT, 5),
-    pilot_codes=MappingProxyType({2: PilotState.A, 3: PilotState.A, 4: PilotState.B,
-                                  5: PilotState.B, 6: PilotState.C, 7: PilotState.C,
-                                  8: PilotState.C, 9: PilotState.E, 10: PilotState.F,
-                                  11: PilotState.F}),
-    pilot_faults=MappingProxyType({9: BoardFault.PILOT, 10: BoardFault.PILOT,
-                                   11: BoardFault.DEVICE}),
+    pilot_codes=MappingProxyType(
+        {
+            2: PilotState.A,
+            3: PilotState.A,
+            4: PilotState.B,
+            5: PilotState.B,
+            6: PilotState.C,
+            7: PilotState.C,
+            8: PilotState.C,
+            9: PilotState.E,
+            10: PilotState.F,
+            11: PilotState.F,
+        }
+    ),
+    pilot_faults=MappingProxyType(
+        {9: BoardFault.PILOT, 10: BoardFault.PILOT, 11: BoardFault.DEVICE}
+    ),
     # HR 261 max current, 0.1 A: 0 (no charging) or 60..160 [deardevices], [wbec].
     current_command=Field(Table.HOLDING, 261, scale=0.1),
     max_current=16.0,
@@ -368,7 +387,7 @@ HEIDELBERG = BoardModel(
     # worked for years: 06 here, 16 would be the fallback on exception 01.
     write_multiple=False,
     notes="Energy registers are VAh per the vendor table (W/Wh per evcc); "
-          "current control needs register layout >= V1.0.7 (IR 4).",
+    "current control needs register layout >= V1.0.7 (IR 4).",
 )
 
 # --- Phoenix Contact EV-CC-AC1-M3-...-ETH (Modbus TCP) -------------------------

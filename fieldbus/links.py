@@ -16,6 +16,7 @@ bits, exclusive lock); trio only reads and writes its descriptor.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -47,7 +48,11 @@ class Link(Protocol):
 
     async def send(self, data: bytes) -> None: ...
 
-    async def receive(self) -> bytes: ...
+    async def receive(self, *, wait_first: bool = False) -> bytes:
+        """Some bytes; ``wait_first`` skips the read attempt that would fail
+        with EAGAIN right after a request was sent (a syscall and an exception
+        saved per poll)."""
+        ...
 
     def discard_input(self) -> None: ...
 
@@ -107,8 +112,13 @@ class TcpLink:
                 raise Disconnected(f"send failed ({_reason(exc)})", where=self.where) from None
             view = view[sent:]
 
-    async def receive(self) -> bytes:
+    async def receive(self, *, wait_first: bool = False) -> bytes:
         sock = self._require()
+        if wait_first:
+            try:
+                await trio.lowlevel.wait_readable(sock)
+            except trio.ClosedResourceError:
+                raise Disconnected("connection closed", where=self.where) from None
         while True:
             try:
                 data = sock.recv(RECEIVE_CHUNK)
@@ -218,8 +228,13 @@ class SerialLink:
                 ) from None
             view = view[written:]
 
-    async def receive(self) -> bytes:
+    async def receive(self, *, wait_first: bool = False) -> bytes:
         fd = self._require()
+        if wait_first:
+            try:
+                await trio.lowlevel.wait_readable(fd)
+            except trio.ClosedResourceError:
+                raise Disconnected("serial port closed", where=self.where) from None
         while True:
             try:
                 data = os.read(fd, RECEIVE_CHUNK)
@@ -255,10 +270,8 @@ class SerialLink:
         if fd is not None:
             trio.lowlevel.notify_closing(fd)
         if ser is not None:
-            try:
+            with contextlib.suppress(serial.SerialException, OSError):
                 ser.close()
-            except (serial.SerialException, OSError):
-                pass
         await trio.lowlevel.checkpoint_if_cancelled()
 
 

@@ -62,6 +62,15 @@ _RESPONSE_CLASSES: dict[int, type[ModbusPDU]] = {
 }
 _RESPONSE_CLASSES.update({code | 0x80: ExceptionResponse for code in tuple(_RESPONSE_CLASSES)})
 
+#: Read-request frames kept per bus (a poller repeats a handful).
+_MAX_CACHED_FRAMES = 256
+
+
+def _check_unit(unit: int) -> None:
+    if not 0 <= unit <= 255:
+        raise ValueError(f"unit id {unit} is outside 0..255")
+
+
 #: The largest MBAP "length" a valid Modbus TCP ADU can carry (unit id + 253-byte PDU).
 _MAX_MBAP_LENGTH = 254
 
@@ -102,9 +111,7 @@ class ModbusMaster:
         self.gap = max(link.frame_gap, min_gap)
         self.stats = BusStats()
         self._lock = trio.Lock()
-        framer_class: type[FramerBase] = (
-            FramerSocket if link.has_transaction_ids else FramerRTU
-        )
+        framer_class: type[FramerBase] = FramerSocket if link.has_transaction_ids else FramerRTU
         self._framer = framer_class(DecodePDU(is_server=False))
         self._decoder = self._framer.decoder
         self._buffer = b""
@@ -116,6 +123,9 @@ class ModbusMaster:
         # True from sending a request until its reply has been consumed: if
         # it is still set when the next request starts, a reply may be in flight.
         self._dirty = False
+        self._frames: dict[tuple[int, int, int, int], bytes] = {}
+        self._unit_gap: dict[int, float] = {}
+        self._unit_last: dict[int, float] = {}
 
     @classmethod
     def for_port(
@@ -142,22 +152,31 @@ class ModbusMaster:
     async def aclose(self) -> None:
         await self.link.aclose()
 
+    def set_unit_gap(self, unit: int, seconds: float) -> None:
+        """Keep ``seconds`` between two requests to ``unit`` (slow device firmware).
+
+        Other units on the same line are not held back by it.
+        """
+        if seconds < 0:
+            raise ValueError(f"gap must be >= 0, not {seconds}")
+        self._unit_gap[unit] = seconds
+
     # -- requests ------------------------------------------------------------
 
     async def read_holding_registers(self, unit: int, address: int, count: int) -> list[int]:
-        reply = await self.execute(unit, ReadHoldingRegistersRequest(address=address, count=count))
+        reply = await self._read(unit, ReadHoldingRegistersRequest, address, count)
         return list(reply.registers)
 
     async def read_input_registers(self, unit: int, address: int, count: int) -> list[int]:
-        reply = await self.execute(unit, ReadInputRegistersRequest(address=address, count=count))
+        reply = await self._read(unit, ReadInputRegistersRequest, address, count)
         return list(reply.registers)
 
     async def read_coils(self, unit: int, address: int, count: int) -> list[bool]:
-        reply = await self.execute(unit, ReadCoilsRequest(address=address, count=count))
+        reply = await self._read(unit, ReadCoilsRequest, address, count)
         return list(reply.bits[:count])
 
     async def read_discrete_inputs(self, unit: int, address: int, count: int) -> list[bool]:
-        reply = await self.execute(unit, ReadDiscreteInputsRequest(address=address, count=count))
+        reply = await self._read(unit, ReadDiscreteInputsRequest, address, count)
         return list(reply.bits[:count])
 
     async def write_register(self, unit: int, address: int, value: int) -> None:
@@ -172,17 +191,38 @@ class ModbusMaster:
     async def write_coils(self, unit: int, address: int, values: Sequence[bool]) -> None:
         await self.execute(unit, WriteMultipleCoilsRequest(address=address, bits=values))
 
+    async def _read(
+        self, unit: int, request_class: type[ModbusPDU], address: int, count: int
+    ) -> ModbusPDU:
+        """A read request; pollers repeat the same few, so their frames are kept."""
+        key = (request_class.function_code, unit, address, count)
+        frame = self._frames.get(key)
+        if frame is None:
+            _check_unit(unit)
+            frame = self._framer.buildFrame(
+                request_class(address=address, count=count, dev_id=unit)
+            )
+            if len(self._frames) < _MAX_CACHED_FRAMES:
+                self._frames[key] = frame
+        return await self._transact(unit, request_class.function_code, count, frame, None)
+
     async def execute(
-        self, unit: int, request: ModbusPDU, *, timeout: float | None = None
+        self, unit: int, request: ModbusPDU, *, reply_timeout: float | None = None
     ) -> ModbusPDU:
         """Send one request and return its reply, retrying transient failures.
 
         Raises ExceptionReply at once; ModbusTimeout, FrameError or Disconnected
         after ``retries`` further attempts; PortConfigError at once.
         """
-        if not 0 <= unit <= 255:
-            raise ValueError(f"unit id {unit} is outside 0..255")
+        _check_unit(unit)
         request.dev_id = unit
+        frame = self._framer.buildFrame(request)
+        count = request.count if request.function_code in (1, 2, 3, 4) else 0
+        return await self._transact(unit, request.function_code, count, frame, reply_timeout)
+
+    async def _transact(
+        self, unit: int, code: int, count: int, frame: bytes, reply_timeout: float | None
+    ) -> ModbusPDU:
         # Fast path: an uncontended bus takes the lock without a scheduler
         # round-trip; the exchange itself checkpoints on send and receive.
         try:
@@ -193,7 +233,9 @@ class ModbusMaster:
             attempt = 0
             while True:
                 try:
-                    return await self._exchange(unit, request, timeout or self.timeout)
+                    return await self._exchange(
+                        unit, code, count, frame, reply_timeout or self.timeout
+                    )
                 except (ModbusTimeout, FrameError, Disconnected):
                     if attempt >= self.retries:
                         raise
@@ -202,10 +244,13 @@ class ModbusMaster:
         finally:
             self._lock.release()
 
-    async def _exchange(self, unit: int, request: ModbusPDU, timeout: float) -> ModbusPDU:
-        if not self.link.is_open:
+    async def _exchange(
+        self, unit: int, code: int, count: int, frame: bytes, reply_timeout: float
+    ) -> ModbusPDU:
+        link = self.link
+        if not link.is_open:
             try:
-                await self.link.open()
+                await link.open()
             except Disconnected:
                 self.stats.disconnects += 1
                 # Don't spin on a refused connection; the retry is one gap away.
@@ -216,28 +261,34 @@ class ModbusMaster:
         if self._dirty:
             await self._settle()
         ready_at = self._last_io + self.gap
-        if ready_at > trio.current_time():
+        unit_gap = self._unit_gap.get(unit)
+        if unit_gap:
+            ready_at = max(ready_at, self._unit_last.get(unit, -float("inf")) + unit_gap)
+        now = trio.current_time()
+        if ready_at > now:
             await trio.sleep_until(ready_at)
-        self._tid = self._tid % 0xFFFF + 1
-        request.transaction_id = self._tid
-        frame = self._framer.buildFrame(request)
+            now = trio.current_time()
+        tid = self._tid = self._tid % 0xFFFF + 1
+        if link.has_transaction_ids:
+            # MBAP: the transaction id is the frame's first two bytes.
+            frame = tid.to_bytes(2, "big") + frame[2:]
         self._buffer = b""
-        self.link.discard_input()
+        link.discard_input()
         self._dirty = True
         self.stats.requests += 1
         reply: ModbusPDU | None = None
+        self._last_send = now
+        self._last_timeout = reply_timeout
         try:
             # A bare CancelScope rather than fail_after: same semantics, a
             # measurable part of the per-poll cost cheaper.
-            self._last_send = trio.current_time()
-            self._last_timeout = timeout
-            with trio.CancelScope(deadline=self._last_send + timeout):
-                await self.link.send(frame)
-                reply = await self._read_reply(unit, self._tid, request.function_code)
+            with trio.CancelScope(deadline=now + reply_timeout):
+                await link.send(frame)
+                reply = await self._read_reply(unit, tid, code)
             if reply is None:
                 self.stats.timeouts += 1
                 raise ModbusTimeout(
-                    f"no reply from unit {unit} within {timeout:g} s", where=self.where
+                    f"no reply from unit {unit} within {reply_timeout:g} s", where=self.where
                 )
         except FrameError:
             self.stats.frame_errors += 1
@@ -247,16 +298,19 @@ class ModbusMaster:
             raise
         finally:
             self._last_io = trio.current_time()
+            if unit_gap:
+                self._unit_last[unit] = self._last_io
         self._dirty = False
         self.stats.replies += 1
-        return self._check_reply(unit, request, reply)
+        return self._check_reply(unit, code, count, reply)
 
     async def _read_reply(self, unit: int, tid: int, function_code: int) -> ModbusPDU:
         framer = self._framer
         tcp = self.link.has_transaction_ids
+        self._buffer = await self.link.receive(wait_first=True)
         while True:
             while self._buffer:
-                if tcp:
+                if tcp and len(self._buffer) >= 6:
                     self._check_mbap_header()
                 used, dev_id, reply_tid, pdu_bytes = framer.decode(self._buffer)
                 if not used:
@@ -320,9 +374,8 @@ class ModbusMaster:
                 where=self.where,
             )
 
-    def _check_reply(self, unit: int, request: ModbusPDU, reply: ModbusPDU) -> ModbusPDU:
-        code = request.function_code
-        if isinstance(reply, ExceptionResponse) and reply.function_code == code | 0x80:
+    def _check_reply(self, unit: int, code: int, count: int, reply: ModbusPDU) -> ModbusPDU:
+        if reply.function_code == code | 0x80 and isinstance(reply, ExceptionResponse):
             self.stats.exception_replies += 1
             raise ExceptionReply(code, reply.exception_code, where=f"{self.where} unit {unit}")
         if reply.function_code != code:
@@ -331,17 +384,14 @@ class ModbusMaster:
                 f"reply with function {reply.function_code} to a function {code} request",
                 where=self.where,
             )
-        if code in (3, 4) and len(reply.registers) != request.count:
+        if code in (3, 4) and len(reply.registers) != count:
             self.stats.frame_errors += 1
             raise FrameError(
-                f"asked for {request.count} registers, got {len(reply.registers)}",
-                where=self.where,
+                f"asked for {count} registers, got {len(reply.registers)}", where=self.where
             )
-        if code in (1, 2) and len(reply.bits) < request.count:
+        if code in (1, 2) and len(reply.bits) < count:
             self.stats.frame_errors += 1
-            raise FrameError(
-                f"asked for {request.count} bits, got {len(reply.bits)}", where=self.where
-            )
+            raise FrameError(f"asked for {count} bits, got {len(reply.bits)}", where=self.where)
         return reply
 
     async def _settle(self) -> None:

@@ -126,8 +126,11 @@ class Meter:
         words = await self._reader.read_block(Block(f.table, f.address, f.width))
         code = f.decode(words)
         if code is None or int(code) not in self.model.identity_codes:
-            others = [m.kind for m in METER_MODELS.values()
-                      if m.identity == f and code is not None and int(code) in m.identity_codes]
+            others = [
+                m.kind
+                for m in METER_MODELS.values()
+                if m.identity == f and code is not None and int(code) in m.identity_codes
+            ]
             hint = f"; this looks like a {others[0]}" if others else ""
             raise DeviceDataError(
                 f"model code {code!r} is not a {self.model.title}{hint}",

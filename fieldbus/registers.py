@@ -126,7 +126,9 @@ class Field:
             raw = round(value / self.scale)
             bits = 16 * self.width
             signed = self.dtype in (DType.S16, DType.S32)
-            low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+            low, high = (
+                (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+            )
             raw = min(max(raw, low), high)
             data = struct.pack(">" + self.dtype.fmt, raw)
         words = [int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2)]

@@ -129,8 +129,8 @@ class ModbusServer:
         self.requests += 1
         if unit == 0:
             # Broadcast (Serial Line V1.02, 2.1): writes to every unit, no reply.
-            for store in self.units.values():
-                await request.datastore_update(cast(Any, _Context(store)), 0)
+            for each in self.units.values():
+                await request.datastore_update(cast(Any, _Context(each)), 0)
             return None
         store = self.units.get(unit)
         if store is None or not self.responding(unit):
@@ -139,8 +139,7 @@ class ModbusServer:
             self.on_request(unit, request)
         if request.function_code not in FUNCTION_TABLES:
             return ExceptionResponse(request.function_code, ExcCodes.ILLEGAL_FUNCTION)
-        reply = await request.datastore_update(cast(Any, _Context(store)), unit)
-        return reply
+        return await request.datastore_update(cast(Any, _Context(store)), unit)
 
     async def _reply(self, framer: FramerBase, unit: int, tid: int, pdu_bytes: bytes) -> bytes:
         request = framer.decoder.decode(pdu_bytes)

@@ -56,22 +56,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("probe", help="read one device once and print its reading as JSON")
     p.add_argument("kind", metavar="KIND", help=f"device model: {', '.join(KINDS)}")
-    p.add_argument("port", metavar="PORT",
-                   help="tcp://HOST:PORT or rtu:///dev/ttyX?baud=9600&parity=N&stopbits=1")
+    p.add_argument(
+        "port",
+        metavar="PORT",
+        help="tcp://HOST:PORT or rtu:///dev/ttyX?baud=9600&parity=N&stopbits=1",
+    )
     p.add_argument("--unit", type=_unit, default=None, help="Modbus unit id 1..247")
     p.add_argument("--timeout", type=float, default=1.0, help="seconds per request (default 1)")
 
     s = sub.add_parser("sim", help="run the device simulator (Modbus TCP, RTU on a pty, HTTP)")
-    s.add_argument("--device", action="append", metavar="KIND[:UNIT]",
-                   help="simulated device (repeatable; default evse-din:1 and sdm630:2)")
+    s.add_argument(
+        "--device",
+        action="append",
+        metavar="KIND[:UNIT]",
+        help="simulated device (repeatable; default evse-din:1 and sdm630:2)",
+    )
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    s.add_argument("--tcp-port", type=_port_number, default=5020,
-                   help="Modbus TCP port (default 5020, 0 = any free port)")
+    s.add_argument(
+        "--tcp-port",
+        type=_port_number,
+        default=5020,
+        help="Modbus TCP port (default 5020, 0 = any free port)",
+    )
     s.add_argument("--no-tcp", action="store_true", help="do not serve Modbus TCP")
     s.add_argument("--no-rtu", action="store_true", help="do not serve RTU on a pty")
     s.add_argument("--rtu-link", metavar="PATH", help="symlink to the pty's serial device")
-    s.add_argument("--control-port", type=_port_number, default=8020,
-                   help="HTTP control port (default 8020, 0 = any free port)")
+    s.add_argument(
+        "--control-port",
+        type=_port_number,
+        default=8020,
+        help="HTTP control port (default 8020, 0 = any free port)",
+    )
 
     d = sub.add_parser("demo", help="simulator plus a probe of every device on it")
     d.add_argument("--seconds", type=float, default=3.0, help="how long to charge (default 3)")
@@ -79,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _run_probe(args: argparse.Namespace) -> int:
-    result = await probe(args.kind, args.port, args.unit, timeout=args.timeout)
+    result = await probe(args.kind, args.port, args.unit, reply_timeout=args.timeout)
     print(json.dumps(result, indent=2))
     return EXIT_OK
 
@@ -89,14 +104,16 @@ async def _run_sim(args: argparse.Namespace) -> int:
 
     try:
         devices = [DeviceSpec.parse(d) for d in (args.device or ["evse-din:1", "sdm630:2"])]
-        sim = Simulator(SimConfig(
-            devices=devices,
-            host=args.host,
-            tcp_port=None if args.no_tcp else args.tcp_port,
-            rtu=not args.no_rtu,
-            rtu_link=args.rtu_link,
-            control_port=args.control_port,
-        ))
+        sim = Simulator(
+            SimConfig(
+                devices=devices,
+                host=args.host,
+                tcp_port=None if args.no_tcp else args.tcp_port,
+                rtu=not args.no_rtu,
+                rtu_link=args.rtu_link,
+                control_port=args.control_port,
+            )
+        )
     except (ValueError, FieldbusError) as exc:
         raise UsageError(str(exc)) from None
     async with trio.open_nursery() as nursery:
@@ -120,7 +137,11 @@ async def _run_demo(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        # argparse has printed the usage error (or the help); report its code.
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

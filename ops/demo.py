@@ -34,8 +34,10 @@ async def run_demo(*, seconds: float = 3.0, amps: float = 16.0) -> int:
     async with trio.open_nursery() as nursery:
         endpoints = await nursery.start(sim.run)
         assert endpoints.tcp is not None and endpoints.rtu is not None
-        _say(f"simulator: Modbus TCP {endpoints.tcp}, RTU {endpoints.rtu}, "
-             f"control {endpoints.control}")
+        _say(
+            f"simulator: Modbus TCP {endpoints.tcp}, RTU {endpoints.rtu}, "
+            f"control {endpoints.control}"
+        )
         tcp = ModbusMaster.for_port(endpoints.tcp, min_gap=board_model.request_gap)
         rtu = ModbusMaster.for_port(endpoints.rtu)
         async with tcp, rtu:
@@ -72,7 +74,7 @@ async def run_demo(*, seconds: float = 3.0, amps: float = 16.0) -> int:
             for (transport, kind), reading in sorted(readings.items()):
                 _say(f"  {transport} {kind:8} {json.dumps(reading.to_json())}")
         nursery.cancel_scope.cancel(reason="demo finished")
-    ok = (start_energy is not None and last_energy is not None and last_energy > start_energy)
+    ok = start_energy is not None and last_energy is not None and last_energy > start_energy
     _say("demo finished: ok" if ok else "demo finished: energy did not count up")
     return 0 if ok else 1
 

@@ -74,7 +74,9 @@ def _response(status: int, payload: Any) -> tuple[h11.Response, bytes]:
     return h11.Response(status_code=status, headers=headers), body
 
 
-async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> tuple[h11.Request, bytes]:
+async def _read_request(
+    conn: h11.Connection, stream: trio.SocketStream
+) -> tuple[h11.Request, bytes]:
     request: h11.Request | None = None
     body = bytearray()
     while True:
@@ -150,17 +152,26 @@ async def serve(
 
 
 async def request_json(
-    host: str, port: int, method: str, path: str, body: Mapping[str, Any] | None = None,
-    *, timeout: float = 5.0,
+    host: str,
+    port: int,
+    method: str,
+    path: str,
+    body: Mapping[str, Any] | None = None,
+    *,
+    within: float = 5.0,
 ) -> Any:
     """A minimal client for the same interface (used by the CLI and tests)."""
-    with trio.fail_after(timeout):
+    with trio.fail_after(within):
         stream = await trio.open_tcp_stream(host, port)
         async with stream:
             conn = h11.Connection(h11.CLIENT)
             data = json.dumps(body).encode() if body is not None else b""
-            headers = [("host", f"{host}:{port}"), ("content-length", str(len(data))),
-                       ("content-type", "application/json"), ("connection", "close")]
+            headers = [
+                ("host", f"{host}:{port}"),
+                ("content-length", str(len(data))),
+                ("content-type", "application/json"),
+                ("connection", "close"),
+            ]
             await stream.send_all(
                 conn.send(h11.Request(method=method, target=path, headers=headers))
                 + conn.send(h11.Data(data=data))

@@ -25,7 +25,7 @@ def default_unit(kind: str) -> int:
 
 
 async def probe(
-    kind: str, port: str, unit: int | None = None, *, timeout: float = 1.0, retries: int = 1
+    kind: str, port: str, unit: int | None = None, *, reply_timeout: float = 1.0, retries: int = 1
 ) -> dict[str, Any]:
     """Read ``kind`` at ``port``/``unit`` once; raises ValueError or FieldbusError."""
     check_kind(kind)
@@ -33,17 +33,27 @@ async def probe(
     unit = check_unit(default_unit(kind) if unit is None else unit)
     if kind in METER_MODELS:
         model = METER_MODELS[kind]
-        async with ModbusMaster.for_port(spec, timeout=timeout, retries=retries) as master:
+        async with ModbusMaster.for_port(spec, timeout=reply_timeout, retries=retries) as master:
             reading = await Meter(master, unit, model).read()
-        return {"kind": kind, "model": model.title, "port": spec.url, "unit": unit,
-                "reading": reading.to_json()}
+        return {
+            "kind": kind,
+            "model": model.title,
+            "port": spec.url,
+            "unit": unit,
+            "reading": reading.to_json(),
+        }
     board_model = BOARD_MODELS[kind]
     async with ModbusMaster.for_port(
-        spec, timeout=timeout, retries=retries, min_gap=board_model.request_gap
+        spec, timeout=reply_timeout, retries=retries, min_gap=board_model.request_gap
     ) as master:
         board = Board(master, unit, board_model)
         status = await board.read_status()
     caps = board.capabilities
-    return {"kind": kind, "model": board_model.title, "port": spec.url, "unit": unit,
-            "status": status.to_json(),
-            "capabilities": asdict(caps)}
+    return {
+        "kind": kind,
+        "model": board_model.title,
+        "port": spec.url,
+        "unit": unit,
+        "status": status.to_json(),
+        "capabilities": asdict(caps),
+    }

@@ -13,7 +13,9 @@ from fieldbus.master import ModbusMaster
 from ops.httpjson import request_json
 
 
-def control(ready: dict[str, Any], method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+def control(
+    ready: dict[str, Any], method: str, path: str, body: dict[str, Any] | None = None
+) -> Any:
     """Call the simulator's HTTP control interface (from synchronous test code)."""
     url = urlsplit(ready["control"])
     assert url.hostname is not None and url.port is not None

@@ -274,17 +274,17 @@ async def test_heidelberg_set_current_out_of_range(amps: float) -> None:
 
 async def test_heidelberg_arm_failsafe_writes_current_then_timeout() -> None:
     b, bus = board("heidelberg", heid(5))
-    await b.arm_failsafe(timeout=15.0, current=6.45)
+    await b.arm_failsafe(watchdog=15.0, current=6.45)
     # 262 failsafe current in 0.1 A (rounded down to the step), then 257 in ms.
     assert bus.writes == [(6, 262, [64]), (6, 257, [15000])]
 
 
 async def test_heidelberg_arm_failsafe_refuses_bad_values() -> None:
     b, bus = board("heidelberg", heid(5))
-    with pytest.raises(ValueError, match="timeout"):
-        await b.arm_failsafe(timeout=0.0, current=6.0)
+    with pytest.raises(ValueError, match="watchdog"):
+        await b.arm_failsafe(watchdog=0.0, current=6.0)
     with pytest.raises(ValueError, match="3 A"):
-        await b.arm_failsafe(timeout=10.0, current=3.0)
+        await b.arm_failsafe(watchdog=10.0, current=3.0)
     assert bus.writes == []
 
 

@@ -422,10 +422,10 @@ async def test_rtu_late_reply_already_buffered_is_discarded(pty: PtyPair) -> Non
 
 
 async def test_rtu_late_reply_during_settle_is_discarded(pty: PtyPair) -> None:
-    # A slow device (min_gap 20 ms, so the line must be quiet 80 ms) answers A
-    # 40 ms after the timeout, while B is already waiting for the line.
-    device = FakeDevice(rtu=True, plan=[Act(delay=T + 0.04)])
-    async with rtu_device(pty, device), rtu_master(pty.path, min_gap=0.02) as bus:
+    # A slow device (min_gap 50 ms, so the line must be quiet 200 ms) answers A
+    # 80 ms after the timeout, while B is already waiting for the line.
+    device = FakeDevice(rtu=True, plan=[Act(delay=T + 0.08)])
+    async with rtu_device(pty, device), rtu_master(pty.path, min_gap=0.05) as bus:
         with pytest.raises(ModbusTimeout):
             await bus.read_holding_registers(1, A_ADDRESS, COUNT)
         assert await bus.read_holding_registers(1, B_ADDRESS, COUNT) == expected(B_ADDRESS, COUNT)
@@ -435,9 +435,10 @@ async def test_rtu_late_reply_during_settle_is_discarded(pty: PtyPair) -> None:
 
 
 async def test_rtu_reply_split_across_the_timeout(pty: PtyPair) -> None:
-    # The first 4 bytes of A's reply arrive in time, the rest after the timeout.
-    device = FakeDevice(rtu=True, plan=[Act(split=4, gap=T + 0.01)])
-    async with rtu_device(pty, device), rtu_master(pty.path) as bus:
+    # The first 4 bytes of A's reply arrive in time, the rest after the timeout
+    # (and within the 200 ms of quiet a 50 ms min_gap asks for).
+    device = FakeDevice(rtu=True, plan=[Act(split=4, gap=T + 0.08)])
+    async with rtu_device(pty, device), rtu_master(pty.path, min_gap=0.05) as bus:
         with pytest.raises(ModbusTimeout):
             await bus.read_holding_registers(1, A_ADDRESS, COUNT)
         assert await bus.read_holding_registers(1, B_ADDRESS, COUNT) == expected(B_ADDRESS, COUNT)
@@ -463,7 +464,7 @@ async def test_rtu_cancelled_request_with_its_own_longer_timeout(pty: PtyPair) -
     async with rtu_device(pty, device), rtu_master(pty.path, timeout=T) as bus:
         request = ReadHoldingRegistersRequest(address=A_ADDRESS, count=COUNT)
         with trio.move_on_after(0.03) as scope:
-            await bus.execute(1, request, timeout=0.4)
+            await bus.execute(1, request, reply_timeout=0.4)
         assert scope.cancelled_caught
         assert await bus.read_holding_registers(1, B_ADDRESS, COUNT) == expected(B_ADDRESS, COUNT)
 
@@ -663,6 +664,22 @@ async def test_rtu_silence_between_frames(pty: PtyPair) -> None:
             assert await bus.read_holding_registers(1, address, 1) == expected(address, 1)
     for reply_at, next_seen in zip(device.replied_at, device.seen[1:], strict=False):
         assert next_seen.at - reply_at >= gap
+
+
+async def test_rtu_noise_on_the_idle_line_is_discarded(pty: PtyPair) -> None:
+    # After a good reply, the line picks up noise that looks like the start of
+    # a frame (unit 1, function 3, byte count 4); the next request must not
+    # read it as the head of its reply.
+    reply = FramerRTU(DecodePDU(is_server=True)).buildFrame(
+        ReadHoldingRegistersResponse(dev_id=1, registers=expected(0, 1))
+    )
+    noise = bytes.fromhex("01 03 04 ff")
+    device = FakeDevice(rtu=True, plan=[Act(data=reply + noise, split=len(reply), gap=0.01)])
+    async with rtu_device(pty, device), rtu_master(pty.path) as bus:
+        assert await bus.read_holding_registers(1, 0, 1) == expected(0, 1)
+        await trio.sleep(0.05)
+        assert await bus.read_holding_registers(1, 8, 2) == expected(8, 2)
+    assert bus.stats.frame_errors == 0
 
 
 async def test_reply_from_another_unit_is_not_taken(pty: PtyPair) -> None:

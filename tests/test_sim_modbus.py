@@ -171,7 +171,7 @@ def _pymodbus_read(port: str, unit: int, address: int, count: int) -> list[int]:
         assert not result.isError(), result
         return list(result.registers)
     finally:
-        client.close()
+        client.close()  # type: ignore[no-untyped-call]
 
 
 @pytest.mark.parametrize("transport", ["tcp", "rtu"])
@@ -233,7 +233,11 @@ async def test_control_interface(sim: tuple[Simulator, Endpoints]) -> None:
 )
 async def test_control_interface_refuses_bad_requests(
     sim: tuple[Simulator, Endpoints],
-    method: str, path: str, body: Any, status: int, needle: str,
+    method: str,
+    path: str,
+    body: Any,
+    status: int,
+    needle: str,
 ) -> None:
     _, endpoints = sim
     with pytest.raises(HTTPError) as exc_info:
@@ -247,7 +251,10 @@ async def test_control_interface_survives_garbage(sim: tuple[Simulator, Endpoint
     assert endpoints.control is not None
     url = urlsplit(endpoints.control)
     assert url.hostname is not None and url.port is not None
-    for garbage in (b"\x00\xff garbage\r\n\r\n", b"POST /ev HTTP/1.1\r\ncontent-length: 3\r\n\r\n{x}"):
+    for garbage in (
+        b"\x00\xff garbage\r\n\r\n",
+        b"POST /ev HTTP/1.1\r\ncontent-length: 3\r\n\r\n{x}",
+    ):
         stream = await trio.open_tcp_stream(url.hostname, url.port)
         async with stream:
             await stream.send_all(garbage)

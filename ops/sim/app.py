@@ -107,7 +107,9 @@ class Simulator:
         stores: dict[int, UnitStore] = {u: d.store for u, d in self.devices.items()}
         self.server = ModbusServer(stores, responding=self.responding, on_request=self.on_request)
         self.endpoints = Endpoints(
-            devices=[{"kind": d.model.kind, "unit": u, "role": d.role} for u, d in self.devices.items()]
+            devices=[
+                {"kind": d.model.kind, "unit": u, "role": d.role} for u, d in self.devices.items()
+            ]
         )
 
     # -- model access --------------------------------------------------------
@@ -117,8 +119,12 @@ class Simulator:
 
     def record(self, event: dict[str, Any]) -> None:
         self._seq += 1
-        event = {"seq": self._seq, "t": self.now(),
-                 "at": datetime.now(UTC).isoformat().replace("+00:00", "Z"), **event}
+        event = {
+            "seq": self._seq,
+            "t": self.now(),
+            "at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            **event,
+        }
         self.events.append(event)
         if len(self.events) > MAX_EVENTS:
             del self.events[: len(self.events) - MAX_EVENTS]
@@ -157,10 +163,11 @@ class Simulator:
             if key not in allowed:
                 raise ValueError(f"unknown EV setting {key!r} (known: {', '.join(allowed)})")
             kind = allowed[key]
-            if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, kind):
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not (isinstance(value, kind) or (kind is float and number)):
                 raise ValueError(f"EV setting {key!r} must be {kind.__name__}, not {value!r}")
+        if "max_current" in changes:
+            changes = {**changes, "max_current": float(changes["max_current"])}
         if "wants" in changes and changes["wants"] not in ("B", "C", "D"):
             raise ValueError(f"wants must be B, C or D, not {changes['wants']!r}")
         if "phases" in changes and changes["phases"] not in (1, 3):
@@ -258,7 +265,9 @@ class Simulator:
         async with stream:
             await self.server.serve_stream(stream, rtu=True)
 
-    async def run(self, *, task_status: trio.TaskStatus[Endpoints] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: trio.TaskStatus[Endpoints] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         cfg = self.config
         self.station.updated = self.now()
         self.station.board.last_request = self.now()
@@ -267,7 +276,9 @@ class Simulator:
                 port = await nursery.start(self.server.serve_tcp, cfg.host, cfg.tcp_port)
                 self.endpoints.tcp = f"tcp://{cfg.host}:{port}"
             if cfg.control_port is not None:
-                port = await nursery.start(httpjson.serve, self.router(), cfg.host, cfg.control_port)
+                port = await nursery.start(
+                    httpjson.serve, self.router(), cfg.host, cfg.control_port
+                )
                 self.endpoints.control = f"http://{cfg.host}:{port}"
             with contextlib.ExitStack() as stack:
                 if cfg.rtu:

@@ -54,8 +54,9 @@ class MeterSim:
         if model.identity is not None:
             # Serve the model code the real device reports (EM24: register 0x000B).
             code = min(model.identity_codes)
-            self.store.put(model.identity.table, model.identity.address,
-                           model.identity.encode(code))
+            self.store.put(
+                model.identity.table, model.identity.address, model.identity.encode(code)
+            )
 
     def refresh(self) -> None:
         s = self.station
@@ -77,12 +78,18 @@ class MeterSim:
 #: for one state. Heidelberg: X1 = no charging permission, X2 = permission.
 _PILOT_PREFERENCE: Mapping[str, Mapping[tuple[PilotState, bool], int]] = {
     "heidelberg": {
-        (PilotState.A, False): 2, (PilotState.A, True): 3,
-        (PilotState.B, False): 4, (PilotState.B, True): 5,
-        (PilotState.C, False): 6, (PilotState.C, True): 7,
-        (PilotState.D, False): 6, (PilotState.D, True): 7,
-        (PilotState.E, False): 9, (PilotState.E, True): 9,
-        (PilotState.F, False): 10, (PilotState.F, True): 10,
+        (PilotState.A, False): 2,
+        (PilotState.A, True): 3,
+        (PilotState.B, False): 4,
+        (PilotState.B, True): 5,
+        (PilotState.C, False): 6,
+        (PilotState.C, True): 7,
+        (PilotState.D, False): 6,
+        (PilotState.D, True): 7,
+        (PilotState.E, False): 9,
+        (PilotState.E, True): 9,
+        (PilotState.F, False): 10,
+        (PilotState.F, True): 10,
     },
 }
 
@@ -90,9 +97,7 @@ _PILOT_PREFERENCE: Mapping[str, Mapping[tuple[PilotState, bool], int]] = {
 class BoardSim:
     role = "board"
 
-    def __init__(
-        self, model: BoardModel, unit: int, station: Station, record: Recorder
-    ) -> None:
+    def __init__(self, model: BoardModel, unit: int, station: Station, record: Recorder) -> None:
         self.model = model
         self.unit = unit
         self.station = station
@@ -122,8 +127,9 @@ class BoardSim:
     def _publish_writable(self) -> None:
         b = self.station.board
         m = self.model
-        self.store.put(m.current_command.table, m.current_command.address,
-                       m.current_command.encode(b.command))
+        self.store.put(
+            m.current_command.table, m.current_command.address, m.current_command.encode(b.command)
+        )
         if m.enable is not None:
             level = b.enabled if m.enable.active_high else not b.enabled
             word = (1 << m.enable.bit) if level else 0
@@ -208,13 +214,15 @@ class BoardSim:
                 b.failsafe_timeout = value
             elif name == "failsafe_current":
                 b.failsafe_current = value
-        self.record({
-            "event": "write",
-            "unit": self.unit,
-            "device": m.kind,
-            "table": table.name.lower(),
-            "address": address,
-            "values": list(values),
-            "fields": changes,
-        })
+        self.record(
+            {
+                "event": "write",
+                "unit": self.unit,
+                "device": m.kind,
+                "table": table.name.lower(),
+                "address": address,
+                "values": list(values),
+                "fields": changes,
+            }
+        )
         return None
