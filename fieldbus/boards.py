@@ -176,6 +176,8 @@ class Board:
         self.unit = unit
         self.model = model
         self.capabilities = model.capabilities
+        if model.request_gap:
+            master.set_unit_gap(unit, model.request_gap)
         self._reader = FieldReader(master, unit, model.status_fields())
 
     async def initialize(self) -> None:

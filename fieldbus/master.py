@@ -223,12 +223,24 @@ class ModbusMaster:
     async def _transact(
         self, unit: int, code: int, count: int, frame: bytes, reply_timeout: float | None
     ) -> ModbusPDU:
-        # Fast path: an uncontended bus takes the lock without a scheduler
-        # round-trip; the exchange itself checkpoints on send and receive.
-        try:
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._lock.acquire()
+        unit_gap = self._unit_gap.get(unit)
+        while True:
+            if unit_gap:
+                # Wait out a slow unit's own gap *before* taking the bus, so
+                # requests to other units go ahead meanwhile.
+                ready_at = self._unit_last.get(unit, -float("inf")) + unit_gap
+                if ready_at > trio.current_time():
+                    await trio.sleep_until(ready_at)
+            # Fast path: an uncontended bus takes the lock without a scheduler
+            # round-trip; the exchange itself checkpoints on send and receive.
+            try:
+                self._lock.acquire_nowait()
+            except trio.WouldBlock:
+                await self._lock.acquire()
+            if not unit_gap or trio.current_time() >= self._unit_last.get(unit, 0.0) + unit_gap:
+                break
+            # Another task reached the same unit first: wait its gap again.
+            self._lock.release()
         try:
             attempt = 0
             while True:
@@ -262,8 +274,6 @@ class ModbusMaster:
             await self._settle()
         ready_at = self._last_io + self.gap
         unit_gap = self._unit_gap.get(unit)
-        if unit_gap:
-            ready_at = max(ready_at, self._unit_last.get(unit, -float("inf")) + unit_gap)
         now = trio.current_time()
         if ready_at > now:
             await trio.sleep_until(ready_at)

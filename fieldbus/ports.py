@@ -83,7 +83,9 @@ def parse_port(url: str) -> PortSpec:
             raise PortConfigError("tcp:// URL has no host", where=url)
         if parts.path not in ("", "/") or parts.query:
             raise PortConfigError("tcp:// URL takes only host and port", where=url)
-        return TcpPort(parts.hostname, port_number or DEFAULT_TCP_PORT)
+        if port_number == 0:
+            raise PortConfigError("TCP port 0 is not a device's port", where=url)
+        return TcpPort(parts.hostname, DEFAULT_TCP_PORT if port_number is None else port_number)
     if parts.scheme == "rtu":
         if parts.netloc:
             raise PortConfigError(

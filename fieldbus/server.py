@@ -118,10 +118,13 @@ class ModbusServer:
         *,
         responding: Callable[[int], bool] = lambda unit: True,
         on_request: Callable[[int, ModbusPDU], None] | None = None,
+        on_reply: Callable[[int], None] | None = None,
     ) -> None:
         self.units = units
         self.responding = responding
         self.on_request = on_request
+        #: Called once a reply has been handed to the link (timing checks).
+        self.on_reply = on_reply
         self.requests = 0
 
     async def handle(self, unit: int, request: ModbusPDU) -> ModbusPDU | None:
@@ -180,6 +183,8 @@ class ModbusServer:
                         await stream.send_all(frame)
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         return
+                    if self.on_reply is not None:
+                        self.on_reply(unit)
 
     async def serve_tcp(
         self,

@@ -38,7 +38,7 @@ async def run_demo(*, seconds: float = 3.0, amps: float = 16.0) -> int:
             f"simulator: Modbus TCP {endpoints.tcp}, RTU {endpoints.rtu}, "
             f"control {endpoints.control}"
         )
-        tcp = ModbusMaster.for_port(endpoints.tcp, min_gap=board_model.request_gap)
+        tcp = ModbusMaster.for_port(endpoints.tcp)
         rtu = ModbusMaster.for_port(endpoints.rtu)
         async with tcp, rtu:
             board = Board(tcp, BOARD_UNIT, board_model)

@@ -43,9 +43,7 @@ async def probe(
             "reading": reading.to_json(),
         }
     board_model = BOARD_MODELS[kind]
-    async with ModbusMaster.for_port(
-        spec, timeout=reply_timeout, retries=retries, min_gap=board_model.request_gap
-    ) as master:
+    async with ModbusMaster.for_port(spec, timeout=reply_timeout, retries=retries) as master:
         board = Board(master, unit, board_model)
         status = await board.read_status()
     caps = board.capabilities

@@ -38,6 +38,10 @@ class FakeMaster:
         self.regs = dict(regs or {})
         self.requests: list[tuple[int, int, int]] = []
         self.writes: list[tuple[int, int, list[int]]] = []
+        self.unit_gaps: dict[int, float] = {}
+
+    def set_unit_gap(self, unit: int, seconds: float) -> None:
+        self.unit_gaps[unit] = seconds
 
     def _get(self, table: Table, address: int, count: int) -> list[int]:
         return [self.regs.get((table, a), 0) for a in range(address, address + count)]
@@ -454,3 +458,13 @@ def test_only_heidelberg_has_a_failsafe() -> None:
 def test_write_function_per_model() -> None:
     assert BOARD_MODELS["evse-din"].write_multiple is True
     assert BOARD_MODELS["heidelberg"].write_multiple is False
+
+
+def test_slow_board_firmware_gets_its_own_request_gap() -> None:
+    # openWB waits 100 ms before each EVSE DIN access; other models need none.
+    din = FakeMaster()
+    Board(din, 3, BOARD_MODELS["evse-din"])  # type: ignore[arg-type]
+    assert din.unit_gaps == {3: 0.1}
+    heidelberg = FakeMaster()
+    Board(heidelberg, 1, BOARD_MODELS["heidelberg"])  # type: ignore[arg-type]
+    assert heidelberg.unit_gaps == {}

@@ -123,10 +123,6 @@ def test_refusals_name_the_offending_value(url: str, names: str) -> None:
     assert isinstance(info.value, FieldbusError)
 
 
-@pytest.mark.xfail(
-    reason="ports.py: tcp://host:0 is silently read as port 502 (`port_number or 502`)",
-    strict=True,
-)
 def test_tcp_port_zero_is_refused() -> None:
     with pytest.raises(PortConfigError, match="0"):
         parse_port("tcp://127.0.0.1:0")
