@@ -175,6 +175,7 @@ class SerialLink:
             )
         if self.port.stopbits not in stopbits:
             raise PortConfigError(f"stopbits={self.port.stopbits} is not 1 or 2", where=self.where)
+        ser: serial.Serial | None = None
         try:
             ser = serial.Serial(
                 port=None,
@@ -196,9 +197,13 @@ class SerialLink:
             attrs[6][termios.VTIME] = 0
             termios.tcsetattr(fd, termios.TCSANOW, attrs)
             os.set_blocking(fd, False)
-        except ValueError as exc:
-            raise PortConfigError(f"cannot configure port ({exc})", where=self.where) from None
-        except (serial.SerialException, OSError, termios.error) as exc:
+        except (ValueError, serial.SerialException, OSError, termios.error) as exc:
+            # Opened but not configurable: don't leak the descriptor or the lock.
+            if ser is not None:
+                with contextlib.suppress(serial.SerialException, OSError):
+                    ser.close()
+            if isinstance(exc, ValueError):
+                raise PortConfigError(f"cannot configure port ({exc})", where=self.where) from None
             raise Disconnected(
                 f"cannot open serial port ({_reason(exc)})", where=self.where
             ) from None
