@@ -1,0 +1,40 @@
+"""The evse package's one family of errors.
+
+Library errors (sqlite3, ...) are translated where they enter evse/, so the
+station code catches ``EvseError`` and never a library's own exception.
+Append new classes at the end; each says in one line what went wrong.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class EvseError(Exception):
+    """Base of every error raised by evse/."""
+
+
+class StoreError(EvseError):
+    """The station's store refused an operation or its SQLite file failed.
+
+    ``path`` is the database file (or the missing directory), so a one-line
+    message tells an installer which file is at fault.
+    """
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str] = "") -> None:
+        self.message = message
+        self.path = os.fspath(path)
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class IllegalTransition(EvseError):
+    """A connector got an event its current state does not accept.
+
+    Restored by the store helper after overwriting this file by mistake; the
+    connector's author should check it matches what they wrote.
+    """
+
+    def __init__(self, state: str, event: str) -> None:
+        self.state = state
+        self.event = event
+        super().__init__(f"{event} is not accepted in state {state}")

@@ -1,0 +1,77 @@
+"""Current-limit arbitration: the offer is the lowest of every limit that applies.
+
+Pure: inputs in, one ``Limit`` out, with the input that bound it (for the
+status view and for tests). Recomputed by the station whenever an input
+changes.
+
+* board / hardware maximum (the board model's capability);
+* the cable's current capacity, read from the proximity pilot (IEC 61851-1
+  annex B: PP resistor coding 13/20/32/63 A) where the board reports it;
+* the installer maximum (the supply the station is wired for);
+* the smart-charging limit from the central system (OCPP 1.6 section 3.13),
+  when a schedule is active;
+* the fallback limit while the central system is unreachable and no schedule
+  gives a limit (station-spec section 3, "fallback limit").
+
+IEC 61851-1 (table A.8): the PWM duty cycle cannot offer less than 6 A, so
+any result below 6 A is 0 A: charging pauses (SuspendedEVSE), it is not
+offered at a current the EV may not obey.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+#: IEC 61851-1: the lowest current a PWM duty cycle can offer.
+MIN_CURRENT = 6.0
+
+
+class CentralSystem(Enum):
+    NOT_CONFIGURED = "not_configured"  # standalone: no fallback applies
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+@dataclass(frozen=True, slots=True)
+class LimitInputs:
+    hardware_max: float
+    installer_max: float
+    fallback: float
+    cable: float | None = None
+    smart_charging: float | None = None
+    central_system: CentralSystem = CentralSystem.NOT_CONFIGURED
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    amps: float
+    #: What bound the offer: "hardware", "cable", "installer", "smart_charging",
+    #: "fallback"; with " (below 6 A)" when it was rounded to 0.
+    bound_by: str
+
+
+def arbitrate(inputs: LimitInputs) -> Limit:
+    candidates: list[tuple[float, str]] = [
+        (inputs.hardware_max, "hardware"),
+        (inputs.installer_max, "installer"),
+    ]
+    if inputs.cable is not None:
+        candidates.append((inputs.cable, "cable"))
+    if inputs.smart_charging is not None:
+        candidates.append((inputs.smart_charging, "smart_charging"))
+    elif inputs.central_system is CentralSystem.OFFLINE:
+        candidates.append((inputs.fallback, "fallback"))
+    amps, bound_by = min(candidates, key=lambda c: c[0])
+    if amps < MIN_CURRENT:
+        return Limit(0.0, f"{bound_by} (below {MIN_CURRENT:g} A)")
+    return Limit(amps, bound_by)
+
+
+def failsafe_current(fallback: float) -> float:
+    """The current a board's hardware watchdog falls back to: the fallback limit.
+
+    A dead firmware is the ultimate loss of the central system, so the board
+    applies what the station would apply offline (0 when below 6 A).
+    """
+    return fallback if fallback >= MIN_CURRENT else 0.0

@@ -1,0 +1,115 @@
+"""The safety monitor: stale readings, over-current and a welded contactor.
+
+Sans-I/O: the pollers report readings and commands with the time they
+happened (trio's clock); ``check(now)`` returns the faults that start or end
+at ``now``. The station feeds them to the connector, which switches off
+first. The monitor is deliberately independent of the connector's state: it
+judges only what the hardware says against what was commanded.
+
+* A board or meter without a good reading for longer than its timeout is a
+  fault (BOARD_SILENT, METER_SILENT): the EVSE DIN has no watchdog of its own,
+  so a silent bus must end charging from this side (docs/device-maps.md).
+* Over-current: a phase current above the offer plus a margin for longer than
+  a set time. IEC 61851-1 (annex A, PWM current changes) gives the EV 5 s to
+  follow a lower offer, hence a duration, not a single sample.
+* Welded contactor: with charging commanded off, the board's contactor
+  feedback still closed after ``welded_time``; on a board without feedback,
+  current still flowing after the EV's own allowance to stop drawing
+  (``overcurrent_time``) as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from evse.connector import Fault, FaultCleared, FaultRaised
+
+#: Below this a meter's phase current is noise, not a load (A).
+CURRENT_NOISE = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class SafetySettings:
+    board_timeout: float = 1.0
+    meter_timeout: float = 5.0
+    overcurrent_margin: float = 2.0
+    overcurrent_time: float = 5.0
+    welded_time: float = 1.0
+
+
+class SafetyMonitor:
+    def __init__(self, settings: SafetySettings, *, now: float) -> None:
+        self.settings = settings
+        self.board_seen = now
+        self.meter_seen = now
+        self.commanded = 0.0
+        self.commanded_at = now
+        self.contactor_closed: bool | None = None
+        self.max_current = 0.0
+        self._over_since: float | None = None
+        self._active: dict[Fault, str] = {}
+
+    # -- what the pollers and the station report --------------------------------
+
+    def board_reading(self, now: float, *, contactor_closed: bool | None) -> None:
+        self.board_seen = now
+        self.contactor_closed = contactor_closed
+
+    def meter_reading(self, now: float, currents: Sequence[float | None]) -> None:
+        self.meter_seen = now
+        self.max_current = max((c for c in currents if c is not None), default=0.0)
+        limit = self.commanded + self.settings.overcurrent_margin
+        if self.commanded > 0 and self.max_current > limit:
+            if self._over_since is None:
+                self._over_since = now
+        else:
+            self._over_since = None
+
+    def command(self, now: float, amps: float) -> None:
+        if amps != self.commanded:
+            self.commanded = amps
+            self.commanded_at = now
+            self._over_since = None
+
+    # -- the verdict ------------------------------------------------------------------
+
+    def check(self, now: float) -> list[FaultRaised | FaultCleared]:
+        s = self.settings
+        wanted: dict[Fault, str] = {}
+        board_age = now - self.board_seen
+        if board_age > s.board_timeout:
+            wanted[Fault.BOARD_SILENT] = f"no board reading for {board_age:.1f} s"
+        meter_age = now - self.meter_seen
+        if meter_age > s.meter_timeout:
+            wanted[Fault.METER_SILENT] = f"no meter reading for {meter_age:.1f} s"
+        if self._over_since is not None and now - self._over_since >= s.overcurrent_time:
+            wanted[Fault.OVER_CURRENT] = (
+                f"{self.max_current:.1f} A drawn, {self.commanded:g} A offered"
+            )
+        off_for = now - self.commanded_at if self.commanded == 0 else 0.0
+        if off_for >= s.welded_time and self.contactor_closed:
+            wanted[Fault.WELDED] = "contactor feedback closed while switched off"
+        elif (
+            off_for >= max(s.welded_time, s.overcurrent_time)
+            and self.max_current > CURRENT_NOISE
+            and self.contactor_closed is None
+            and meter_age <= s.meter_timeout
+        ):
+            wanted[Fault.WELDED] = f"{self.max_current:.1f} A flowing while switched off"
+        if Fault.WELDED in self._active:
+            wanted.setdefault(Fault.WELDED, self._active[Fault.WELDED])
+        changes: list[FaultRaised | FaultCleared] = [
+            FaultRaised(fault, info) for fault, info in wanted.items() if fault not in self._active
+        ]
+        changes += [FaultCleared(fault) for fault in self._active if fault not in wanted]
+        self._active = wanted
+        return changes
+
+    def reset_latched(self) -> None:
+        """After an installer reset: a contactor still welded is reported again."""
+        self._active.pop(Fault.WELDED, None)
+
+    @property
+    def active(self) -> frozenset[Fault]:
+        return frozenset(self._active)

@@ -1,0 +1,110 @@
+"""The safety monitor, sans-I/O: readings and commands at given times."""
+
+from __future__ import annotations
+
+from evse.connector import Fault, FaultCleared, FaultRaised
+from evse.safety import SafetyMonitor, SafetySettings
+
+S = SafetySettings(
+    board_timeout=1.0,
+    meter_timeout=5.0,
+    overcurrent_margin=2.0,
+    overcurrent_time=5.0,
+    welded_time=1.0,
+)
+
+
+def raised(changes: list[FaultRaised | FaultCleared]) -> set[Fault]:
+    return {c.fault for c in changes if isinstance(c, FaultRaised)}
+
+
+def cleared(changes: list[FaultRaised | FaultCleared]) -> set[Fault]:
+    return {c.fault for c in changes if isinstance(c, FaultCleared)}
+
+
+def test_silent_board_and_meter_after_their_timeouts_and_back() -> None:
+    m = SafetyMonitor(S, now=0)
+    assert m.check(1.0) == []
+    assert raised(m.check(1.01)) == {Fault.BOARD_SILENT}
+    assert m.check(2.0) == []  # reported once
+    assert raised(m.check(5.01)) == {Fault.METER_SILENT}
+    m.board_reading(6.0, contactor_closed=None)
+    assert cleared(m.check(6.0)) == {Fault.BOARD_SILENT}
+    m.meter_reading(6.5, [0.0, 0.0, 0.0])
+    assert cleared(m.check(6.5)) == {Fault.METER_SILENT}
+
+
+def test_over_current_needs_the_margin_for_the_whole_time() -> None:
+    m = SafetyMonitor(S, now=0)
+    m.command(0, 16)
+    for t in range(5):
+        m.board_reading(t, contactor_closed=True)
+        m.meter_reading(t, [18.0, 16.0, 16.0])  # exactly at the margin: fine
+        assert m.check(t) == []
+    m.meter_reading(5, [18.5, 16.0, None])
+    assert m.check(5) == []
+    m.board_reading(9.9, contactor_closed=True)
+    m.meter_reading(9.9, [18.5, 16.0, None])
+    assert m.check(9.9) == []
+    m.board_reading(10.0, contactor_closed=True)
+    m.meter_reading(10.0, [18.5, 16.0, None])
+    changes = m.check(10.0)
+    assert raised(changes) == {Fault.OVER_CURRENT}
+    assert "18.5 A drawn, 16 A offered" in next(
+        c.info for c in changes if isinstance(c, FaultRaised)
+    )
+
+
+def test_a_dip_restarts_the_over_current_clock() -> None:
+    m = SafetyMonitor(S, now=0)
+    m.command(0, 10)
+    m.meter_reading(0, [13.0])
+    m.meter_reading(4, [11.0])
+    m.meter_reading(5, [13.0])
+    m.board_reading(9, contactor_closed=None)
+    m.meter_reading(9, [13.0])
+    assert m.check(9) == []
+    m.board_reading(10, contactor_closed=None)
+    m.meter_reading(10, [13.0])
+    assert raised(m.check(10)) == {Fault.OVER_CURRENT}
+
+
+def test_welded_by_feedback_latches() -> None:
+    m = SafetyMonitor(S, now=0)
+    m.command(0, 16)
+    m.command(10, 0)
+
+    def at(t: float, closed: bool) -> list[FaultRaised | FaultCleared]:
+        m.board_reading(t, contactor_closed=closed)
+        m.meter_reading(t, [0.0, 0.0, 0.0])
+        return m.check(t)
+
+    assert at(10.5, True) == []
+    assert raised(at(11.0, True)) == {Fault.WELDED}
+    assert at(11.5, False) == []  # never cleared by the monitor itself
+    m.reset_latched()
+    assert at(11.6, False) == []
+    assert raised(at(12, True)) == {Fault.WELDED}
+
+
+def test_welded_by_current_on_boards_without_feedback() -> None:
+    m = SafetyMonitor(S, now=0)
+    m.command(0, 16)
+    m.command(10, 0)
+    for t in (11, 12, 14, 14.9):
+        m.board_reading(t, contactor_closed=None)
+        m.meter_reading(t, [3.0, 0.0, 0.0])
+        assert m.check(t) == []  # the EV is allowed time to stop drawing
+    m.board_reading(15, contactor_closed=None)
+    m.meter_reading(15, [3.0, 0.0, 0.0])
+    assert raised(m.check(15)) == {Fault.WELDED}
+
+
+def test_no_current_when_off_is_fine() -> None:
+    m = SafetyMonitor(S, now=0)
+    m.command(0, 16)
+    m.command(1, 0)
+    for t in range(2, 30):
+        m.board_reading(t, contactor_closed=False)
+        m.meter_reading(t, [0.2, 0.0, 0.0])
+        assert m.check(t) == []
