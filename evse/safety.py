@@ -45,19 +45,26 @@ class SafetyMonitor:
         self.meter_seen = now
         self.commanded = 0.0
         self.commanded_at = now
+        #: When the board acknowledged the current command (None: not yet).
+        self.written_at: float | None = now
         self.contactor_closed: bool | None = None
+        self.contactor_at = now
         self.max_current = 0.0
+        self.current_at = now
         self._over_since: float | None = None
         self._active: dict[Fault, str] = {}
 
     # -- what the pollers and the station report --------------------------------
 
     def board_reading(self, now: float, *, contactor_closed: bool | None) -> None:
+        """A board reading completed at ``now`` (trio time)."""
         self.board_seen = now
         self.contactor_closed = contactor_closed
+        self.contactor_at = now
 
     def meter_reading(self, now: float, currents: Sequence[float | None]) -> None:
         self.meter_seen = now
+        self.current_at = now
         self.max_current = max((c for c in currents if c is not None), default=0.0)
         limit = self.commanded + self.settings.overcurrent_margin
         if self.commanded > 0 and self.max_current > limit:
@@ -67,10 +74,22 @@ class SafetyMonitor:
             self._over_since = None
 
     def command(self, now: float, amps: float) -> None:
+        """The station is about to command ``amps``."""
         if amps != self.commanded:
             self.commanded = amps
             self.commanded_at = now
+            self.written_at = None
             self._over_since = None
+
+    def command_written(self, now: float, amps: float) -> None:
+        """The board acknowledged the command at ``now``.
+
+        Feedback is judged only from readings completed after this: the bus
+        carries one request at a time, so such a reading was also *taken*
+        after the board had the command, never one in flight before it.
+        """
+        if amps == self.commanded and self.written_at is None:
+            self.written_at = now
 
     # -- the verdict ------------------------------------------------------------------
 
@@ -87,13 +106,18 @@ class SafetyMonitor:
             wanted[Fault.OVER_CURRENT] = (
                 f"{self.max_current:.1f} A drawn, {self.commanded:g} A offered"
             )
-        off_for = now - self.commanded_at if self.commanded == 0 else 0.0
-        if off_for >= s.welded_time and self.contactor_closed:
+        off_since = self.written_at if self.commanded == 0 else None
+        if (
+            off_since is not None
+            and self.contactor_closed
+            and self.contactor_at - off_since >= s.welded_time
+        ):
             wanted[Fault.WELDED] = "contactor feedback closed while switched off"
         elif (
-            off_for >= max(s.welded_time, s.overcurrent_time)
-            and self.max_current > CURRENT_NOISE
+            off_since is not None
             and self.contactor_closed is None
+            and self.max_current > CURRENT_NOISE
+            and self.current_at - off_since >= max(s.welded_time, s.overcurrent_time)
             and meter_age <= s.meter_timeout
         ):
             wanted[Fault.WELDED] = f"{self.max_current:.1f} A flowing while switched off"

@@ -125,6 +125,9 @@ class ModbusMaster:
         self._dirty = False
         self._frames: dict[tuple[int, int, int, int], bytes] = {}
         self._unit_gap: dict[int, float] = {}
+        #: Per-unit reply timeout and retries, where a device needs its own.
+        self._unit_timeout: dict[int, float] = {}
+        self._unit_retries: dict[int, int] = {}
         self._unit_last: dict[int, float] = {}
 
     @classmethod
@@ -151,6 +154,23 @@ class ModbusMaster:
 
     async def aclose(self) -> None:
         await self.link.aclose()
+
+    def configure_unit(
+        self, unit: int, *, timeout: float | None = None, retries: int | None = None
+    ) -> None:
+        """Give one device on a shared bus its own reply timeout and retries.
+
+        A silent device holds the bus for timeout x (1 + retries) per request;
+        on a line shared with a safety-critical board, keep that short.
+        """
+        if timeout is not None:
+            if timeout <= 0:
+                raise ValueError(f"timeout must be positive, not {timeout}")
+            self._unit_timeout[unit] = timeout
+        if retries is not None:
+            if retries < 0:
+                raise ValueError(f"retries must be >= 0, not {retries}")
+            self._unit_retries[unit] = retries
 
     def set_unit_gap(self, unit: int, seconds: float) -> None:
         """Keep ``seconds`` between two requests to ``unit`` (slow device firmware).
@@ -246,10 +266,14 @@ class ModbusMaster:
             while True:
                 try:
                     return await self._exchange(
-                        unit, code, count, frame, reply_timeout or self.timeout
+                        unit,
+                        code,
+                        count,
+                        frame,
+                        reply_timeout or self._unit_timeout.get(unit, self.timeout),
                     )
                 except (ModbusTimeout, FrameError, Disconnected):
-                    if attempt >= self.retries:
+                    if attempt >= self._unit_retries.get(unit, self.retries):
                         raise
                     attempt += 1
                     self.stats.retries += 1

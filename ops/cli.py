@@ -19,10 +19,8 @@ import trio
 
 from fieldbus.errors import FieldbusError, PortConfigError
 from ops.probe import KINDS, probe
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
+from ops.systemd import EXIT_CONFIG, EXIT_OK, EXIT_USAGE
+from ops.systemd import EXIT_FAILURE as EXIT_FAILED
 
 
 class UsageError(Exception):
@@ -88,8 +86,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="HTTP control port (default 8020, 0 = any free port)",
     )
 
-    d = sub.add_parser("demo", help="simulator plus a probe of every device on it")
-    d.add_argument("--seconds", type=float, default=3.0, help="how long to charge (default 3)")
+    r = sub.add_parser("run", help="run the station (from a config file, or on the simulator)")
+    source = r.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", metavar="FILE", help="the station's TOML config file")
+    source.add_argument(
+        "--sim", action="store_true", help="run on the built-in simulator (started by this command)"
+    )
+    r.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="with --sim: where the store and control socket go (default: a new "
+        "temporary directory)",
+    )
+    r.add_argument(
+        "--sim-transport",
+        choices=("tcp", "rtu"),
+        default="tcp",
+        help="with --sim: Modbus TCP or RTU on a pty (default tcp)",
+    )
+    r.add_argument(
+        "--sim-control-port",
+        type=_port_number,
+        default=8020,
+        help="with --sim: the simulator's HTTP control port (default 8020, 0 = any)",
+    )
+
+    st = sub.add_parser("status", help="show the running station's state")
+    st.add_argument("--socket", metavar="PATH", help="the station's control socket")
+    st.add_argument("--config", metavar="FILE", help="take the socket path from this config")
+    st.add_argument("--json", action="store_true", help="print the full state as JSON")
+
+    d = sub.add_parser("demo", help="simulator + station: a full charging session, then exit")
+    d.add_argument("--seconds", type=float, default=4.0, help="how long to charge (default 4)")
+    d.add_argument(
+        "--transport",
+        choices=("tcp", "rtu"),
+        default="tcp",
+        help="Modbus TCP or RTU on a pty between station and simulator",
+    )
     return parser
 
 
@@ -132,7 +166,111 @@ async def _run_sim(args: argparse.Namespace) -> int:
 async def _run_demo(args: argparse.Namespace) -> int:
     from ops.demo import run_demo  # noqa: PLC0415
 
-    return await run_demo(seconds=args.seconds)
+    return await run_demo(seconds=args.seconds, transport=args.transport)
+
+
+async def _run_station(args: argparse.Namespace) -> int:
+    from ops.config import load_config  # noqa: PLC0415
+    from ops.run import run_station  # noqa: PLC0415
+
+    if args.config is not None:
+        config = load_config(args.config)
+        logging.getLogger().setLevel(
+            logging.DEBUG if args.verbose else config.logging.level.upper()
+        )
+        return await run_station(config)
+    return await _run_on_sim(args)
+
+
+async def _run_on_sim(args: argparse.Namespace) -> int:
+    import os  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from ops.run import default_sim_dir, run_station, sim_config  # noqa: PLC0415
+    from ops.sim.app import DeviceSpec, SimConfig, Simulator  # noqa: PLC0415
+
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    # Resolved once at start-up, before anything runs concurrently.
+    data_dir = Path(os.path.abspath(args.data_dir)) if args.data_dir else default_sim_dir()  # noqa: ASYNC240
+    sim = Simulator(
+        SimConfig(
+            devices=[DeviceSpec("evse-din", 1), DeviceSpec("sdm630", 2)],
+            tcp_port=0,
+            control_port=args.sim_control_port,
+        )
+    )
+    code = EXIT_OK
+    async with trio.open_nursery() as nursery:
+        try:
+            endpoints = await nursery.start(sim.run)
+        except OSError as exc:
+            raise UsageError(f"simulator cannot bind: {exc.strerror or exc}") from None
+        port = endpoints.tcp if args.sim_transport == "tcp" else endpoints.rtu
+        config = sim_config(port, data_dir)
+        print(
+            json.dumps(
+                {
+                    "ready": {
+                        "simulator": endpoints.to_json(),
+                        "control_socket": str(config.control.socket),
+                        "data_dir": str(data_dir),
+                    }
+                }
+            ),
+            flush=True,
+        )
+        code = await run_station(config)
+        nursery.cancel_scope.cancel(reason="station stopped")
+    return code
+
+
+async def _run_status(args: argparse.Namespace) -> int:
+    import os  # noqa: PLC0415
+
+    from ops.control import query  # noqa: PLC0415
+
+    if args.socket:
+        path = args.socket
+    elif args.config:
+        from ops.config import load_config  # noqa: PLC0415
+
+        path = str(load_config(args.config).control.socket)
+    else:
+        path = os.environ.get("EVSE_CONTROL_SOCKET", "/var/lib/evse/control.sock")
+    try:
+        view = await query(path, "GET", "/status")
+    except OSError as exc:
+        raise StationUnreachable(f"no station at {path} ({exc.strerror or exc})") from None
+    if args.json:
+        print(json.dumps(view, indent=2))
+        return EXIT_OK
+    print(format_status(view))
+    return EXIT_OK
+
+
+class StationUnreachable(Exception):
+    pass
+
+
+def format_status(view: dict[str, object]) -> str:
+    """The one-screen summary an installer reads."""
+    lines = [
+        f"connector {view['connector']}: {view['status']}"
+        + (f" ({view['error_code']})" if view["error_code"] != "NoError" else ""),
+        f"  pilot {view['pilot']}, offered {view['offered_a']} A, limit {view['limit']}",
+        f"  power {view['power_w']} W, meter {view['energy_wh']} Wh",
+    ]
+    faults = view.get("faults")
+    if isinstance(faults, dict) and faults:
+        lines.append("  faults: " + ", ".join(f"{k} ({v})" for k, v in faults.items()))
+    tx = view.get("transaction")
+    if isinstance(tx, dict):
+        lines.append(
+            f"  transaction {tx['id']} for {tx['id_tag']} since {tx['started_at']}: "
+            f"{tx['energy_wh']} Wh"
+        )
+    lines.append(f"  central system: {view['central_system']}, operative: {view['operative']}")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -146,7 +284,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    runner = {"probe": _run_probe, "sim": _run_sim, "demo": _run_demo}[args.command]
+    runner = {
+        "probe": _run_probe,
+        "sim": _run_sim,
+        "demo": _run_demo,
+        "run": _run_station,
+        "status": _run_status,
+    }[args.command]
     try:
         return trio.run(partial(runner, args))
     except KeyboardInterrupt:
@@ -164,6 +308,12 @@ def _explain(exc: BaseException) -> tuple[int, str] | None:
     """Exit code and one line for an error an operator can cause; None otherwise."""
     if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         return _explain(exc.exceptions[0])
+    from ops.config import ConfigError  # noqa: PLC0415
+
+    if isinstance(exc, ConfigError):
+        return EXIT_CONFIG, f"error: {exc}"
+    if isinstance(exc, StationUnreachable):
+        return EXIT_FAILED, f"error: {exc}"
     if isinstance(exc, UsageError | ValueError | PortConfigError):
         return EXIT_USAGE, f"error: {exc}"
     if isinstance(exc, FieldbusError):

@@ -1,81 +1,117 @@
-"""``evse demo``: the simulator plus a probe of every device on it.
+"""``evse demo``: the whole firmware on the simulator, one charging session.
 
-Until the charging core lands this is the firmware's main job on the embedded
-default: it starts the simulator (Modbus TCP and RTU on a pty), plugs a
-simulated EV, commands a charging current through the board driver, and reads
-every meter model and the board over both transports, printing a live line
-per second. It exits 0 when every read succeeded and the energy counted up.
+Nothing to configure: it starts the device simulator (an EVSE DIN board and
+an SDM630 meter over Modbus TCP, or RTU on a pseudo-terminal), runs the
+station on it exactly as ``evse run`` would (supervisor, store, safety),
+plugs in a simulated EV, presents a tag, shows a live status line while it
+charges, presents the tag again to stop, unplugs and exits 0 when the
+transaction is on disk with the energy it delivered.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import tempfile
+from pathlib import Path
 
 import trio
 
-from fieldbus.boards import BOARD_MODELS, Board
-from fieldbus.master import ModbusMaster
-from fieldbus.meters import METER_MODELS, Meter
+from evse.station import Station
+from evse.store import TransactionRecord
+from evse.supervisor import Supervisor
+from ops.run import plan_from_config, sim_config
 from ops.sim.app import DeviceSpec, SimConfig, Simulator
 
-BOARD_UNIT = 1
+DEMO_TAG = "DEMOTAG1"
 
 
 def _say(text: str) -> None:
     print(text, flush=True)
 
 
-async def run_demo(*, seconds: float = 3.0, amps: float = 16.0) -> int:
-    devices = [DeviceSpec("evse-din", BOARD_UNIT)]
-    devices += [DeviceSpec(kind, 10 + i) for i, kind in enumerate(sorted(METER_MODELS))]
-    sim = Simulator(SimConfig(devices=devices, tcp_port=0, control_port=0))
-    board_model = BOARD_MODELS["evse-din"]
-    async with trio.open_nursery() as nursery:
-        endpoints = await nursery.start(sim.run)
-        assert endpoints.tcp is not None and endpoints.rtu is not None
-        _say(
-            f"simulator: Modbus TCP {endpoints.tcp}, RTU {endpoints.rtu}, "
-            f"control {endpoints.control}"
-        )
-        tcp = ModbusMaster.for_port(endpoints.tcp)
-        rtu = ModbusMaster.for_port(endpoints.rtu)
-        async with tcp, rtu:
-            board = Board(tcp, BOARD_UNIT, board_model)
-            sim.set_ev({"plugged": True, "wants": "C", "phases": 3})
-            status = await board.read_status()
-            _say(f"EV plugged: pilot {status.pilot}, cable limit {status.cable_limit_a} A")
-            written = await board.set_current(amps)
-            _say(f"board: allowed current set to {written:g} A")
-            meters = {
-                (name, kind): Meter(master, spec.unit, METER_MODELS[kind])
-                for spec in devices[1:]
-                for name, master in (("tcp", tcp), ("rtu", rtu))
-                if (kind := spec.kind)
+def _line(view: dict[str, object]) -> str:
+    power = view.get("power_w") or 0.0
+    tx = view.get("transaction")
+    delivered = tx.get("energy_wh") if isinstance(tx, dict) else None
+    return (
+        f"{view['status']:<14} pilot {view['pilot']}  offered {view['offered_a']:>4} A  "
+        f"power {float(power):>7,.0f} W  session {float(delivered or 0):7.2f} Wh"  # type: ignore[arg-type]
+    )
+
+
+async def _until(predicate: object, within: float = 10.0) -> None:
+    assert callable(predicate)
+    with trio.fail_after(within):
+        while not predicate():  # noqa: ASYNC110 - state spread over tasks
+            await trio.sleep(0.02)
+
+
+async def _session(
+    sim: Simulator, station: Station, seconds: float
+) -> tuple[list[TransactionRecord], list[dict[str, object]]]:
+    await _until(lambda: station.meter_reading is not None)
+    _say(f"station:   {_line(station.view())}")
+    sim.set_ev({"plugged": True, "wants": "C", "phases": 3, "max_current": 16.0})
+    _say("EV plugged in (3 phases, up to 16 A)")
+    await _until(lambda: station.connector.status.value == "Preparing")
+    result = await station.present_id_tag(DEMO_TAG, source="demo")
+    _say(f"tag {DEMO_TAG}: {result.status.value} ({result.source})")
+    await _until(lambda: station.connector.status.value == "Charging")
+    for _ in range(max(1, round(seconds * 2))):
+        _say(f"  {_line(station.view())}")
+        await trio.sleep(0.5)
+    await station.present_id_tag(DEMO_TAG, source="demo")
+    _say("tag presented again: stop")
+    await _until(lambda: station.connector.status.value == "Finishing")
+    sim.set_ev({"plugged": False})
+    await _until(lambda: station.connector.status.value == "Available")
+    _say(f"EV unplugged: {station.view()['status']}")
+    await _until(lambda: station.tx is None)
+    records = await trio.to_thread.run_sync(lambda: station.store.transactions(limit=1))
+    writes = [e["fields"] for e in sim.events if e["event"] == "write"]
+    return records, writes
+
+
+async def run_demo(*, seconds: float = 4.0, transport: str = "tcp") -> int:
+    sim = Simulator(
+        SimConfig(devices=[DeviceSpec("evse-din", 1), DeviceSpec("sdm630", 2)], control_port=0)
+    )
+    with tempfile.TemporaryDirectory(prefix="evse-demo-") as tmp:
+        async with trio.open_nursery() as nursery:
+            endpoints = await nursery.start(sim.run)
+            port = endpoints.tcp if transport == "tcp" else endpoints.rtu
+            assert port is not None
+            config = sim_config(port, Path(tmp))
+            _say(f"simulator: board evse-din unit 1, meter sdm630 unit 2 on {port}")
+            _say(f"           control interface {endpoints.control}")
+            supervisor = Supervisor(plan_from_config(config))
+            # The station in a nursery of its own: it switches off and ends
+            # before the simulator it talks to is stopped.
+            async with trio.open_nursery() as station_nursery:
+                station = await station_nursery.start(supervisor.run)
+                records, writes = await _session(sim, station, seconds)
+                await supervisor.shutdown()
+            nursery.cancel_scope.cancel(reason="demo finished")
+    tx = records[0] if records else None
+    if tx is None or tx.meter_stop_wh is None:
+        _say("demo failed: no finished transaction on disk")
+        return 1
+    delivered = tx.meter_stop_wh - tx.meter_start_wh
+    _say(
+        json.dumps(
+            {
+                "transaction": tx.id,
+                "id_tag": tx.id_tag,
+                "stop_reason": tx.stop_reason,
+                "meter_start_wh": round(tx.meter_start_wh, 2),
+                "meter_stop_wh": round(tx.meter_stop_wh, 2),
+                "board_writes": writes,
             }
-            start_energy: float | None = None
-            last_energy: float | None = None
-            for tick in range(max(1, round(seconds))):
-                await trio.sleep(1.0)
-                status = await board.read_status()
-                readings = {key: await meter.read() for key, meter in meters.items()}
-                main = readings[("tcp", "sdm630")]
-                if start_energy is None:
-                    start_energy = main.energy_import_wh
-                last_energy = main.energy_import_wh
-                _say(
-                    f"[{tick + 1:>2}s] pilot {status.pilot} offered {status.offered_a:g} A | "
-                    f"power {main.power_total or 0:,.0f} W | energy {last_energy or 0:.2f} Wh | "
-                    f"{len(readings)} meter reads over TCP+RTU ok"
-                )
-            await board.set_current(0)
-            status = await board.read_status()
-            _say(f"board: current 0 A, pilot {status.pilot}")
-            for (transport, kind), reading in sorted(readings.items()):
-                _say(f"  {transport} {kind:8} {json.dumps(reading.to_json())}")
-        nursery.cancel_scope.cancel(reason="demo finished")
-    ok = start_energy is not None and last_energy is not None and last_energy > start_energy
-    _say("demo finished: ok" if ok else "demo finished: energy did not count up")
+        )
+    )
+    ok = tx.stop_reason == "Local" and delivered > 0
+    _say(f"demo finished: {delivered:.2f} Wh delivered, " + ("ok" if ok else "FAILED"))
     return 0 if ok else 1
 
 

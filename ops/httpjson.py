@@ -7,8 +7,11 @@ every malformed request answered with a 4xx and a JSON error, never a crash.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import stat
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,6 +134,39 @@ async def handle_connection(router: Router, stream: trio.SocketStream) -> None:
         return
 
 
+async def serve_unix(
+    router: Router,
+    path: str,
+    *,
+    mode: int = 0o660,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``router`` on a Unix socket at ``path`` (a stale socket file is replaced)."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        async with stream:
+            await handle_connection(router, stream)
+
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+        os.chmod(path, mode)
+        sock.listen()
+    except OSError:
+        sock.close()
+        raise
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, handler, [trio.SocketListener(sock)])
+            task_status.started(path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 async def serve(
     router: Router,
     host: str,
@@ -159,10 +195,19 @@ async def request_json(
     body: Mapping[str, Any] | None = None,
     *,
     within: float = 5.0,
+    unix_socket: str | None = None,
 ) -> Any:
-    """A minimal client for the same interface (used by the CLI and tests)."""
+    """A minimal client for the same interface (used by the CLI and tests).
+
+    With ``unix_socket`` the request goes to that socket; ``host`` is then
+    only the Host header.
+    """
     with trio.fail_after(within):
-        stream = await trio.open_tcp_stream(host, port)
+        stream: trio.abc.Stream
+        if unix_socket is not None:
+            stream = await trio.open_unix_socket(unix_socket)
+        else:
+            stream = await trio.open_tcp_stream(host, port)
         async with stream:
             conn = h11.Connection(h11.CLIENT)
             data = json.dumps(body).encode() if body is not None else b""

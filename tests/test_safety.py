@@ -73,6 +73,7 @@ def test_welded_by_feedback_latches() -> None:
     m = SafetyMonitor(S, now=0)
     m.command(0, 16)
     m.command(10, 0)
+    m.command_written(10, 0)
 
     def at(t: float, closed: bool) -> list[FaultRaised | FaultCleared]:
         m.board_reading(t, contactor_closed=closed)
@@ -91,6 +92,7 @@ def test_welded_by_current_on_boards_without_feedback() -> None:
     m = SafetyMonitor(S, now=0)
     m.command(0, 16)
     m.command(10, 0)
+    m.command_written(10, 0)
     for t in (11, 12, 14, 14.9):
         m.board_reading(t, contactor_closed=None)
         m.meter_reading(t, [3.0, 0.0, 0.0])
@@ -108,3 +110,30 @@ def test_no_current_when_off_is_fine() -> None:
         m.board_reading(t, contactor_closed=False)
         m.meter_reading(t, [0.2, 0.0, 0.0])
         assert m.check(t) == []
+
+
+def test_feedback_from_before_the_off_write_is_not_welded() -> None:
+    m = SafetyMonitor(S, now=0)
+    m.command(0, 16)
+    m.command_written(0.01, 16)
+    m.command(10, 0)
+    # A reading still in flight when the command was decided says "closed"...
+    m.board_reading(10.05, contactor_closed=True)
+    m.meter_reading(10.05, [0.0])
+    # ...and the write itself is slow (the bus is busy): no verdict on it.
+    assert m.check(11.0) == []
+    m.command_written(11.1, 0)
+    m.board_reading(11.2, contactor_closed=False)
+    m.meter_reading(11.2, [0.0])
+    assert m.check(12.0) == []
+
+
+def test_an_unwritten_off_is_never_judged_welded() -> None:
+    m = SafetyMonitor(S, now=0)
+    m.command(0, 16)
+    m.command_written(0, 16)
+    m.command(1, 0)  # the board never acknowledged it
+    for t in (2, 3, 4):
+        m.board_reading(t, contactor_closed=True)
+        m.meter_reading(t, [16.0])
+        assert Fault.WELDED not in raised(m.check(t))

@@ -1,0 +1,65 @@
+"""The port between the station and a central system (OCPP comes in ocpp16/).
+
+The station talks to whatever implements ``CentralSystemPort``: today
+``Standalone`` (no central system configured), next the OCPP 1.6 session.
+The port never reaches into station state; the station tells it what
+happened, and asks it for the two things only it can know: whether the
+central system is reachable (for the fallback limit) and the smart-charging
+limit in force.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from evse.connector import ErrorCode, Status
+from evse.limits import CentralSystem
+from evse.store import TransactionRecord
+
+
+class CentralSystemPort(Protocol):
+    @property
+    def link(self) -> CentralSystem: ...
+
+    def smart_charging_limit(self) -> float | None:
+        """The smart-charging limit in A now, or None when no schedule applies."""
+        ...
+
+    async def status_changed(
+        self, connector_id: int, status: Status, error_code: ErrorCode, info: str
+    ) -> None: ...
+
+    async def transaction_started(self, record: TransactionRecord) -> None: ...
+
+    async def transaction_ended(self, record: TransactionRecord) -> None: ...
+
+    async def run(self) -> None:
+        """The port's own long-lived work (the OCPP connection); may fail and be restarted."""
+        ...
+
+
+class Standalone:
+    """No central system: nothing is reported, no fallback limit applies."""
+
+    @property
+    def link(self) -> CentralSystem:
+        return CentralSystem.NOT_CONFIGURED
+
+    def smart_charging_limit(self) -> float | None:
+        return None
+
+    async def status_changed(
+        self, connector_id: int, status: Status, error_code: ErrorCode, info: str
+    ) -> None:
+        return
+
+    async def transaction_started(self, record: TransactionRecord) -> None:
+        return
+
+    async def transaction_ended(self, record: TransactionRecord) -> None:
+        return
+
+    async def run(self) -> None:
+        import trio  # noqa: PLC0415 - only the running slot needs it
+
+        await trio.sleep_forever()

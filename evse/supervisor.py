@@ -1,0 +1,248 @@
+"""The supervisor: the one nursery tree of a running station.
+
+::
+
+    Supervisor.run
+    ├── store                 SQLite (WAL, synchronous=FULL), opened first, closed last
+    ├── buses                 one ModbusMaster per distinct port: a board and a
+    │                         meter on one RS-485 line share it (one request in flight)
+    └── nursery "station"
+        ├── station           evse.station.Station.run:
+        │   ├── station loop      the single owner of the connector state
+        │   ├── board poller      pilot, faults, contactor, cable limit (fast)
+        │   ├── meter poller      energy, currents (slower)
+        │   ├── safety monitor    stale readings, over-current, welded contactor
+        │   ├── timers            ConnectionTimeOut
+        │   └── meter persistence the running transaction's reading, to disk
+        ├── rfid reader           if configured
+        ├── central system        isolated slot: restarted with backoff when it
+        │                         fails, never takes charging down
+        └── services              from ops/: local control socket, systemd watchdog
+    finally (shielded, with a deadline): allowed current 0, board disabled,
+    a transaction still running ended as "Other".
+
+Any exception in any task cancels the tree; the ``finally`` then switches
+off under a shielded cancel scope with its own deadline (rule 1). A clean
+shutdown (SIGTERM) first stops the running transaction with reason Reboot
+through the station loop (off first, then the record), then cancels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import trio
+
+from evse.auth import AuthChain, AuthStep
+from evse.central import CentralSystemPort, Standalone
+from evse.connector import StopReason
+from evse.errors import StoreError
+from evse.rfid import RfidConfig, RfidReader
+from evse.station import Station, StationSettings
+from evse.store import Store
+from fieldbus.boards import BOARD_MODELS, Board
+from fieldbus.errors import FieldbusError
+from fieldbus.master import ModbusMaster
+from fieldbus.meters import METER_MODELS, Meter
+from fieldbus.ports import parse_port
+
+log = logging.getLogger(__name__)
+
+#: Restart back-off of the central-system slot (s): doubles up to the cap.
+CENTRAL_RESTART_MIN = 1.0
+CENTRAL_RESTART_MAX = 60.0
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    kind: str
+    port: str
+    unit: int
+    timeout: float = 0.5
+    retries: int = 1
+
+
+@dataclass(frozen=True)
+class Service:
+    """A long-lived task from ops/ (control socket, systemd watchdog)."""
+
+    name: str
+    run: Callable[[Supervisor], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a station needs to run, already validated."""
+
+    board: DeviceSpec
+    meter: DeviceSpec
+    store_path: Path
+    station: StationSettings
+    auth_steps: Sequence[AuthStep]
+    rfid: RfidConfig | None = None
+    off_deadline: float = 1.0
+    services: Sequence[Service] = field(default_factory=tuple)
+
+
+class Supervisor:
+    def __init__(self, plan: Plan, *, central: CentralSystemPort | None = None) -> None:
+        self.plan = plan
+        self.central: CentralSystemPort = central or Standalone()
+        self.station: Station | None = None
+        self.board: Board | None = None
+        self._cancel = trio.CancelScope()
+        self._stopped = trio.Event()
+        self.started = trio.Event()
+
+    def healthy(self) -> bool:
+        """For the systemd watchdog: the station loop has run recently."""
+        station = self.station
+        if station is None:
+            return False
+        idle_for = trio.current_time() - station.loop_alive
+        # The loop sees at least one meter sample or board change per poll;
+        # a loop silent for many poll periods is wedged.
+        return idle_for < max(10.0, 20 * self.plan.station.meter_poll) or math.isinf(idle_for)
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Station] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        plan = self.plan
+        store = await trio.to_thread.run_sync(Store.open, plan.store_path)
+        masters: dict[str, ModbusMaster] = {}
+        try:
+            for spec in (plan.board, plan.meter):
+                url = parse_port(spec.port).url
+                if url not in masters:
+                    masters[url] = ModbusMaster.for_port(
+                        url, timeout=spec.timeout, retries=spec.retries
+                    )
+            for spec in (plan.board, plan.meter):
+                masters[parse_port(spec.port).url].configure_unit(
+                    spec.unit, timeout=spec.timeout, retries=spec.retries
+                )
+            board = Board(
+                masters[parse_port(plan.board.port).url],
+                plan.board.unit,
+                BOARD_MODELS[plan.board.kind],
+            )
+            meter = Meter(
+                masters[parse_port(plan.meter.port).url],
+                plan.meter.unit,
+                METER_MODELS[plan.meter.kind],
+            )
+            self.board = board
+            station = Station(
+                board=board,
+                meter=meter,
+                store=store,
+                auth=AuthChain(plan.auth_steps),
+                settings=plan.station,
+                central=self.central,
+            )
+            self.station = station
+            try:
+                with self._cancel:
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(station.run, name="station")
+                        if plan.rfid is not None:
+                            reader = RfidReader(plan.rfid, self._on_tag)
+                            await nursery.start(reader.run, name="rfid reader")
+                        nursery.start_soon(self._central_slot, name="central system")
+                        for service in plan.services:
+                            nursery.start_soon(service.run, self, name=service.name)
+                        self.started.set()
+                        task_status.started(station)
+            finally:
+                await self._switch_off(board, store)
+        finally:
+            for master in masters.values():
+                with trio.CancelScope(shield=True):
+                    await master.aclose()
+            await trio.to_thread.run_sync(store.close)
+            self._stopped.set()
+
+    async def shutdown(self, reason: StopReason = StopReason.REBOOT) -> None:
+        """Stop the running transaction with ``reason``, then end the tree."""
+        station = self.station
+        if station is not None and self.started.is_set():
+            with trio.move_on_after(max(2.0, self.plan.off_deadline * 2)):
+                await station.request_stop(reason)
+        self._cancel.cancel(reason=f"shutdown: {reason.value}")
+
+    async def _on_tag(self, id_tag: str) -> None:
+        if self.station is not None:
+            await self.station.present_id_tag(id_tag, source="rfid")
+
+    async def _central_slot(self) -> None:
+        """Run the central-system port; restart it on failure, never fail ourselves."""
+        delay = CENTRAL_RESTART_MIN
+        while True:
+            started = trio.current_time()
+            try:
+                await self.central.run()
+                return
+            except Exception:
+                log.exception("central-system connection failed; restarting in %.0f s", delay)
+            if trio.current_time() - started > CENTRAL_RESTART_MAX:
+                delay = CENTRAL_RESTART_MIN
+            await trio.sleep(delay)
+            delay = min(delay * 2, CENTRAL_RESTART_MAX)
+
+    async def _switch_off(self, board: Board, store: Store) -> None:
+        """The last word on every path out: off, disabled, nothing left running.
+
+        Shielded so a cancellation cannot skip it, with its own deadline so a
+        dead bus cannot hang the shutdown (systemd would kill us anyway).
+        """
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + self.plan.off_deadline
+            try:
+                await board.set_current(0)
+                log.info("shutdown: allowed current 0 A written")
+            except FieldbusError as exc:
+                log.critical("shutdown: could not switch the board off: %s", exc)
+            if board.capabilities.enable_switch and not scope.cancel_called:
+                try:
+                    await board.set_enabled(False)
+                except FieldbusError as exc:
+                    log.error("shutdown: could not disable the board: %s", exc)
+            if scope.cancelled_caught or scope.cancel_called:
+                log.critical(
+                    "shutdown: switching off took longer than %.1f s", self.plan.off_deadline
+                )
+        with trio.CancelScope(shield=True):
+            await self._end_orphan(store)
+
+    async def _end_orphan(self, store: Store) -> None:
+        """A transaction the station loop could not end (it crashed): end it as Other."""
+        station = self.station
+        cid = self.plan.station.connector_id
+        try:
+            record = await trio.to_thread.run_sync(store.running_transaction, cid)
+            if record is None:
+                return
+            reading = station.meter_reading if station is not None else None
+            energy = reading.energy_import_wh if reading is not None else None
+            meter_stop = max(energy or 0.0, record.last_meter_wh)
+            at = max(reading.timestamp if reading else datetime.now(UTC), record.last_meter_at)
+            ended = await trio.to_thread.run_sync(
+                lambda: store.end_transaction(
+                    record.id,
+                    reason=StopReason.OTHER.value,
+                    meter_stop_wh=meter_stop,
+                    stopped_at=at,
+                )
+            )
+            log.error("transaction %d ended as Other after a failure", ended.id)
+            with trio.move_on_after(1.0):
+                await self.central.transaction_ended(ended)
+        except StoreError as exc:
+            log.critical("shutdown: transaction not ended on disk: %s", exc)
+        except Exception:
+            log.exception("shutdown: reporting the ended transaction failed")

@@ -1,0 +1,1153 @@
+"""The station's configuration file (TOML), declared once as a table.
+
+Theory of operation: ``SECTIONS`` below lists every setting with its type,
+default, range or choices, unit and description (the EVerest manifest idea).
+Everything else reads that table: validation, defaults, the dataclasses'
+contents, the error messages and the documented example file
+(``example_toml()``, shipped as ``docs/config.example.toml``).
+
+A bad file is refused as a whole with ONE ``ConfigError`` naming the file,
+the setting (dotted, ``board.unit``, ``authorization.tags[2]``) and the
+reason, so nothing starts half-configured. Unknown keys are errors, with the
+closest known key suggested (a typo must not silently leave a default in
+force). Types are strict: TOML has numbers, so ``"16"`` is not 16 A; an
+integer is accepted where a number is expected, a boolean never is.
+
+Order of checks: unknown sections and keys first (so a misspelt required key
+is reported as the typo, not as "missing"), then each section's settings in
+table order (so a default derived from an earlier setting, such as
+``board.unit`` from ``board.kind``, can be computed), then the checks that
+relate settings to each other.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from fieldbus.boards import BOARD_MODELS, BoardModel
+from fieldbus.errors import PortConfigError
+from fieldbus.meters import METER_MODELS, MeterModel
+from fieldbus.ports import STANDARD_BAUDS, PortSpec, RtuPort, parse_port
+
+#: IEC 61851-1: 6 A is the lowest current the PWM signal may offer.
+MIN_CHARGING_CURRENT = 6.0
+
+#: Longest AF_UNIX socket path: sun_path is 108 bytes including the NUL.
+MAX_SOCKET_PATH = 107
+
+BUILTIN_SOURCE = "<builtin>"
+
+
+class ConfigError(Exception):
+    """The configuration is refused; ``str()`` is ``FILE: KEY: REASON``."""
+
+    def __init__(self, path: str | os.PathLike[str], key: str, reason: str) -> None:
+        self.path = os.fspath(path)
+        self.key = key
+        self.reason = reason
+        super().__init__(f"{self.path}: {key}: {reason}" if key else f"{self.path}: {reason}")
+
+
+class _SettingError(Exception):
+    """A refusal inside the checker; turned into ConfigError with the file name."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+# --- the declaration --------------------------------------------------------
+
+
+class Kind(Enum):
+    """A setting's TOML type; the value is its name in messages and docs."""
+
+    TEXT = "text"
+    INT = "whole number"
+    FLOAT = "number"
+    BOOL = "true or false"
+    PATH = "absolute path"
+    TAGS = "list of id tags"
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+#: The default of a setting that must be given.
+REQUIRED: Any = _Required()
+
+
+@dataclass(frozen=True, slots=True)
+class Derived:
+    """A default computed from settings read before this one (dotted key -> value)."""
+
+    text: str
+    compute: Callable[[Mapping[str, Any]], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    name: str
+    kind: Kind
+    description: str
+    #: A value, ``REQUIRED`` or a ``Derived``.
+    default: Any = REQUIRED
+    #: Inclusive range of a number, or of a text's length.
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple[Any, ...] | None = None
+    unit: str = ""
+    #: A further rule: returns the normalized value or raises ValueError(reason).
+    rule: Callable[[Any], Any] | None = None
+    #: What the rule demands, for the example file.
+    rule_text: str = ""
+    #: Written uncommented in the example file (required settings must have one).
+    example: Any = None
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+
+@dataclass(frozen=True, slots=True)
+class Section:
+    name: str
+    description: str
+    settings: tuple[Setting, ...]
+    #: An optional section that is absent gives ``None`` instead of defaults.
+    optional: bool = False
+
+    def setting(self, name: str) -> Setting:
+        for s in self.settings:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+# --- rules --------------------------------------------------------------------
+
+
+def _printable(value: str) -> str:
+    if not value.isprintable():
+        raise ValueError(f"{_show(value)} contains a control or unprintable character")
+    return value
+
+
+def _station_id(value: str) -> str:
+    _printable(value)
+    if "/" in value:
+        raise ValueError(f"{_show(value)} contains '/' (it is the last segment of the URL)")
+    if any(c.isspace() for c in value):
+        raise ValueError(f"{_show(value)} contains whitespace (it is the last segment of the URL)")
+    return value
+
+
+def _id_tag(value: str) -> str:
+    # OCPP 1.6 IdToken is CiString20Type: compared case-insensitively, so tags
+    # are kept upper-case. ASCII only: RFID UIDs are hex, and upper-casing
+    # other scripts can change a tag's length ('ß' -> 'SS').
+    if not 1 <= len(value) <= 20:
+        raise ValueError(f"{_show(value)} is {len(value)} characters; an id tag has 1..20")
+    if not all("!" <= c <= "~" for c in value):
+        raise ValueError(
+            f"{_show(value)} has a character that is not printable ASCII (or is whitespace)"
+        )
+    return value.upper()
+
+
+def _port(value: str) -> PortSpec:
+    try:
+        return parse_port(value)
+    except PortConfigError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _one_group_regex(value: str) -> str:
+    try:
+        pattern = re.compile(value)
+    except (re.error, OverflowError, RecursionError) as exc:
+        raise ValueError(f"{_show(value)} is not a regular expression ({exc})") from None
+    if pattern.groups != 1:
+        raise ValueError(
+            f"{_show(value)} has {pattern.groups} groups; it needs exactly one (the tag)"
+        )
+    # Kept as text: evse.rfid.RfidConfig compiles it (searched in each line).
+    return value
+
+
+def _socket_path(value: Path) -> Path:
+    size = len(os.fsencode(value))
+    if size > MAX_SOCKET_PATH:
+        raise ValueError(
+            f"{_show(str(value))} is {size} bytes; a unix socket path has at most {MAX_SOCKET_PATH}"
+        )
+    return value
+
+
+def _board_model(values: Mapping[str, Any]) -> BoardModel:
+    return BOARD_MODELS[values["board.kind"]]
+
+
+def _meter_model(values: Mapping[str, Any]) -> MeterModel:
+    return METER_MODELS[values["meter.kind"]]
+
+
+_ID_TAG_TEXT = "1..20 printable ASCII characters without spaces, stored upper-case"
+_PORT_TEXT = "tcp://HOST:PORT or rtu:///dev/ttyX?baud=9600&parity=N&stopbits=1"
+_DEFAULT_RFID_PATTERN = r"^\W*([0-9A-Fa-f]{4,20})\W*$"
+
+SECTIONS: tuple[Section, ...] = (
+    Section(
+        "station",
+        "The charge point: identity, state directory and connector.",
+        (
+            Setting(
+                "serial",
+                Kind.TEXT,
+                "Serial number, sent as OCPP chargePointSerialNumber (CiString25).",
+                lo=1,
+                hi=25,
+                rule=_printable,
+                rule_text="printable",
+                example="EVSE-0001",
+            ),
+            Setting(
+                "id",
+                Kind.TEXT,
+                "Charge point id: the last segment of the central system URL.",
+                default=Derived("same as station.serial", lambda v: v["station.serial"]),
+                lo=1,
+                hi=48,
+                rule=_station_id,
+                rule_text="printable, no '/' and no whitespace",
+            ),
+            Setting(
+                "data_dir",
+                Kind.PATH,
+                "Where transactions, the message queue and settings are kept.",
+                example="/var/lib/evse",
+            ),
+            Setting(
+                "connector",
+                Kind.TEXT,
+                "socket: a socket outlet (the plugged cable's PP rating also limits "
+                "the current); cable: a fixed cable.",
+                default="socket",
+                choices=("socket", "cable"),
+            ),
+            Setting(
+                "phases",
+                Kind.INT,
+                "Phases wired to the connector.",
+                default=3,
+                choices=(1, 3),
+            ),
+        ),
+    ),
+    Section(
+        "limits",
+        "Currents per phase.",
+        (
+            Setting(
+                "installer_max",
+                Kind.FLOAT,
+                "Largest current the installation may supply (the circuit's rating); "
+                "never above the board's own maximum.",
+                default=32.0,
+                lo=6,
+                hi=80,
+                unit="A",
+            ),
+            Setting(
+                "fallback",
+                Kind.FLOAT,
+                "Current applied when the central system cannot be reached and no "
+                "limit can be obtained. Below 6 A means 0 A: no charging (IEC "
+                "61851-1: 6 A is the lowest current a vehicle can be offered).",
+                default=6.0,
+                lo=0,
+                hi=80,
+                unit="A",
+            ),
+        ),
+    ),
+    Section(
+        "board",
+        "The EVSE controller board (control pilot, contactor).",
+        (
+            Setting(
+                "kind",
+                Kind.TEXT,
+                "Board model.",
+                choices=tuple(BOARD_MODELS),
+                example="evse-din",
+            ),
+            Setting(
+                "port",
+                Kind.TEXT,
+                "The bus the board is on.",
+                rule=_port,
+                rule_text=_PORT_TEXT,
+                example="rtu:///dev/ttyUSB0?baud=9600&parity=N&stopbits=1",
+            ),
+            Setting(
+                "unit",
+                Kind.INT,
+                "Modbus unit id.",
+                default=Derived(
+                    "the board model's default unit", lambda v: _board_model(v).default_unit
+                ),
+                lo=1,
+                hi=247,
+            ),
+            Setting(
+                "poll_interval",
+                Kind.FLOAT,
+                "Time between status reads.",
+                default=0.1,
+                lo=0.02,
+                hi=2,
+                unit="s",
+            ),
+            Setting(
+                "timeout",
+                Kind.FLOAT,
+                "Time to wait for a reply to one request.",
+                default=0.5,
+                lo=0.05,
+                hi=5,
+                unit="s",
+            ),
+            Setting(
+                "failsafe_watchdog",
+                Kind.FLOAT,
+                "Hardware failsafe: with no request for this long the board falls "
+                "back to limits.fallback on its own. Only boards with a failsafe "
+                "use it.",
+                default=10.0,
+                lo=1,
+                hi=600,
+                unit="s",
+            ),
+        ),
+    ),
+    Section(
+        "meter",
+        "The energy meter of the connector.",
+        (
+            Setting(
+                "kind",
+                Kind.TEXT,
+                "Meter model.",
+                choices=tuple(METER_MODELS),
+                example="sdm630",
+            ),
+            Setting(
+                "port",
+                Kind.TEXT,
+                "The bus the meter is on (may be the board's bus, with another unit id).",
+                rule=_port,
+                rule_text=_PORT_TEXT,
+                example="rtu:///dev/ttyUSB0?baud=9600&parity=N&stopbits=1",
+            ),
+            Setting(
+                "unit",
+                Kind.INT,
+                "Modbus unit id.",
+                default=Derived(
+                    "the meter model's default unit", lambda v: _meter_model(v).default_unit
+                ),
+                lo=1,
+                hi=247,
+                example=2,
+            ),
+            Setting(
+                "poll_interval",
+                Kind.FLOAT,
+                "Time between readings.",
+                default=1.0,
+                lo=0.2,
+                hi=60,
+                unit="s",
+            ),
+            Setting(
+                "timeout",
+                Kind.FLOAT,
+                "Time to wait for a reply to one request.",
+                default=0.5,
+                lo=0.05,
+                hi=5,
+                unit="s",
+            ),
+        ),
+    ),
+    Section(
+        "authorization",
+        "Who may charge.",
+        (
+            Setting(
+                "mode",
+                Kind.TEXT,
+                "free: anyone, transactions are started with free_id_tag; local: an id "
+                "tag must be presented and authorized.",
+                default="local",
+                choices=("free", "local"),
+            ),
+            Setting(
+                "free_id_tag",
+                Kind.TEXT,
+                "The id tag of transactions in free mode.",
+                default="FREECHARGING",
+                rule=_id_tag,
+                rule_text=_ID_TAG_TEXT,
+            ),
+            Setting(
+                "tags",
+                Kind.TAGS,
+                'Id tags always accepted, e.g. ["04A2B3C4D5", "DEADBEEF"].',
+                default=(),
+                rule=_id_tag,
+                rule_text=_ID_TAG_TEXT,
+            ),
+            Setting(
+                "blocked",
+                Kind.TAGS,
+                "Id tags always refused.",
+                default=(),
+                rule=_id_tag,
+                rule_text=_ID_TAG_TEXT,
+            ),
+            Setting(
+                "connection_timeout",
+                Kind.INT,
+                "Time from authorization to plugging in before it lapses (OCPP ConnectionTimeOut).",
+                default=120,
+                lo=1,
+                hi=3600,
+                unit="s",
+            ),
+        ),
+    ),
+    Section(
+        "rfid",
+        "RFID reader on a serial line (optional: leave the section out for none).",
+        (
+            Setting(
+                "device",
+                Kind.PATH,
+                "Serial device of the reader.",
+                example="/dev/ttyACM0",
+            ),
+            Setting(
+                "baud",
+                Kind.INT,
+                "Baud rate.",
+                default=9600,
+                choices=STANDARD_BAUDS,
+            ),
+            Setting(
+                "pattern",
+                Kind.TEXT,
+                "Regular expression matched against each line the reader sends; its "
+                "group is the tag.",
+                default=_DEFAULT_RFID_PATTERN,
+                rule=_one_group_regex,
+                rule_text="exactly one group",
+            ),
+            Setting(
+                "reverse_bytes",
+                Kind.BOOL,
+                "Reverse the byte order of the tag (readers differ in UID byte order).",
+                default=False,
+            ),
+            Setting(
+                "debounce",
+                Kind.FLOAT,
+                "The same tag read again within this time is ignored.",
+                default=2.0,
+                lo=0,
+                hi=60,
+                unit="s",
+            ),
+        ),
+        optional=True,
+    ),
+    Section(
+        "safety",
+        "Fault detection. Every fault switches the contactor off.",
+        (
+            Setting(
+                "board_timeout",
+                Kind.FLOAT,
+                "No good board reading for this long is a fault.",
+                default=1.0,
+                lo=0.1,
+                hi=10,
+                unit="s",
+            ),
+            Setting(
+                "meter_timeout",
+                Kind.FLOAT,
+                "No good meter reading for this long is a fault.",
+                default=5.0,
+                lo=1,
+                hi=60,
+                unit="s",
+            ),
+            Setting(
+                "overcurrent_margin",
+                Kind.FLOAT,
+                "Measured current above the offered current plus this margin is overcurrent.",
+                default=2.0,
+                lo=0.5,
+                hi=10,
+                unit="A",
+            ),
+            Setting(
+                "overcurrent_time",
+                Kind.FLOAT,
+                "Overcurrent lasting this long is a fault (IEC 61851-1 Annex A gives "
+                "the vehicle 5 s to follow a lower PWM duty).",
+                default=5.0,
+                lo=0.1,
+                hi=60,
+                unit="s",
+            ),
+            Setting(
+                "welded_time",
+                Kind.FLOAT,
+                "Current flowing this long after the contactor was opened means it is welded.",
+                default=1.0,
+                lo=0.1,
+                hi=10,
+                unit="s",
+            ),
+            Setting(
+                "off_deadline",
+                Kind.FLOAT,
+                "Time the board has to confirm a switch-off before it is a fault.",
+                default=1.0,
+                lo=0.1,
+                hi=5,
+                unit="s",
+            ),
+            Setting(
+                "persist_interval",
+                Kind.FLOAT,
+                "How often the running transaction's meter reading is written to disk.",
+                default=5.0,
+                lo=1,
+                hi=300,
+                unit="s",
+            ),
+        ),
+    ),
+    Section(
+        "control",
+        "The local control interface (evse status and friends).",
+        (
+            Setting(
+                "socket",
+                Kind.PATH,
+                "Unix socket of the control interface.",
+                default=Derived(
+                    "<station.data_dir>/control.sock",
+                    lambda v: str(v["station.data_dir"] / "control.sock"),
+                ),
+                rule=_socket_path,
+                rule_text=f"at most {MAX_SOCKET_PATH} bytes",
+            ),
+        ),
+    ),
+    Section(
+        "logging",
+        "Log output (to standard error: the journal under systemd).",
+        (
+            Setting(
+                "level",
+                Kind.TEXT,
+                "Least severe messages logged.",
+                default="info",
+                choices=("debug", "info", "warning", "error"),
+            ),
+        ),
+    ),
+)
+
+SECTION_BY_NAME: Mapping[str, Section] = {s.name: s for s in SECTIONS}
+
+#: Every setting by its dotted key, in table order.
+SETTINGS: Mapping[str, Setting] = {
+    f"{sec.name}.{s.name}": s for sec in SECTIONS for s in sec.settings
+}
+
+
+# --- the result -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StationConfig:
+    serial: str
+    id: str
+    data_dir: Path
+    connector: str
+    phases: int
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    installer_max: float
+    #: As written; see ``fallback_current``.
+    fallback: float
+
+    @property
+    def fallback_current(self) -> float:
+        """The fallback to apply: below 6 A it is 0 A (station spec §3, IEC 61851-1)."""
+        return 0.0 if self.fallback < MIN_CHARGING_CURRENT else self.fallback
+
+
+@dataclass(frozen=True, slots=True)
+class BoardConfig:
+    kind: str
+    port: PortSpec
+    unit: int
+    poll_interval: float
+    timeout: float
+    failsafe_watchdog: float
+
+    @property
+    def model(self) -> BoardModel:
+        return BOARD_MODELS[self.kind]
+
+
+@dataclass(frozen=True, slots=True)
+class MeterConfig:
+    kind: str
+    port: PortSpec
+    unit: int
+    poll_interval: float
+    timeout: float
+
+    @property
+    def model(self) -> MeterModel:
+        return METER_MODELS[self.kind]
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationConfig:
+    mode: str
+    free_id_tag: str
+    tags: tuple[str, ...]
+    blocked: tuple[str, ...]
+    connection_timeout: int
+
+
+@dataclass(frozen=True, slots=True)
+class RfidConfig:
+    device: Path
+    baud: int
+    #: A regular expression with exactly one group (checked).
+    pattern: str
+    reverse_bytes: bool
+    debounce: float
+
+
+@dataclass(frozen=True, slots=True)
+class SafetyConfig:
+    board_timeout: float
+    meter_timeout: float
+    overcurrent_margin: float
+    overcurrent_time: float
+    welded_time: float
+    off_deadline: float
+    persist_interval: float
+
+
+@dataclass(frozen=True, slots=True)
+class ControlConfig:
+    socket: Path
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: str
+
+
+#: The dataclass of each section; a test checks their fields equal the table.
+SECTION_CLASSES: Mapping[str, type[Any]] = {
+    "station": StationConfig,
+    "limits": LimitsConfig,
+    "board": BoardConfig,
+    "meter": MeterConfig,
+    "authorization": AuthorizationConfig,
+    "rfid": RfidConfig,
+    "safety": SafetyConfig,
+    "control": ControlConfig,
+    "logging": LoggingConfig,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    station: StationConfig
+    limits: LimitsConfig
+    board: BoardConfig
+    meter: MeterConfig
+    authorization: AuthorizationConfig
+    rfid: RfidConfig | None
+    safety: SafetyConfig
+    control: ControlConfig
+    logging: LoggingConfig
+    #: The file it was read from; None when built in memory.
+    source: Path | None = None
+
+
+# --- checking ---------------------------------------------------------------------
+
+
+def _show(value: object) -> str:
+    """A value as an installer wrote it, shortened for a one-line message."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, str):
+        text = repr(value)
+        return text if len(text) <= 50 else text[:46] + "...'"
+    return repr(value)
+
+
+def _describe(value: object) -> str:
+    """What kind of TOML value this is, for "expected X, got Y"."""
+    if isinstance(value, bool):
+        return f"{_show(value)} (a boolean)"
+    if isinstance(value, int):
+        return f"the whole number {value}"
+    if isinstance(value, float):
+        return f"the number {_show(value)}"
+    if isinstance(value, str):
+        return f"the text {_show(value)}"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, dt.date | dt.time):
+        return "a date/time"
+    return f"a {type(value).__name__}"
+
+
+def _num(value: float) -> str:
+    return f"{value:g}"
+
+
+def _with_unit(value: float, unit: str) -> str:
+    return f"{_num(value)} {unit}" if unit else _num(value)
+
+
+def _suggest(word: str, candidates: Sequence[str]) -> str | None:
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _check_item(setting: Setting, key: str, value: Any) -> Any:
+    """Check one value (not a list) of ``setting``; raises _SettingError."""
+    kind = setting.kind
+    text_kinds = (Kind.TEXT, Kind.PATH, Kind.TAGS)
+    if kind in text_kinds and not isinstance(value, str):
+        expected = "an id tag (text)" if kind is Kind.TAGS else kind.value
+        raise _SettingError(key, f"expected {expected}, got {_describe(value)}")
+    if kind is Kind.INT and (isinstance(value, bool) or not isinstance(value, int)):
+        raise _SettingError(key, f"expected a whole number, got {_describe(value)}")
+    if kind is Kind.FLOAT:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _SettingError(key, f"expected a number, got {_describe(value)}")
+        value = float(value)
+    if kind is Kind.BOOL and not isinstance(value, bool):
+        raise _SettingError(key, f"expected true or false, got {_describe(value)}")
+
+    if kind in (Kind.INT, Kind.FLOAT) and (setting.lo is not None or setting.hi is not None):
+        lo = -math.inf if setting.lo is None else setting.lo
+        hi = math.inf if setting.hi is None else setting.hi
+        if not lo <= value <= hi:
+            raise _SettingError(
+                key,
+                f"{_with_unit(value, setting.unit)} is outside "
+                f"{_num(lo)}..{_with_unit(hi, setting.unit)}",
+            )
+    if (
+        kind is Kind.TEXT
+        and setting.lo is not None
+        and setting.hi is not None
+        and not setting.lo <= len(value) <= setting.hi
+    ):
+        raise _SettingError(
+            key,
+            f"{_show(value)} is {len(value)} characters; allowed "
+            f"{_num(setting.lo)}..{_num(setting.hi)}",
+        )
+    if setting.choices is not None and value not in setting.choices:
+        allowed = ", ".join(_show(c) for c in setting.choices)
+        hint = ""
+        if isinstance(value, str):
+            close = _suggest(value, [str(c) for c in setting.choices])
+            hint = f"; did you mean {close!r}?" if close else ""
+        raise _SettingError(key, f"{_show(value)} is not one of {allowed}{hint}")
+    if kind is Kind.PATH:
+        if not value or "\0" in value:
+            raise _SettingError(key, f"{_show(value)} is not a path")
+        if not os.path.isabs(value):
+            raise _SettingError(
+                key,
+                f"{_show(value)} is relative; write an absolute path (a service's "
+                "working directory is /)",
+            )
+        value = Path(value)
+    if setting.rule is not None:
+        try:
+            value = setting.rule(value)
+        except ValueError as exc:
+            raise _SettingError(key, str(exc)) from None
+    return value
+
+
+def _check_value(setting: Setting, key: str, value: Any) -> Any:
+    if setting.kind is not Kind.TAGS:
+        return _check_item(setting, key, value)
+    if not isinstance(value, list | tuple):
+        raise _SettingError(key, f"expected a list of id tags, got {_describe(value)}")
+    seen: dict[str, int] = {}
+    items: list[str] = []
+    for i, item in enumerate(value):
+        tag = _check_item(setting, f"{key}[{i}]", item)
+        if tag in seen:
+            raise _SettingError(f"{key}[{i}]", f"{tag!r} repeats {key}[{seen[tag]}]")
+        seen[tag] = i
+        items.append(tag)
+    return tuple(items)
+
+
+def _check_unknown(data: Mapping[str, Any]) -> None:
+    section_names = [s.name for s in SECTIONS]
+    bare_names = {s.name: key for key, s in SETTINGS.items()}
+    for name, content in data.items():
+        if name not in SECTION_BY_NAME:
+            close = _suggest(name, section_names)
+            if close:
+                hint = f"did you mean [{close}]?"
+            elif name in bare_names:
+                hint = (
+                    f"did you mean {bare_names[name]} (under [{bare_names[name].split('.')[0]}])?"
+                )
+            else:
+                hint = f"the sections are {', '.join(section_names)}"
+            raise _SettingError(name, f"unknown section; {hint}")
+        if not isinstance(content, dict):
+            raise _SettingError(name, f"expected a table [{name}], got {_describe(content)}")
+        section = SECTION_BY_NAME[name]
+        names = [s.name for s in section.settings]
+        for key in content:
+            if key in names:
+                continue
+            close = _suggest(key, names)
+            if close is None:
+                # Perhaps a setting of another section.
+                close_key = _suggest(key, [s.name for s in SETTINGS.values()])
+                if close_key is not None:
+                    dotted = next(k for k, s in SETTINGS.items() if s.name == close_key)
+                    raise _SettingError(f"{name}.{key}", f"unknown setting; did you mean {dotted}?")
+                raise _SettingError(
+                    f"{name}.{key}", f"unknown setting; [{name}] has {', '.join(names)}"
+                )
+            raise _SettingError(f"{name}.{key}", f"unknown setting; did you mean {name}.{close}?")
+
+
+def _read_sections(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted key -> checked value, for every setting of every present section."""
+    values: dict[str, Any] = {}
+    for section in SECTIONS:
+        content = data.get(section.name)
+        if content is None and section.optional:
+            continue
+        content = content or {}
+        for setting in section.settings:
+            key = f"{section.name}.{setting.name}"
+            if setting.name in content:
+                values[key] = _check_value(setting, key, content[setting.name])
+            elif setting.required:
+                raise _SettingError(key, "required setting is missing")
+            elif isinstance(setting.default, Derived):
+                derived = setting.default
+                try:
+                    values[key] = _check_value(setting, key, derived.compute(values))
+                except _SettingError as exc:
+                    raise _SettingError(
+                        exc.key,
+                        f"{exc.reason} (the default, {derived.text}); set {key}",
+                    ) from None
+            else:
+                values[key] = _check_value(setting, key, setting.default)
+    return values
+
+
+def _cross_check(v: Mapping[str, Any]) -> None:
+    """Rules relating settings; each refusal names the setting that was read last."""
+    board = BOARD_MODELS[v["board.kind"]]
+    meter = METER_MODELS[v["meter.kind"]]
+
+    if v["limits.installer_max"] > board.max_current:
+        raise _SettingError(
+            "limits.installer_max",
+            f"{_num(v['limits.installer_max'])} A is above the {board.title}'s maximum of "
+            f"{_num(board.max_current)} A",
+        )
+    if v["limits.fallback"] > v["limits.installer_max"]:
+        raise _SettingError(
+            "limits.fallback",
+            f"{_num(v['limits.fallback'])} A is above limits.installer_max "
+            f"({_num(v['limits.installer_max'])} A)",
+        )
+    if v["station.phases"] > meter.phases:
+        raise _SettingError(
+            "meter.kind",
+            f"the {meter.title} measures {meter.phases} phase(s) but station.phases is "
+            f"{v['station.phases']}: energy on the other phases would not be counted",
+        )
+
+    board_port: PortSpec = v["board.port"]
+    meter_port: PortSpec = v["meter.port"]
+    if (
+        isinstance(board_port, RtuPort)
+        and isinstance(meter_port, RtuPort)
+        and board_port.device == meter_port.device
+        and board_port != meter_port
+    ):
+        raise _SettingError(
+            "meter.port",
+            f"{meter_port.device} is also the board's bus, with other line settings "
+            f"({board_port.url}); one bus has one baud rate and parity",
+        )
+    if board_port == meter_port and v["board.unit"] == v["meter.unit"]:
+        raise _SettingError(
+            "meter.unit",
+            f"unit {v['meter.unit']} on {meter_port.url} is already the board's; "
+            "two devices on one bus need different unit ids",
+        )
+
+    rfid_device = v.get("rfid.device")
+    if rfid_device is not None:
+        for name, port in (("board", board_port), ("meter", meter_port)):
+            if isinstance(port, RtuPort) and Path(port.device) == rfid_device:
+                raise _SettingError(
+                    "rfid.device", f"{rfid_device} is the {name}'s Modbus bus ({name}.port)"
+                )
+
+    for device in ("board", "meter"):
+        needed = v[f"{device}.poll_interval"] + v[f"{device}.timeout"]
+        limit = v[f"safety.{device}_timeout"]
+        if limit <= needed:
+            raise _SettingError(
+                f"safety.{device}_timeout",
+                f"{_num(limit)} s must be longer than {device}.poll_interval + "
+                f"{device}.timeout ({_num(needed)} s), or one lost reply is a fault",
+            )
+
+    blocked_at = {tag: i for i, tag in enumerate(v["authorization.blocked"])}
+    for i, tag in enumerate(v["authorization.tags"]):
+        if tag in blocked_at:
+            raise _SettingError(
+                f"authorization.blocked[{blocked_at[tag]}]",
+                f"{tag!r} is also accepted by authorization.tags[{i}]",
+            )
+    if v["authorization.free_id_tag"] in blocked_at:
+        tag = v["authorization.free_id_tag"]
+        raise _SettingError(
+            f"authorization.blocked[{blocked_at[tag]}]",
+            f"{tag!r} is authorization.free_id_tag",
+        )
+
+
+def config_from_dict(data: Mapping[str, Any], source: str | Path = BUILTIN_SOURCE) -> Config:
+    """Check a parsed TOML document; ``source`` names it in errors.
+
+    ``evse run --sim`` builds its configuration this way, in memory.
+    """
+    try:
+        _check_unknown(data)
+        values = _read_sections(data)
+        _cross_check(values)
+    except _SettingError as exc:
+        raise ConfigError(source, exc.key, exc.reason) from None
+
+    parts: dict[str, Any] = {}
+    for section in SECTIONS:
+        cls = SECTION_CLASSES[section.name]
+        if section.optional and section.name not in data:
+            parts[section.name] = None
+            continue
+        parts[section.name] = cls(
+            **{s.name: values[f"{section.name}.{s.name}"] for s in section.settings}
+        )
+    return Config(**parts, source=source if isinstance(source, Path) else None)
+
+
+_TOML_POSITION = re.compile(
+    r"^(?P<what>.*?)\s*\(at (?:line (?P<line>\d+), column (?P<col>\d+)|end of document)\)$"
+)
+
+
+def _syntax_error(path: Path, exc: tomllib.TOMLDecodeError) -> ConfigError:
+    message = str(exc)
+    match = _TOML_POSITION.match(message)
+    if match is None:
+        return ConfigError(path, "", f"not valid TOML: {message}")
+    what = match["what"]
+    what = what[:1].lower() + what[1:]
+    if match["line"] is None:
+        return ConfigError(path, "end of file", what)
+    return ConfigError(path, f"line {match['line']}", f"{what} (column {match['col']})")
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and check the configuration file; any problem is one ConfigError."""
+    file = Path(path)
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(file, "", "no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(file, "", "is a directory, not a configuration file") from None
+    except OSError as exc:
+        raise ConfigError(file, "", f"cannot be read ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(file, f"line {line}", "not UTF-8 text") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise _syntax_error(file, exc) from None
+    return config_from_dict(data, source=file)
+
+
+# --- the documented example -------------------------------------------------------
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, str):
+        if "\\" in value and "'" not in value and value.isprintable():
+            return f"'{value}'"  # a literal string: regular expressions stay readable
+        return json.dumps(value)  # JSON's escapes are TOML's (ensure_ascii escapes DEL)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def _example_data() -> dict[str, dict[str, Any]]:
+    """The example's uncommented settings: every required one, and examples."""
+    data: dict[str, dict[str, Any]] = {}
+    for section in SECTIONS:
+        if section.optional:
+            continue
+        for s in section.settings:
+            if s.example is not None:
+                data.setdefault(section.name, {})[s.name] = s.example
+    return data
+
+
+def _type_line(s: Setting) -> str:
+    parts = [s.kind.value + (f" ({s.unit})" if s.unit else "")]
+    if s.kind is Kind.TEXT and s.lo is not None and s.hi is not None:
+        parts.append(f"{_num(s.lo)}..{_num(s.hi)} characters")
+    elif s.lo is not None and s.hi is not None:
+        parts.append(f"{_num(s.lo)}..{_num(s.hi)}")
+    if s.choices is not None:
+        parts.append("one of " + ", ".join(_toml(c) for c in s.choices))
+    if s.rule_text:
+        parts.append(s.rule_text)
+    text = ", ".join(parts)
+    text = text[:1].upper() + text[1:]
+    if s.required:
+        return f"{text}. Required."
+    if isinstance(s.default, Derived):
+        return f"{text}. Default: {s.default.text}."
+    return f"{text}. Default: {_toml(s.default)}."
+
+
+def _wrap(text: str, prefix: str = "# ", width: int = 80) -> list[str]:
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        if current and len(prefix) + len(current) + 1 + len(word) > width:
+            lines.append(prefix + current)
+            current = word
+        else:
+            current = f"{current} {word}" if current else word
+    if current:
+        lines.append(prefix + current)
+    return lines
+
+
+def example_toml() -> str:
+    """The documented example configuration, generated from ``SECTIONS``.
+
+    Required settings (and a few examples) are written out; every other
+    setting is shown commented out with the value it takes, so uncommenting
+    any line changes nothing until it is edited.
+    """
+    data = _example_data()
+    # Built with the optional sections present, to show the values they take.
+    optional = {
+        sec.name: {s.name: s.example for s in sec.settings if s.required}
+        for sec in SECTIONS
+        if sec.optional
+    }
+    example = config_from_dict({**data, **optional})
+    out = [
+        "# evse station configuration: evse run --config /etc/evse/evse.toml",
+        "#",
+        "# Generated from the table of settings in ops/config.py (example_toml()).",
+        "# Copy it to /etc/evse/evse.toml and edit the copy. A commented-out line",
+        "# shows the value a setting takes when it is left out. An error names this",
+        "# file, the setting and the reason, and the station does not start until",
+        "# it is fixed.",
+    ]
+    for section in SECTIONS:
+        built = getattr(example, section.name)
+        lead = "# " if section.optional else ""
+        out.append("")
+        out.extend(_wrap(section.description))
+        out.append(f"{lead}[{section.name}]")
+        for s in section.settings:
+            out.append("")
+            out.extend(_wrap(s.description))
+            out.extend(_wrap(_type_line(s)))
+            given = data.get(section.name, {})
+            if s.name in given:
+                out.append(f"{s.name} = {_toml(given[s.name])}")
+            elif section.optional and s.required:
+                out.append(f"# {s.name} = {_toml(s.example)}")
+            else:
+                # The value it takes (a derived default as computed for this example).
+                out.append(f"# {s.name} = {_toml(getattr(built, s.name))}")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,136 @@
+"""The running station's local control socket: HTTP + JSON on a Unix socket.
+
+``evse status`` reads it; installers and the bench drive the station through
+it (present a tag, stop, availability, reset a latched fault). Only local
+users with access to the socket file (mode 0660) reach it.
+
+* ``GET /status``: the station's state (``Station.view``) and bus counters;
+* ``GET /transactions?limit=N``: the latest transactions (N 1..1000, default 20);
+* ``POST /authorize`` ``{"id_tag": "04A2B3C4"}``: the authorization result;
+* ``POST /stop`` ``{"reason": "Local"}`` (optional): ``{"stopped": bool}``;
+* ``POST /availability`` ``{"operative": bool}``: ``{"status": "Accepted"|"Scheduled"}``;
+* ``POST /reset-faults``: clears latched faults; the status after it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Any
+
+import trio
+
+from evse.auth import normalize_id_tag
+from evse.connector import StopReason
+from evse.station import Station
+from evse.supervisor import Service, Supervisor
+from ops import httpjson
+from ops.httpjson import HTTPError, Request, Router
+
+STARTED = time.monotonic()
+
+
+def _station(supervisor: Supervisor) -> Station:
+    station = supervisor.station
+    if station is None:
+        raise HTTPError(503, "the station is starting")
+    return station
+
+
+def build_router(supervisor: Supervisor) -> Router:
+    router = Router()
+
+    async def status(req: Request) -> Any:
+        station = _station(supervisor)
+        view = station.view()
+        board = supervisor.board
+        view["uptime_s"] = round(time.monotonic() - STARTED, 1)
+        if board is not None:
+            view["bus"] = {"board": asdict(board.master.stats)}
+        view["recovered_transactions"] = [r.id for r in station.recovered]
+        return view
+
+    async def transactions(req: Request) -> Any:
+        station = _station(supervisor)
+        try:
+            limit = int(req.query.get("limit", "20"))
+        except ValueError:
+            raise HTTPError(400, "limit must be a whole number") from None
+        if not 1 <= limit <= 1000:
+            raise HTTPError(400, f"limit {limit} is outside 1..1000")
+        records = await trio.to_thread.run_sync(lambda: station.store.transactions(limit=limit))
+        return {
+            "transactions": [
+                {
+                    "id": r.id,
+                    "id_tag": r.id_tag,
+                    "started_at": r.started_at.isoformat().replace("+00:00", "Z"),
+                    "meter_start_wh": r.meter_start_wh,
+                    "stopped_at": r.stopped_at.isoformat().replace("+00:00", "Z")
+                    if r.stopped_at
+                    else None,
+                    "meter_stop_wh": r.meter_stop_wh,
+                    "stop_reason": r.stop_reason,
+                }
+                for r in records
+            ]
+        }
+
+    def body(req: Request) -> dict[str, Any]:
+        if req.body is None:
+            return {}
+        if not isinstance(req.body, dict):
+            raise HTTPError(400, "body must be a JSON object")
+        return req.body
+
+    async def authorize(req: Request) -> Any:
+        raw = body(req).get("id_tag")
+        if not isinstance(raw, str):
+            raise HTTPError(400, "id_tag (a string) is required")
+        try:
+            id_tag = normalize_id_tag(raw)
+        except ValueError as exc:
+            raise HTTPError(400, str(exc)) from None
+        result = await _station(supervisor).present_id_tag(id_tag, source="local control")
+        return {"id_tag": result.id_tag, "status": result.status.value, "source": result.source}
+
+    async def stop(req: Request) -> Any:
+        raw = body(req).get("reason", "Local")
+        try:
+            reason = StopReason(raw)
+        except ValueError:
+            known = ", ".join(r.value for r in StopReason)
+            raise HTTPError(400, f"reason {raw!r} is not one of {known}") from None
+        return {"stopped": await _station(supervisor).request_stop(reason)}
+
+    async def availability(req: Request) -> Any:
+        operative = body(req).get("operative")
+        if not isinstance(operative, bool):
+            raise HTTPError(400, "operative (true or false) is required")
+        return {"status": await _station(supervisor).set_availability(operative)}
+
+    async def reset_faults(req: Request) -> Any:
+        station = _station(supervisor)
+        await station.reset_faults()
+        return station.view()
+
+    router.add("GET", "/status", status)
+    router.add("GET", "/transactions", transactions)
+    router.add("POST", "/authorize", authorize)
+    router.add("POST", "/stop", stop)
+    router.add("POST", "/availability", availability)
+    router.add("POST", "/reset-faults", reset_faults)
+    return router
+
+
+def control_service(path: str) -> Service:
+    async def run(supervisor: Supervisor) -> None:
+        await supervisor.started.wait()
+        await httpjson.serve_unix(build_router(supervisor), path)
+
+    return Service("control socket", run)
+
+
+async def query(path: str, method: str, resource: str, body: dict[str, Any] | None = None) -> Any:
+    """Ask a running station (``evse status`` and friends)."""
+    return await httpjson.request_json("localhost", 0, method, resource, body, unix_socket=path)
