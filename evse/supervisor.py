@@ -41,8 +41,8 @@ import trio
 from evse.auth import AuthChain, AuthStep
 from evse.central import CentralSystemPort, Standalone
 from evse.connector import StopReason
-from evse.errors import StoreError
-from evse.rfid import RfidConfig, RfidReader
+from evse.errors import EvseError, StoreError
+from evse.rfid import ReaderState, RfidConfig, RfidReader
 from evse.station import Station, StationSettings
 from evse.store import Store
 from fieldbus.boards import BOARD_MODELS, Board
@@ -95,6 +95,7 @@ class Supervisor:
         self.central: CentralSystemPort = central or Standalone()
         self.station: Station | None = None
         self.board: Board | None = None
+        self.reader: RfidReader | None = None
         self._cancel = trio.CancelScope()
         self._stopped = trio.Event()
         self.started = trio.Event()
@@ -151,7 +152,10 @@ class Supervisor:
                     async with trio.open_nursery() as nursery:
                         await nursery.start(station.run, name="station")
                         if plan.rfid is not None:
-                            reader = RfidReader(plan.rfid, self._on_tag)
+                            reader = RfidReader(
+                                plan.rfid, self._on_tag, on_state=self._on_reader_state
+                            )
+                            self.reader = reader
                             await nursery.start(reader.run, name="rfid reader")
                         nursery.start_soon(self._central_slot, name="central system")
                         for service in plan.services:
@@ -176,8 +180,21 @@ class Supervisor:
         self._cancel.cancel(reason=f"shutdown: {reason.value}")
 
     async def _on_tag(self, id_tag: str) -> None:
+        # The reader ends its run on an exception from here (a consumer bug
+        # must not be hidden), so only an authorization failure is caught.
         if self.station is not None:
-            await self.station.present_id_tag(id_tag, source="rfid")
+            try:
+                await self.station.present_id_tag(id_tag, source="rfid")
+            except EvseError as exc:
+                log.error("tag %s from the reader not handled: %s", id_tag, exc)
+
+    async def _on_reader_state(self, state: ReaderState) -> None:
+        # OCPP reports a broken reader as ReaderFailure; the central-system
+        # port reads it from here (ops status shows it too).
+        if state.ok:
+            log.info("RFID reader connected")
+        else:
+            log.warning("RFID reader unavailable: %s", state.reason)
 
     async def _central_slot(self) -> None:
         """Run the central-system port; restart it on failure, never fail ourselves."""

@@ -48,6 +48,12 @@ def build_router(supervisor: Supervisor) -> Router:
         if board is not None:
             view["bus"] = {"board": asdict(board.master.stats)}
         view["recovered_transactions"] = [r.id for r in station.recovered]
+        reader = supervisor.reader
+        view["rfid_reader"] = (
+            None
+            if reader is None
+            else {"status": reader.state.status.value, "reason": reader.state.reason}
+        )
         return view
 
     async def transactions(req: Request) -> Any:

@@ -17,6 +17,7 @@ import trio
 
 from evse.auth import AuthStatus, FreeCharging, LocalTagList
 from evse.central import CentralSystemPort
+from evse.rfid import RfidConfig
 from evse.safety import SafetySettings
 from evse.station import Station, StationSettings
 from evse.supervisor import DeviceSpec, Plan, Service, Supervisor
@@ -105,6 +106,7 @@ async def station_rig(
     services: Sequence[Service] = (),
     central: CentralSystemPort | None = None,
     db: Path | None = None,
+    rfid: RfidConfig | None = None,
 ) -> AsyncIterator[Rig]:
     sim = Simulator(
         SimConfig(devices=[SimDevice(board, 1), SimDevice(meter, 2)], control_port=None)
@@ -129,6 +131,7 @@ async def station_rig(
             auth_steps=steps,
             off_deadline=1.0,
             services=services,
+            rfid=rfid,
         )
         supervisor = Supervisor(plan, central=central)
         async with trio.open_nursery() as station_nursery:

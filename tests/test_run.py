@@ -261,3 +261,33 @@ def test_run_sim_starts_and_stops(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
+
+
+def test_a_dead_process_leaves_a_heidelberg_board_in_its_failsafe(
+    tmp_path: Path, sim_process: SimFactory, stations: list[Station]
+) -> None:
+    """Rule 1 for a process that cannot run its own shutdown: the hardware watchdog."""
+    ready = sim_process("heidelberg:1", "sdm630:2")
+    config = write_config(tmp_path, ready["tcp"])
+    text = config.read_text().replace('kind = "evse-din"', 'kind = "heidelberg"')
+    # Failsafe current = the fallback limit; below 6 A it means off.
+    text = text.replace("installer_max = 16\n", "installer_max = 16\nfallback = 0\n")
+    text = text.replace("timeout = 0.3\n", "timeout = 0.3\nfailsafe_watchdog = 1\n", 1)
+    config.write_text(text)
+    station = Station(config)
+    stations.append(station)
+    station.wait_status("Available")
+    board = control(ready, "GET", "/state")["station"]["board"]
+    assert (board["failsafe_timeout"], board["failsafe_current"]) == (1.0, 0.0)
+    control(ready, "POST", "/plug")
+    station.wait_status("Preparing")
+    station.authorize("04A2B3C4")
+    station.wait_status("Charging")
+    assert control(ready, "GET", "/state")["station"]["offered_a"] == 16.0
+    station.proc.kill()
+    station.proc.communicate()
+    time.sleep(1.5)
+    state = control(ready, "GET", "/state")["station"]
+    assert state["board"]["failsafe_tripped"] is True
+    assert state["offered_a"] == 0.0
+    assert state["contactor_closed"] is False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,9 @@ import trio
 import trio.lowlevel
 
 from evse.connector import Fault, StopReason
+from evse.rfid import RfidConfig
 from evse.supervisor import Service, Supervisor
+from tests.ptypair import PtyPair
 from tests.station_harness import FAST, TAG, Rig, station_rig
 
 
@@ -259,3 +262,28 @@ async def test_availability_is_scheduled_during_a_transaction_and_persists(tmp_p
         assert rig.station.connector.status.value == "Unavailable"
         assert await rig.station.set_availability(True) == "Accepted"
         await rig.status("Preparing")
+
+
+async def test_a_card_on_the_rfid_reader_starts_and_stops_charging(tmp_path: Path) -> None:
+    with PtyPair() as pty:
+        reader = RfidConfig(device=pty.path, debounce=0.2)
+        async with station_rig(tmp_path, rfid=reader) as rig:
+            assert rig.supervisor.reader is not None
+            await rig.until(
+                lambda: rig.supervisor.reader is not None and rig.supervisor.reader.state.ok,
+                what="reader open",
+            )
+            rig.sim.set_ev({"plugged": True})
+            await rig.status("Preparing")
+            os.write(pty.master_fd, b"04a2b3c4\r\n")  # lower case: normalized
+            await rig.status("Charging")
+            await trio.sleep(0.4)  # past the debounce window
+            os.write(pty.master_fd, b"04A2B3C4\r\n")
+            await rig.status("Finishing")
+            await rig.until(
+                lambda: (
+                    rig.db_rows("SELECT id_tag, stop_reason FROM transactions")
+                    == [("04A2B3C4", "Local")]
+                ),
+                what="Local stop on disk",
+            )
