@@ -135,6 +135,7 @@ _FAULT_PRIORITY = tuple(Fault)
 
 class State(Enum):
     IDLE = "idle"  # no EV, nobody authorized
+    RESERVED = "reserved"  # held for one id tag until the reservation expires
     AUTHORIZED = "authorized"  # authorized, waiting for the EV (ConnectionTimeOut runs)
     PLUGGED = "plugged"  # EV connected, waiting for an authorization
     CHARGING = "charging"  # transaction running, EV in C/D, offer >= 6 A
@@ -148,6 +149,7 @@ class State(Enum):
 STATUS_OF_STATE: Mapping[State, Status] = MappingProxyType(
     {
         State.IDLE: Status.AVAILABLE,
+        State.RESERVED: Status.RESERVED,
         State.AUTHORIZED: Status.PREPARING,
         State.PLUGGED: Status.PREPARING,
         State.CHARGING: Status.CHARGING,
@@ -162,6 +164,22 @@ STATUS_OF_STATE: Mapping[State, Status] = MappingProxyType(
 IN_TRANSACTION = frozenset({State.CHARGING, State.SUSPENDED_EV, State.SUSPENDED_EVSE})
 
 CONNECTION_TIMER = "connection_timeout"
+RESERVATION_TIMER = "reservation"
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    reservation_id: int
+    id_tag: str
+    parent_id_tag: str | None
+    deadline: float
+
+    def claimed_by(self, event: Authorized) -> bool:
+        """The reserved tag, or a tag with the reservation's parent (OCPP 1.6 5.13)."""
+        if event.id_tag == self.id_tag:
+            return True
+        parent = self.parent_id_tag
+        return parent is not None and event.parent_id_tag == parent
 
 
 # -- events -------------------------------------------------------------------
@@ -177,6 +195,24 @@ class Authorized:
     """The authorization chain accepted ``id_tag`` (rejections never get here)."""
 
     id_tag: str
+    #: The tag's parent (OCPP 1.6 IdTagInfo.parentIdTag): it may claim a
+    #: reservation made for the parent.
+    parent_id_tag: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationMade:
+    """OCPP 1.6 ReserveNow (section 5.13): only ``id_tag`` may charge until ``deadline``."""
+
+    reservation_id: int
+    id_tag: str
+    deadline: float
+    parent_id_tag: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationCancelled:
+    reservation_id: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +264,8 @@ class MeterSample:
 Event = (
     PilotChanged
     | Authorized
+    | ReservationMade
+    | ReservationCancelled
     | StopRequested
     | LimitChanged
     | FaultRaised
@@ -300,6 +338,7 @@ class Snapshot:
     operative: bool = True
     #: The current last commanded to the board.
     commanded: float = 0.0
+    reservation: Reservation | None = None
 
     @property
     def plugged(self) -> bool:
@@ -568,7 +607,10 @@ def _raise(c: Connector, s: Snapshot, e: object, now: float) -> Snapshot:
         s = c._command(replace(s, faults=faults), 0.0)
     if s.state is State.AUTHORIZED:
         c._emit(CancelTimer(CONNECTION_TIMER))
-    return replace(s, state=State.FAULTED, id_tag=None)
+    if s.state is State.RESERVED:
+        # A faulted connector cannot honour a reservation (OCPP 1.6 5.13).
+        c._emit(CancelTimer(RESERVATION_TIMER))
+    return replace(s, state=State.FAULTED, id_tag=None, reservation=None)
 
 
 def _clear(c: Connector, s: Snapshot, e: object, now: float) -> Snapshot:
@@ -591,12 +633,56 @@ def _reset_faults(c: Connector, s: Snapshot, e: object, now: float) -> Snapshot:
     return s
 
 
+def _idle_reserve(c: Connector, s: Snapshot, e: object, now: float) -> Snapshot:
+    assert isinstance(e, ReservationMade)
+    c._emit(StartTimer(RESERVATION_TIMER, e.deadline))
+    reservation = Reservation(e.reservation_id, e.id_tag, e.parent_id_tag, e.deadline)
+    return replace(s, state=State.RESERVED, reservation=reservation)
+
+
+def _reservation_ends(c: Connector, s: Snapshot) -> Snapshot:
+    c._emit(CancelTimer(RESERVATION_TIMER))
+    s = replace(s, reservation=None)
+    return replace(s, state=State.PLUGGED if s.plugged else State.IDLE)
+
+
+def _reserved_authorize(c: Connector, s: Snapshot, e: object, now: float) -> Snapshot:
+    """Only the reservation's tag (or one of its parent's) may use the connector."""
+    assert isinstance(e, Authorized)
+    assert s.reservation is not None
+    if not s.reservation.claimed_by(e):
+        return s
+    c._emit(CancelTimer(RESERVATION_TIMER))
+    s = replace(s, reservation=None)
+    if s.plugged:
+        return _begin(c, s, e.id_tag, now)
+    return _idle_authorize(c, replace(s, state=State.IDLE), e, now)
+
+
+def _reserved_timer(c: Connector, s: Snapshot, e: object, now: float) -> Snapshot:
+    assert isinstance(e, TimerExpired)
+    if e.name != RESERVATION_TIMER:
+        return s
+    return _reservation_ends(c, s)
+
+
+def _reserved_cancel(c: Connector, s: Snapshot, e: object, now: float) -> Snapshot:
+    assert isinstance(e, ReservationCancelled)
+    assert s.reservation is not None
+    if e.reservation_id != s.reservation.reservation_id:
+        return s
+    return _reservation_ends(c, s)
+
+
 def _to_unavailable(c: Connector, s: Snapshot, e: object, now: float) -> Snapshot:
     assert isinstance(e, AvailabilityChanged)
     if e.operative:
         return replace(s, operative=True)
     if s.state is State.AUTHORIZED:
         c._emit(CancelTimer(CONNECTION_TIMER))
+    if s.state is State.RESERVED:
+        c._emit(CancelTimer(RESERVATION_TIMER))
+        s = replace(s, reservation=None)
     s = c._command(replace(s, operative=False, id_tag=None), 0.0)
     return replace(s, state=State.UNAVAILABLE)
 
@@ -651,9 +737,20 @@ TRANSITIONS: Mapping[State, Mapping[type, Transition]] = MappingProxyType(
             **_COMMON,
             PilotChanged: _idle_pilot,
             Authorized: _idle_authorize,
+            ReservationMade: _idle_reserve,
             StopRequested: _keep,
             AvailabilityChanged: _to_unavailable,
             TimerExpired: _keep,
+        },
+        State.RESERVED: {
+            **_COMMON,
+            # An EV plugged in at a reserved connector waits for the reserved tag.
+            PilotChanged: _note_pilot,
+            Authorized: _reserved_authorize,
+            ReservationCancelled: _reserved_cancel,
+            StopRequested: _keep,
+            AvailabilityChanged: _to_unavailable,
+            TimerExpired: _reserved_timer,
         },
         State.AUTHORIZED: {
             **_COMMON,

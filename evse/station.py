@@ -45,6 +45,8 @@ from evse.connector import (
     LimitChanged,
     MeterSample,
     PilotChanged,
+    ReservationCancelled,
+    ReservationMade,
     ResetFaults,
     SetCurrent,
     StartTimer,
@@ -511,7 +513,7 @@ class Station:
 
             async def apply() -> None:
                 if Authorized in TRANSITIONS[self.connector.state]:
-                    await self._handle(Authorized(result.id_tag))
+                    await self._handle(Authorized(result.id_tag, result.parent_id_tag))
                 else:
                     log.warning(
                         "id tag %s accepted, but the connector is %s",
@@ -545,6 +547,50 @@ class Station:
             return "Scheduled" if scheduled else "Accepted"
 
         result: str = await self.call(apply)
+        return result
+
+    async def reserve(
+        self, reservation_id: int, id_tag: str, expiry: datetime, parent_id_tag: str | None = None
+    ) -> str:
+        """OCPP 1.6 ReserveNow: Accepted, Occupied, Faulted or Unavailable."""
+
+        async def apply() -> str:
+            state = self.connector.state
+            held = self.connector.snapshot.reservation
+            if state is State.FAULTED:
+                return "Faulted"
+            if state is State.UNAVAILABLE:
+                return "Unavailable"
+            if state is State.RESERVED and held is not None:
+                if held.reservation_id != reservation_id:
+                    return "Occupied"
+                # The same id again replaces the reservation (OCPP 1.6 5.13).
+                await self._handle(ReservationCancelled(reservation_id))
+            if self.connector.state is not State.IDLE:
+                return "Occupied"
+            left = (expiry - datetime.now(UTC)).total_seconds()
+            if left <= 0:
+                return "Rejected"
+            event = ReservationMade(
+                reservation_id, id_tag, trio.current_time() + left, parent_id_tag
+            )
+            await self._handle(event)
+            return "Accepted"
+
+        result: str = await self.call(apply)
+        return result
+
+    async def cancel_reservation(self, reservation_id: int) -> bool:
+        """OCPP 1.6 CancelReservation: False when no such reservation is held."""
+
+        async def apply() -> bool:
+            held = self.connector.snapshot.reservation
+            if held is None or held.reservation_id != reservation_id:
+                return False
+            await self._handle(ReservationCancelled(reservation_id))
+            return True
+
+        result: bool = await self.call(apply)
         return result
 
     async def reset_faults(self) -> None:

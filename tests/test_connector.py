@@ -6,6 +6,7 @@ import pytest
 
 from evse.connector import (
     CONNECTION_TIMER,
+    RESERVATION_TIMER,
     TRANSITIONS,
     Authorized,
     AvailabilityChanged,
@@ -21,6 +22,8 @@ from evse.connector import (
     LimitChanged,
     MeterSample,
     PilotChanged,
+    ReservationCancelled,
+    ReservationMade,
     ResetFaults,
     SetCurrent,
     StartTimer,
@@ -261,21 +264,83 @@ def test_unavailable_while_faulted_applies_after_the_fault() -> None:
 def test_every_state_lists_every_event_it_accepts() -> None:
     # The table is explicit: each state names its events; the ones it leaves
     # out are refused, never silently ignored.
+    events = (
+        PilotChanged,
+        Authorized,
+        StopRequested,
+        LimitChanged,
+        FaultRaised,
+        FaultCleared,
+        ResetFaults,
+        AvailabilityChanged,
+        TimerExpired,
+        MeterSample,
+        ReservationMade,
+        ReservationCancelled,
+    )
     refused = {
         (state.value, event.__name__)
         for state in State
-        for event in (
-            PilotChanged,
-            Authorized,
-            StopRequested,
-            LimitChanged,
-            FaultRaised,
-            FaultCleared,
-            ResetFaults,
-            AvailabilityChanged,
-            TimerExpired,
-            MeterSample,
-        )
+        for event in events
         if event not in TRANSITIONS[state]
     }
-    assert refused == {("unavailable", "Authorized"), ("faulted", "Authorized")}
+    assert refused == {("unavailable", "Authorized"), ("faulted", "Authorized")} | {
+        (state.value, "ReservationMade") for state in State if state is not State.IDLE
+    } | {(state.value, "ReservationCancelled") for state in State if state is not State.RESERVED}
+
+
+def reserved(tag: str = "TAG1", parent: str | None = None) -> Connector:
+    c = ready()
+    assert c.handle(ReservationMade(7, tag, 100.0, parent), 1) == [
+        StartTimer(RESERVATION_TIMER, 100.0),
+        StatusChanged(Status.RESERVED, ErrorCode.NO_ERROR),
+    ]
+    return c
+
+
+def test_reservation_holds_the_connector_for_its_tag() -> None:
+    c = reserved()
+    c.handle(PilotChanged(P.B), 2)
+    assert c.status is Status.RESERVED  # plugged in, still waiting for the tag
+    assert c.handle(Authorized("OTHER"), 3) == []
+    effects = c.handle(Authorized("TAG1"), 4)
+    assert effects[:3] == [
+        CancelTimer(RESERVATION_TIMER),
+        CancelTimer(CONNECTION_TIMER),
+        BeginTransaction("TAG1", 1000.0),
+    ]
+    assert c.state is State.SUSPENDED_EV
+
+
+def test_reservation_claimed_through_the_parent_tag_before_plug_in() -> None:
+    c = reserved("CARD1", parent="FLEET")
+    assert c.handle(Authorized("CARD2", parent_id_tag="OTHERFLEET"), 2) == []
+    c.handle(Authorized("CARD2", parent_id_tag="FLEET"), 3)
+    assert c.state is State.AUTHORIZED
+    c.handle(PilotChanged(P.B), 4)
+    assert c.snapshot.in_transaction
+
+
+def test_reservation_expires_or_is_cancelled() -> None:
+    c = reserved()
+    assert c.handle(ReservationCancelled(99), 2) == []  # not this reservation
+    assert c.handle(TimerExpired(RESERVATION_TIMER), 100) == [
+        CancelTimer(RESERVATION_TIMER),
+        StatusChanged(Status.AVAILABLE, ErrorCode.NO_ERROR),
+    ]
+    c = reserved()
+    c.handle(PilotChanged(P.B), 2)
+    c.handle(ReservationCancelled(7), 3)
+    assert c.status is Status.PREPARING
+
+
+def test_a_fault_or_inoperative_ends_the_reservation() -> None:
+    c = reserved()
+    c.handle(FaultRaised(Fault.RCD_TRIP), 2)
+    assert c.snapshot.reservation is None
+    c.handle(FaultCleared(Fault.RCD_TRIP), 3)
+    assert c.status is Status.AVAILABLE
+    c = reserved()
+    effects = c.handle(AvailabilityChanged(False), 2)
+    assert CancelTimer(RESERVATION_TIMER) in effects
+    assert c.status is Status.UNAVAILABLE

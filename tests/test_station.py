@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -287,3 +288,30 @@ async def test_a_card_on_the_rfid_reader_starts_and_stops_charging(tmp_path: Pat
                 ),
                 what="Local stop on disk",
             )
+
+
+async def test_a_reservation_holds_the_connector_for_its_tag(tmp_path: Path) -> None:
+    async with station_rig(tmp_path) as rig:
+        expiry = datetime.now(UTC) + timedelta(seconds=30)
+        assert await rig.station.reserve(1, TAG, expiry) == "Accepted"
+        await rig.status("Reserved")
+        assert await rig.station.reserve(2, TAG, expiry) == "Occupied"
+        rig.sim.set_ev({"plugged": True})
+        await trio.sleep(0.3)
+        assert rig.station.connector.status.value == "Reserved"
+        other = await rig.station.present_id_tag("BLOCKED1")
+        assert not other.accepted
+        result = await rig.station.present_id_tag(TAG)  # the reserved tag claims it
+        assert result.accepted
+        await rig.status("Charging")
+        assert await rig.station.cancel_reservation(1) is False
+
+
+async def test_a_reservation_expires(tmp_path: Path) -> None:
+    async with station_rig(tmp_path) as rig:
+        expiry = datetime.now(UTC) + timedelta(seconds=0.5)
+        assert await rig.station.reserve(3, TAG, expiry) == "Accepted"
+        await rig.status("Reserved")
+        await rig.status("Available", within=3.0)
+        past = datetime.now(UTC) - timedelta(seconds=1)
+        assert await rig.station.reserve(4, TAG, past) == "Rejected"
