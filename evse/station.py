@@ -133,6 +133,8 @@ class Station:
         self.board_status: BoardStatus | None = None
         self.meter_reading: MeterReading | None = None
         self.limit = Limit(0.0, "starting")
+        #: The fallback limit in force (an installer setting, changeable live).
+        self.fallback = settings.fallback
         self.commanded = 0.0
         self.status_since = datetime.now(UTC)
         self.recovered: list[TransactionRecord] = []
@@ -188,7 +190,7 @@ class Station:
         board = self.board
         if board.capabilities.failsafe:
             # A dead firmware ends at the fallback limit (or off): station-spec 3.
-            current = failsafe_current(self.settings.fallback)
+            current = failsafe_current(self.fallback)
             await self._quietly(
                 "arm failsafe", board.arm_failsafe, self.settings.failsafe_watchdog, current
             )
@@ -376,7 +378,7 @@ class Station:
         return LimitInputs(
             hardware_max=self.board.capabilities.max_current,
             installer_max=self.settings.installer_max,
-            fallback=self.settings.fallback,
+            fallback=self.fallback,
             cable=cable,
             smart_charging=self.central.smart_charging_limit(),
             central_system=self.central.link,
@@ -524,6 +526,25 @@ class Station:
             await self.call(apply)
         return result
 
+    async def remote_start(self, id_tag: str) -> bool:
+        """RemoteStartTransaction: the central system authorizes ``id_tag`` (already checked
+        with an Authorize.req where AuthorizeRemoteTxRequests asks for it). False when the
+        connector cannot take it: in a transaction, faulted, unavailable, reserved for
+        another tag."""
+
+        async def apply() -> bool:
+            snap = self.connector.snapshot
+            if snap.in_transaction or Authorized not in TRANSITIONS[self.connector.state]:
+                return False
+            reservation = snap.reservation
+            if reservation is not None and not reservation.claimed_by(Authorized(id_tag)):
+                return False
+            await self._handle(Authorized(id_tag))
+            return True
+
+        result: bool = await self.call(apply)
+        return result
+
     async def request_stop(self, reason: StopReason, id_tag: str | None = None) -> bool:
         """Stop the running transaction; False when there is none."""
 
@@ -599,6 +620,22 @@ class Station:
             self.monitor.reset_latched()
             await self._handle(ResetFaults())
             await self._persist_latched()
+
+        await self.call(apply)
+
+    async def set_fallback(self, amps: float) -> None:
+        """A new fallback limit: re-arm the board's failsafe with it, recompute the offer."""
+
+        async def apply() -> None:
+            self.fallback = amps
+            if self.board.capabilities.failsafe:
+                await self._quietly(
+                    "re-arm failsafe",
+                    self.board.arm_failsafe,
+                    self.settings.failsafe_watchdog,
+                    failsafe_current(amps),
+                )
+            await self._recompute_limit()
 
         await self.call(apply)
 

@@ -97,7 +97,7 @@ class Supervisor:
         self.board: Board | None = None
         self.reader: RfidReader | None = None
         self._cancel = trio.CancelScope()
-        self._stopped = trio.Event()
+        self.stopped = trio.Event()
         self.started = trio.Event()
 
     def healthy(self) -> bool:
@@ -169,7 +169,7 @@ class Supervisor:
                 with trio.CancelScope(shield=True):
                     await master.aclose()
             await trio.to_thread.run_sync(store.close)
-            self._stopped.set()
+            self.stopped.set()
 
     async def shutdown(self, reason: StopReason = StopReason.REBOOT) -> None:
         """Stop the running transaction with ``reason``, then end the tree."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -292,7 +293,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": _run_status,
     }[args.command]
     try:
-        return trio.run(partial(runner, args))
+        code = trio.run(partial(runner, args))
+        if args.command == "run" and code == _restart_code():
+            # OCPP Reset: the firmware starts again from the top, same arguments.
+            logging.shutdown()
+            os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])  # noqa: S606
+        return code
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
@@ -302,6 +308,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         code, message = known
         print(f"evse {args.command}: {message}", file=sys.stderr)
         return code
+
+
+def _restart_code() -> int:
+    from ops.run import EXIT_RESTART  # noqa: PLC0415 - probe must not load the station
+
+    return EXIT_RESTART
 
 
 def _explain(exc: BaseException) -> tuple[int, str] | None:

@@ -8,6 +8,7 @@ exit 0) and turns failures into the documented exit codes.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import signal
 import tempfile
@@ -17,19 +18,29 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
+from ocpp16.config import Configuration
 
 from evse.auth import AuthStatus, AuthStep, FreeCharging, LocalTagList
 from evse.connector import StopReason
 from evse.errors import StoreError
+from evse.ocpp_port import OcppPort, OnlineAuthorize
 from evse.rfid import RfidConfig as ReaderConfig
 from evse.safety import SafetySettings
-from evse.station import StationSettings
+from evse.station import Station, StationSettings
+from evse.store import Store
 from evse.supervisor import DeviceSpec, Plan, Service, Supervisor
+from ocpp16.chargepoint import Identity
+from ocpp16.queue import TransactionQueue
 from ops import systemd
 from ops.config import Config, config_from_dict
 from ops.control import control_service
 
 log = logging.getLogger(__name__)
+
+try:
+    VERSION = importlib.metadata.version("evse-firmware")
+except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a checkout
+    VERSION = "0+unknown"
 
 #: The systemd watchdog's liveness probe: the station loop must answer a
 #: request within this time, or the pings stop and systemd restarts us.
@@ -45,7 +56,62 @@ def auth_steps(config: Config) -> list[AuthStep]:
     return [LocalTagList(statuses)]
 
 
-def plan_from_config(config: Config, *, services: Sequence[Service] = ()) -> Plan:
+def store_path(config: Config) -> Path:
+    return config.station.data_dir / "station.sqlite"
+
+
+@dataclass
+class Central:
+    """The OCPP side of a station: registry, queue and port, on the station's file."""
+
+    registry: Configuration
+    queue: TransactionQueue
+    port: OcppPort
+    settings_store: Store
+
+    def close(self) -> None:
+        self.queue.close()
+        self.settings_store.close()
+
+
+def open_central(config: Config) -> Central:
+    """Open the configuration registry and the transaction queue; build the port.
+
+    The TOML file's ConnectionTimeOut and fallback limit seed the registry
+    only while it has no value of its own: after that, the value an operator
+    (ChangeConfiguration) or installer (``evse config set``) wrote persists.
+    """
+    path = store_path(config)
+    settings_store = Store.open(path)
+    registry = Configuration(settings_store)
+    seeds = {
+        "ConnectionTimeOut": str(config.authorization.connection_timeout),
+        "FallbackLimit": f"{config.limits.fallback:g}",
+    }
+    for key, value in seeds.items():
+        if settings_store.get_setting(f"ocpp.{key}") is None:
+            registry.change(key, value, source="config file")
+    queue = TransactionQueue.open(path)
+    identity = Identity(
+        vendor="evse-firmware",
+        model=f"AC {config.station.phases}-phase {config.board.kind}",
+        serial=config.station.serial,
+        firmware_version=VERSION,
+        meter_type=config.meter.kind,
+    )
+    port = OcppPort(
+        config=registry, queue=queue, identity=identity, connector=config.station.connector
+    )
+    return Central(registry, queue, port, settings_store)
+
+
+def plan_from_config(
+    config: Config,
+    *,
+    services: Sequence[Service] = (),
+    registry: Configuration | None = None,
+    online: AuthStep | None = None,
+) -> Plan:
     s = config.safety
     rfid = None
     if config.rfid is not None:
@@ -69,8 +135,12 @@ def plan_from_config(config: Config, *, services: Sequence[Service] = ()) -> Pla
         store_path=config.station.data_dir / "station.sqlite",
         station=StationSettings(
             installer_max=config.limits.installer_max,
-            fallback=config.limits.fallback,
-            connection_timeout=float(config.authorization.connection_timeout),
+            fallback=float(registry.value("FallbackLimit"))
+            if registry is not None
+            else config.limits.fallback,
+            connection_timeout=float(registry.value("ConnectionTimeOut"))
+            if registry is not None
+            else float(config.authorization.connection_timeout),
             free_id_tag=config.authorization.free_id_tag
             if config.authorization.mode == "free"
             else None,
@@ -86,7 +156,7 @@ def plan_from_config(config: Config, *, services: Sequence[Service] = ()) -> Pla
                 welded_time=s.welded_time,
             ),
         ),
-        auth_steps=auth_steps(config),
+        auth_steps=[*auth_steps(config), *([online] if online is not None else [])],
         rfid=rfid,
         off_deadline=s.off_deadline,
         services=services,
@@ -140,23 +210,46 @@ async def run_station(
     """Run until SIGTERM/SIGINT; returns the exit code."""
     notifier = notifier or systemd.Notifier()
     socket_path = str(config.control.socket)
+    central = await trio.to_thread.run_sync(open_central, config)
+    port = central.port
+    online = None if config.authorization.mode == "free" else OnlineAuthorize(port)
     plan = plan_from_config(
-        config, services=[control_service(socket_path), systemd_service(notifier)]
+        config,
+        services=[control_service(socket_path), systemd_service(notifier)],
+        registry=central.registry,
+        online=online,
     )
-    supervisor = Supervisor(plan)
+    supervisor = Supervisor(plan, central=port)
+    restart = RestartRequest()
+
+    async def on_reset(hard: bool) -> None:
+        # OCPP 1.6 5.15: stop transactions with SoftReset/HardReset, then restart.
+        restart.requested = True
+        await supervisor.shutdown(StopReason.HARD_RESET if hard else StopReason.SOFT_RESET)
+
+    port.on_reset = on_reset
     code = systemd.EXIT_OK
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(supervisor.run, name="supervisor")
+            station = await nursery.start(supervisor.run, name="supervisor")
+            port.attach(station)
+            central.registry.subscribe(_live_settings(station, nursery))
             log.info("station %s running; control socket %s", config.station.id, socket_path)
             if on_started is not None:
                 on_started(supervisor)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log.info("%s: stopping", signal.Signals(signum).name)
-                    await notifier.stopping()
-                    await supervisor.shutdown(StopReason.REBOOT)
-                    break
+
+            async def on_signals() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info("%s: stopping", signal.Signals(signum).name)
+                        await notifier.stopping()
+                        await supervisor.shutdown(StopReason.REBOOT)
+                        return
+
+            nursery.start_soon(on_signals, name="signals")
+            # Until the supervisor ends: a signal, an OCPP Reset, or a failure.
+            await supervisor.stopped.wait()
+            nursery.cancel_scope.cancel()
     except Exception as exc:
         # The supervisor has switched off already (its finally); say why we died.
         store = _find(exc, StoreError)
@@ -168,7 +261,31 @@ async def run_station(
             code = systemd.EXIT_SOFTWARE
     finally:
         notifier.close()
+        await trio.to_thread.run_sync(central.close)
+    if restart.requested and code == systemd.EXIT_OK:
+        return EXIT_RESTART
     return code
+
+
+#: ``run_station``'s answer to an OCPP Reset: the caller re-executes the firmware.
+EXIT_RESTART = -1
+
+
+@dataclass
+class RestartRequest:
+    requested: bool = False
+
+
+def _live_settings(station: Station, nursery: trio.Nursery) -> Callable[[str, object], None]:
+    """Registry changes that the running station applies at once."""
+
+    def changed(name: str, value: object) -> None:
+        if name == "ConnectionTimeOut" and isinstance(value, int | float):
+            station.connector.connection_timeout = float(value)
+        elif name == "FallbackLimit" and isinstance(value, int | float):
+            nursery.start_soon(station.set_fallback, float(value), name="fallback change")
+
+    return changed
 
 
 _E = TypeVar("_E", bound=BaseException)

@@ -1,0 +1,249 @@
+"""The station's central-system port, spoken in OCPP 1.6J.
+
+``OcppPort`` sits between the two packages that must not know each other:
+towards evse it is a ``CentralSystemPort`` (the station reports status and
+transactions, asks for the link state and smart-charging limit); towards
+ocpp16 it is the ``StationControl`` the charge point asks to start, stop,
+change availability, unlock or reset. Translating between the station's
+records and OCPP's payloads happens here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+
+import trio
+from ocpp16.config import Configuration
+from ocpp16.transport import ConnectionSettings
+
+from evse.auth import AuthResult, AuthStatus
+from evse.connector import ErrorCode, Status, StopReason
+from evse.limits import CentralSystem
+from evse.station import Station
+from evse.store import TransactionRecord
+from ocpp16.chargepoint import ChargePoint, Identity
+from ocpp16.metering import MeterSnapshot
+from ocpp16.queue import TransactionQueue
+
+log = logging.getLogger(__name__)
+
+
+class OcppPort:
+    def __init__(
+        self,
+        *,
+        config: Configuration,
+        queue: TransactionQueue,
+        identity: Identity,
+        connector: str = "socket",
+    ) -> None:
+        self.config = config
+        self.queue = queue
+        self.identity = identity
+        self.connector_kind = connector
+        self.station: Station | None = None
+        self.connector_ids = (1,)
+        self.on_reset: Callable[[bool], Awaitable[None]] | None = None
+        self.chargepoint = ChargePoint(
+            config=config,
+            queue=queue,
+            station=self,
+            identity=identity,
+            connection_settings=self.connection_settings,
+        )
+        self._link_changed_send, self._link_changed_receive = trio.open_memory_channel[None](1)
+
+    def attach(self, station: Station) -> None:
+        self.station = station
+
+    # -- configuration -> connection ----------------------------------------------------
+
+    def connection_settings(self) -> ConnectionSettings | None:
+        c = self.config
+        address = str(c.value("CentralSystemAddress") or "")
+        if not address or not bool(c.value("ConnectionEnabled")):
+            return None
+        cp_id = str(c.value("ChargePointId") or "") or self.identity.serial
+        ca_path = str(c.value("CentralSystemRootCertificate") or "")
+        ca = Path(ca_path).read_text() if ca_path else None
+        key = c.value("AuthorizationKey")
+        return ConnectionSettings(
+            central_system_url=address,
+            charge_point_id=cp_id,
+            security_profile=int(c.value("SecurityProfile")),
+            authorization_key=str(key) if key else None,
+            ca_certificates=ca,
+            ping_interval=float(c.value("WebSocketPingInterval")),
+            reconnect_max=float(c.value("ReconnectFrequency")),
+        )
+
+    # -- CentralSystemPort (what the station tells us) --------------------------------------
+
+    @property
+    def link(self) -> CentralSystem:
+        if self.connection_settings() is None:
+            return CentralSystem.NOT_CONFIGURED
+        return CentralSystem.ONLINE if self.chargepoint.online else CentralSystem.OFFLINE
+
+    def smart_charging_limit(self) -> float | None:
+        return None
+
+    async def status_changed(
+        self, connector_id: int, status: Status, error_code: ErrorCode, info: str
+    ) -> None:
+        self.chargepoint.status_changed()
+
+    async def transaction_started(self, record: TransactionRecord) -> None:
+        await self.chargepoint.transaction_started(
+            local_id=record.id,
+            connector_id=record.connector_id,
+            id_tag=record.id_tag,
+            meter_start_wh=record.meter_start_wh,
+            timestamp=record.started_at,
+            begin=self.meter_snapshot(record.connector_id),
+        )
+
+    async def transaction_ended(self, record: TransactionRecord) -> None:
+        assert record.stop_reason is not None and record.stopped_at is not None
+        await self.chargepoint.transaction_ended(
+            local_id=record.id,
+            connector_id=record.connector_id,
+            id_tag=record.id_tag,
+            meter_start_wh=record.meter_start_wh,
+            started_at=record.started_at,
+            meter_stop_wh=record.meter_stop_wh or record.last_meter_wh,
+            stopped_at=record.stopped_at,
+            reason=record.stop_reason,
+            stop_id_tag=record.stop_id_tag,
+            end=self.meter_snapshot(record.connector_id)
+            if record.stop_reason != "PowerLoss"
+            else None,
+        )
+
+    async def run(self) -> None:
+        self.chargepoint.on_link_change = self.link_changed
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._forward_link_changes, name="limit inputs")
+            await self.chargepoint.run()
+
+    async def _forward_link_changes(self) -> None:
+        async for _ in self._link_changed_receive:
+            if self.station is not None:
+                await self.station.inputs_changed()
+
+    # -- StationControl (what the charge point asks of the station) -----------------------
+
+    def _station(self) -> Station:
+        if self.station is None:
+            raise RuntimeError("the station is not running yet")
+        return self.station
+
+    def status_of(self, connector_id: int) -> tuple[str, str, str]:
+        station = self.station
+        if station is None:
+            return ("Unavailable", "NoError", "starting")
+        if connector_id == 0:
+            # The charge point as a whole: unavailable only if its one connector is.
+            operative = station.connector.snapshot.operative
+            return ("Available" if operative else "Unavailable", "NoError", "")
+        c = station.connector
+        info = ", ".join(f.value for f in c.snapshot.faults)
+        return (c.status.value, c.error_code.value, info)
+
+    def meter_snapshot(self, connector_id: int) -> MeterSnapshot | None:
+        station = self.station
+        if station is None or station.meter_reading is None:
+            return None
+        r = station.meter_reading
+        return MeterSnapshot(
+            energy_wh=r.energy_import_wh,
+            power_w=r.power_total,
+            current_a=r.current,
+            voltage_v=r.voltage,
+            offered_a=station.commanded,
+            timestamp=r.timestamp,
+        )
+
+    def running_transaction(self, connector_id: int) -> int | None:
+        station = self.station
+        tx = station.tx if station is not None else None
+        return tx.id if tx is not None else None
+
+    async def remote_start(self, id_tag: str, connector_id: int | None) -> bool:
+        return await self._station().remote_start(id_tag)
+
+    async def remote_stop(self, local_tx_id: int) -> bool:
+        station = self._station()
+        if station.tx is None or station.tx.id != local_tx_id:
+            return False
+        return await station.request_stop(StopReason.REMOTE)
+
+    async def change_availability(self, connector_id: int, operative: bool) -> str:
+        return await self._station().set_availability(operative)
+
+    async def unlock(self, connector_id: int) -> str:
+        """Socket version: stop any transaction (UnlockCommand); no lock actuator to drive."""
+        if self.connector_kind == "cable":
+            return "NotSupported"
+        station = self._station()
+        if station.tx is not None:
+            await station.request_stop(StopReason.UNLOCK_COMMAND)
+        return "Unlocked"
+
+    async def reset(self, hard: bool) -> None:
+        if self.on_reset is None:
+            log.error("reset requested, but no restart hook is installed")
+            return
+        await self.on_reset(hard)
+
+    async def deauthorize(self, local_tx_id: int) -> None:
+        station = self._station()
+        if station.tx is not None and station.tx.id == local_tx_id:
+            await station.request_stop(StopReason.DE_AUTHORIZED)
+
+    async def clear_cache(self) -> bool:
+        # No authorization cache yet (it comes with the Local Auth List profile).
+        return True
+
+    def link_changed(self) -> None:
+        # One recomputation pending is enough.
+        with contextlib.suppress(trio.WouldBlock):
+            self._link_changed_send.send_nowait(None)
+
+
+class OnlineAuthorize:
+    """The chain's online step: Authorize.req while the central system is reachable.
+
+    Offline it has no opinion, unless AllowOfflineTxForUnknownId lets an
+    unknown tag charge (OCPP 1.6 9.1.1); the local list comes before it.
+    """
+
+    name = "online"
+
+    def __init__(self, port: OcppPort) -> None:
+        self.port = port
+
+    async def authorize(self, id_tag: str, now: datetime) -> AuthResult | None:
+        cp = self.port.chargepoint
+        if cp.online:
+            info = await cp.authorize(id_tag)
+            if info is not None:
+                expiry = info.get("expiryDate")
+                return AuthResult(
+                    id_tag=id_tag,
+                    status=AuthStatus(info.get("status", "Invalid")),
+                    source="central system",
+                    parent_id_tag=info.get("parentIdTag"),
+                    expiry=datetime.fromisoformat(expiry.replace("Z", "+00:00"))
+                    if isinstance(expiry, str)
+                    else None,
+                )
+        if self.port.link is CentralSystem.OFFLINE and bool(
+            self.port.config.value("AllowOfflineTxForUnknownId")
+        ):
+            return AuthResult(id_tag=id_tag, status=AuthStatus.ACCEPTED, source="offline")
+        return None
