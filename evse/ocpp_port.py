@@ -17,8 +17,6 @@ from datetime import datetime
 from pathlib import Path
 
 import trio
-from ocpp16.config import Configuration
-from ocpp16.transport import ConnectionSettings
 
 from evse.auth import AuthResult, AuthStatus
 from evse.connector import ErrorCode, Status, StopReason
@@ -26,8 +24,10 @@ from evse.limits import CentralSystem
 from evse.station import Station
 from evse.store import TransactionRecord
 from ocpp16.chargepoint import ChargePoint, Identity
+from ocpp16.config import Configuration
 from ocpp16.metering import MeterSnapshot
 from ocpp16.queue import TransactionQueue
+from ocpp16.transport import ConnectionSettings
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class OcppPort:
         self.identity = identity
         self.connector_kind = connector
         self.station: Station | None = None
-        self.connector_ids = (1,)
+        self.connector_ids: tuple[int, ...] = (1,)
         self.on_reset: Callable[[bool], Awaitable[None]] | None = None
         self.chargepoint = ChargePoint(
             config=config,
@@ -64,21 +64,21 @@ class OcppPort:
 
     def connection_settings(self) -> ConnectionSettings | None:
         c = self.config
-        address = str(c.value("CentralSystemAddress") or "")
-        if not address or not bool(c.value("ConnectionEnabled")):
+        address = c.get_str("CentralSystemAddress")
+        if not address or not c.get_bool("ConnectionEnabled"):
             return None
-        cp_id = str(c.value("ChargePointId") or "") or self.identity.serial
-        ca_path = str(c.value("CentralSystemRootCertificate") or "")
+        cp_id = c.get_str("ChargePointId") or self.identity.serial
+        ca_path = c.get_str("CentralSystemRootCertificate")
         ca = Path(ca_path).read_text() if ca_path else None
-        key = c.value("AuthorizationKey")
+        key = c.get_str("AuthorizationKey")
         return ConnectionSettings(
             central_system_url=address,
             charge_point_id=cp_id,
-            security_profile=int(c.value("SecurityProfile")),
+            security_profile=c.get_int("SecurityProfile"),
             authorization_key=str(key) if key else None,
             ca_certificates=ca,
-            ping_interval=float(c.value("WebSocketPingInterval")),
-            reconnect_max=float(c.value("ReconnectFrequency")),
+            ping_interval=c.get_float("WebSocketPingInterval"),
+            reconnect_max=c.get_float("ReconnectFrequency"),
         )
 
     # -- CentralSystemPort (what the station tells us) --------------------------------------
@@ -242,8 +242,8 @@ class OnlineAuthorize:
                     if isinstance(expiry, str)
                     else None,
                 )
-        if self.port.link is CentralSystem.OFFLINE and bool(
-            self.port.config.value("AllowOfflineTxForUnknownId")
+        if self.port.link is CentralSystem.OFFLINE and self.port.config.get_bool(
+            "AllowOfflineTxForUnknownId"
         ):
             return AuthResult(id_tag=id_tag, status=AuthStatus.ACCEPTED, source="offline")
         return None

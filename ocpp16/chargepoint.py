@@ -163,7 +163,9 @@ class ChargePoint:
         self._status_seen: dict[int, tuple[tuple[str, str, str], float]] = {}
         self._samples: dict[int, _TxSamples] = {}
         self._link: Link | None = None
+        self._link_scope = trio.CancelScope()
         self._booted_once = False
+        self._heartbeat_interval: float | None = None
         self.on_link_change: Callable[[], None] | None = None
 
     # -- what the station tells us ------------------------------------------------------
@@ -293,15 +295,26 @@ class ChargePoint:
                 await self._wait_for_config_change()
                 continue
             self._link = Link(settings, on_status=self._set_link)
-            self.config.subscribe(self._config_changed)
-            await self._link.run(self._session)
+            unsubscribe = self.config.subscribe(self._config_changed)
+            try:
+                with trio.CancelScope() as self._link_scope:
+                    await self._link.run(self._session)
+            finally:
+                unsubscribe()
+                self._link = None
 
     async def _wait_for_config_change(self) -> None:
         changed = trio.Event()
-        self.config.subscribe(lambda name, value: changed.set())
-        await changed.wait()
+        unsubscribe = self.config.subscribe(lambda name, value: changed.set())
+        try:
+            await changed.wait()
+        finally:
+            unsubscribe()
 
     def _config_changed(self, name: str, value: object) -> None:
+        if name == "HeartbeatInterval":
+            # A ChangeConfiguration overrides the interval the boot answer gave.
+            self._heartbeat_interval = None
         link = self._link
         if link is None:
             return
@@ -316,13 +329,16 @@ class ChargePoint:
             "ConnectionEnabled",
         }:
             settings = self._settings()
-            if settings is not None:
-                link.update_settings(settings)
+            if settings is None:
+                # Connection disabled or address removed: close and stay closed.
+                self._link_scope.cancel(reason=f"{name} changed")
+                return
+            link.update_settings(settings)
             link.reconnect(f"{name} changed")
 
     def _set_link(self, status: LinkStatus) -> None:
         self.link_status = status
-        log.info("central system link: %s %s", status.state.value, status.reason)
+        log.debug("central system link: %s %s", status.state.value, status.reason)
         if self.on_link_change is not None:
             self.on_link_change()
 
@@ -426,18 +442,30 @@ class ChargePoint:
             rpc, conn = self._rpc, self._conn
             if rpc is None or conn is None:
                 return
+            frame = await self._answer(rpc, call)
+            if frame is None or rpc is not self._rpc:
+                # The connection this call came on is gone: nobody to answer.
+                continue
+            await conn.send(frame)
+
+    async def _answer(self, rpc: RpcSession, call: IncomingCall) -> str | None:
+        """The reply frame for one incoming call: its result, or the right CALLERROR."""
+        try:
             try:
                 payload = await self._handle(call)
-                frame = rpc.reply(call.unique_id, payload)
+                return rpc.reply(call.unique_id, payload)
             except CallError as exc:
-                frame = rpc.reply_error(call.unique_id, exc.code, exc.description, exc.details)
+                return rpc.reply_error(call.unique_id, exc.code, exc.description, exc.details)
             except OcppError as exc:
                 log.error("answering %s failed: %s", call.action, exc)
-                frame = rpc.reply_error(call.unique_id, "InternalError", str(exc)[:255])
+                return rpc.reply_error(call.unique_id, "InternalError", str(exc)[:255])
             except Exception as exc:
                 log.exception("handler for %s failed", call.action)
-                frame = rpc.reply_error(call.unique_id, "InternalError", type(exc).__name__)
-            await conn.send(frame)
+                return rpc.reply_error(call.unique_id, "InternalError", type(exc).__name__)
+        except OcppError as exc:
+            # reply_error itself refused: the call was forgotten (connection lost).
+            log.info("no answer to %s: %s", call.action, exc)
+            return None
 
     # -- registration, heartbeat, clock -----------------------------------------------
 
@@ -469,7 +497,11 @@ class ChargePoint:
                 self.registration = Registration.ACCEPTED
                 self._booted_once = True
                 if interval > 0:
+                    # OCPP 1.6 4.2: the interval the central system gives is the
+                    # heartbeat interval, even outside the key's own range; the key
+                    # follows where its range allows.
                     self.config.change("HeartbeatInterval", str(int(interval)), source="boot")
+                    self._heartbeat_interval = interval
                 log.info("BootNotification accepted; heartbeat every %.0f s", interval)
                 return
             self.registration = (
@@ -493,8 +525,8 @@ class ChargePoint:
 
     async def _heartbeats(self) -> None:
         while True:
-            interval = max(1, int(self.config.value("HeartbeatInterval")))
-            await trio.sleep(interval)
+            interval = self._heartbeat_interval or float(self.config.get_int("HeartbeatInterval"))
+            await trio.sleep(max(1.0, interval))
             try:
                 answer = await self.call("Heartbeat", {})
                 self._set_clock(answer.get("currentTime"))
@@ -514,7 +546,7 @@ class ChargePoint:
             self._status_wakeup = trio.Event()
             wait = math.inf
             now = trio.current_time()
-            minimum = float(self.config.value("MinimumStatusDuration"))
+            minimum = self.config.get_float("MinimumStatusDuration")
             for cid in (0, *self.station.connector_ids):
                 current = self.station.status_of(cid)
                 seen = self._status_seen.get(cid)
@@ -567,7 +599,7 @@ class ChargePoint:
             except CallFailed as exc:
                 if not exc.counts:
                     raise ConnectionLost(exc.reason) from None
-                attempts = int(self.config.value("TransactionMessageAttempts"))
+                attempts = self.config.get_int("TransactionMessageAttempts")
                 dead = await trio.to_thread.run_sync(
                     partial(self.queue.failed, message.seq, exc.reason, max_attempts=attempts)
                 )
@@ -580,7 +612,7 @@ class ChargePoint:
                         exc.reason,
                     )
                     continue
-                retry = float(self.config.value("TransactionMessageRetryInterval"))
+                retry = self.config.get_float("TransactionMessageRetryInterval")
                 await trio.sleep(retry * (message.attempts + 1))
                 continue
             await trio.to_thread.run_sync(self.queue.delivered, message.seq, answer)
@@ -590,7 +622,7 @@ class ChargePoint:
     async def _check_start_answer(self, local_id: int, answer: dict[str, Any]) -> None:
         info = answer.get("idTagInfo")
         status = info.get("status") if isinstance(info, dict) else None
-        if status != "Accepted" and bool(self.config.value("StopTransactionOnInvalidId")):
+        if status != "Accepted" and self.config.get_bool("StopTransactionOnInvalidId"):
             log.warning(
                 "transaction %d: idTag %s at the central system: stopping", local_id, status
             )
@@ -607,7 +639,7 @@ class ChargePoint:
     async def _sampler(self) -> None:
         """MeterValues every MeterValueSampleInterval during a transaction (queued)."""
         while True:
-            interval = int(self.config.value("MeterValueSampleInterval"))
+            interval = self.config.get_int("MeterValueSampleInterval")
             await trio.sleep(max(5, interval) if interval > 0 else 60)
             if interval <= 0:
                 continue
@@ -617,7 +649,7 @@ class ChargePoint:
     async def _aligned_sampler(self) -> None:
         """MeterValues exactly on ClockAlignedDataInterval boundaries (OCPP 1.6 9.1.2)."""
         while True:
-            interval = int(self.config.value("ClockAlignedDataInterval"))
+            interval = self.config.get_int("ClockAlignedDataInterval")
             if interval <= 0:
                 await trio.sleep(60)
                 continue
@@ -676,12 +708,7 @@ class ChargePoint:
 
     async def _get_configuration(self, p: dict[str, Any]) -> dict[str, Any]:
         keys = p.get("key") or None
-        limit = int(self.config.value("GetConfigurationMaxKeys"))
-        if keys is not None and len(keys) > limit:
-            raise CallError(
-                "OccurenceConstraintViolation",
-                f"{len(keys)} keys asked, GetConfigurationMaxKeys is {limit}",
-            )
+        # More than GetConfigurationMaxKeys names: the registry raises the CallError.
         known, unknown = self.config.get_configuration(keys)
         answer: dict[str, Any] = {"configurationKey": known}
         if unknown:
@@ -699,7 +726,7 @@ class ChargePoint:
         connector_id = p.get("connectorId")
         if connector_id is not None and connector_id not in self.station.connector_ids:
             return {"status": "Rejected"}
-        if bool(self.config.value("AuthorizeRemoteTxRequests")):
+        if self.config.get_bool("AuthorizeRemoteTxRequests"):
             info = await self.authorize(id_tag)
             if info is None or info.get("status") != "Accepted":
                 return {"status": "Rejected"}

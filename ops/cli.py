@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --sim: Modbus TCP or RTU on a pty (default tcp)",
     )
     r.add_argument(
+        "--csms-url",
+        metavar="URL",
+        help="central system address (ws:// or wss://, ending in /); the charge point id "
+        "is appended",
+    )
+    r.add_argument("--id", metavar="ID", help="charge point id (default: the serial number)")
+    r.add_argument(
         "--sim-control-port",
         type=_port_number,
         default=8020,
@@ -179,8 +186,18 @@ async def _run_station(args: argparse.Namespace) -> int:
         logging.getLogger().setLevel(
             logging.DEBUG if args.verbose else config.logging.level.upper()
         )
-        return await run_station(config)
+        return await run_station(config, settings=_connection_settings(args))
     return await _run_on_sim(args)
+
+
+def _connection_settings(args: argparse.Namespace) -> dict[str, str]:
+    settings: dict[str, str] = {}
+    if args.csms_url is not None:
+        settings["CentralSystemAddress"] = args.csms_url
+        settings["ConnectionEnabled"] = "true"
+    if args.id is not None:
+        settings["ChargePointId"] = args.id
+    return settings
 
 
 async def _run_on_sim(args: argparse.Namespace) -> int:
@@ -220,7 +237,7 @@ async def _run_on_sim(args: argparse.Namespace) -> int:
             ),
             flush=True,
         )
-        code = await run_station(config)
+        code = await run_station(config, settings=_connection_settings(args))
         nursery.cancel_scope.cancel(reason="station stopped")
     return code
 
@@ -320,9 +337,10 @@ def _explain(exc: BaseException) -> tuple[int, str] | None:
     """Exit code and one line for an error an operator can cause; None otherwise."""
     if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         return _explain(exc.exceptions[0])
+    from ocpp16.errors import ConfigRejected  # noqa: PLC0415
     from ops.config import ConfigError  # noqa: PLC0415
 
-    if isinstance(exc, ConfigError):
+    if isinstance(exc, ConfigError | ConfigRejected):
         return EXIT_CONFIG, f"error: {exc}"
     if isinstance(exc, StationUnreachable):
         return EXIT_FAILED, f"error: {exc}"

@@ -12,13 +12,12 @@ import importlib.metadata
 import logging
 import signal
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
-from ocpp16.config import Configuration
 
 from evse.auth import AuthStatus, AuthStep, FreeCharging, LocalTagList
 from evse.connector import StopReason
@@ -30,6 +29,8 @@ from evse.station import Station, StationSettings
 from evse.store import Store
 from evse.supervisor import DeviceSpec, Plan, Service, Supervisor
 from ocpp16.chargepoint import Identity
+from ocpp16.config import Configuration
+from ocpp16.errors import ConfigRejected
 from ocpp16.queue import TransactionQueue
 from ops import systemd
 from ops.config import Config, config_from_dict
@@ -90,7 +91,7 @@ def open_central(config: Config) -> Central:
     }
     for key, value in seeds.items():
         if settings_store.get_setting(f"ocpp.{key}") is None:
-            registry.change(key, value, source="config file")
+            registry.change(key, value, source="config file").raise_for_status()
     queue = TransactionQueue.open(path)
     identity = Identity(
         vendor="evse-firmware",
@@ -135,10 +136,10 @@ def plan_from_config(
         store_path=config.station.data_dir / "station.sqlite",
         station=StationSettings(
             installer_max=config.limits.installer_max,
-            fallback=float(registry.value("FallbackLimit"))
+            fallback=registry.get_float("FallbackLimit")
             if registry is not None
             else config.limits.fallback,
-            connection_timeout=float(registry.value("ConnectionTimeOut"))
+            connection_timeout=float(registry.get_int("ConnectionTimeOut"))
             if registry is not None
             else float(config.authorization.connection_timeout),
             free_id_tag=config.authorization.free_id_tag
@@ -206,11 +207,22 @@ async def run_station(
     *,
     on_started: Callable[[Supervisor], None] | None = None,
     notifier: systemd.Notifier | None = None,
+    settings: Mapping[str, str] | None = None,
 ) -> int:
-    """Run until SIGTERM/SIGINT; returns the exit code."""
+    """Run until SIGTERM/SIGINT; returns the exit code.
+
+    ``settings`` are installer settings given on the command line (central
+    system address, charge point id): validated and stored like ``evse config
+    set`` would, before anything starts; a refused one raises ConfigRejected.
+    """
     notifier = notifier or systemd.Notifier()
     socket_path = str(config.control.socket)
     central = await trio.to_thread.run_sync(open_central, config)
+    if settings:
+        result = central.registry.change_many(dict(settings), source="command line")
+        if not result.ok:
+            await trio.to_thread.run_sync(central.close)
+            raise ConfigRejected(", ".join(settings), result.reason)
     port = central.port
     online = None if config.authorization.mode == "free" else OnlineAuthorize(port)
     plan = plan_from_config(
