@@ -37,6 +37,10 @@ class CentralSystemPort(Protocol):
         """The port's own long-lived work (the OCPP connection); may fail and be restarted."""
         ...
 
+    def describe(self) -> dict[str, object]:
+        """The connection status for operators."""
+        ...
+
 
 class Standalone:
     """No central system: nothing is reported, no fallback limit applies."""
@@ -63,3 +67,6 @@ class Standalone:
         import trio  # noqa: PLC0415 - only the running slot needs it
 
         await trio.sleep_forever()
+
+    def describe(self) -> dict[str, object]:
+        return {"state": self.link.value}

@@ -69,7 +69,11 @@ class OcppPort:
             return None
         cp_id = c.get_str("ChargePointId") or self.identity.serial
         ca_path = c.get_str("CentralSystemRootCertificate")
+        cert_path = c.get_str("ChargePointCertificate")
+        key_path = c.get_str("ChargePointPrivateKey")
         ca = Path(ca_path).read_text() if ca_path else None
+        cert = Path(cert_path).read_text() if cert_path else None
+        private_key = Path(key_path).read_text() if key_path else None
         key = c.get_str("AuthorizationKey")
         return ConnectionSettings(
             central_system_url=address,
@@ -77,6 +81,8 @@ class OcppPort:
             security_profile=c.get_int("SecurityProfile"),
             authorization_key=str(key) if key else None,
             ca_certificates=ca,
+            client_certificate=cert,
+            client_key=private_key,
             ping_interval=c.get_float("WebSocketPingInterval"),
             reconnect_max=c.get_float("ReconnectFrequency"),
         )
@@ -123,6 +129,20 @@ class OcppPort:
             if record.stop_reason != "PowerLoss"
             else None,
         )
+
+    def describe(self) -> dict[str, object]:
+        """The connection status for operators (station-spec section 3)."""
+        link = self.chargepoint.link_status
+        return {
+            "state": self.link.value,
+            "link": link.state.value,
+            "reason": link.reason,
+            "registration": self.chargepoint.registration.value,
+            "address": self.config.get_str("CentralSystemAddress"),
+            "charge_point_id": self.config.get_str("ChargePointId") or self.identity.serial,
+            "security_profile": self.config.get_int("SecurityProfile"),
+            "queued_messages": self.queue.pending_count(),
+        }
 
     async def run(self) -> None:
         self.chargepoint.on_link_change = self.link_changed

@@ -665,7 +665,7 @@ class Station:
             "energy_wh": energy,
             "current_a": list(reading.current) if reading else None,
             "operative": snap.operative,
-            "central_system": self.central.link.value,
+            "central_system": self.central.describe(),
             "transaction": None
             if tx is None
             else {

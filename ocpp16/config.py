@@ -697,6 +697,24 @@ KEYS: Final[tuple[Key, ...]] = (
         installer="security.certificate",
     ),
     Key(
+        "ChargePointCertificate",
+        Kind.PATH,
+        "",
+        "PEM file of this charge point's client certificate chain, presented in TLS "
+        "(security profile 3). Empty: none.",
+        ocpp=False,
+        installer="security.client_certificate",
+    ),
+    Key(
+        "ChargePointPrivateKey",
+        Kind.PATH,
+        "",
+        "PEM file of the private key of the client certificate (security profile 3). "
+        "Empty: none.",
+        ocpp=False,
+        installer="security.client_key",
+    ),
+    Key(
         "FallbackLimit",
         Kind.FLOAT,
         "6",

@@ -48,6 +48,14 @@ def _port_number(text: str) -> int:
     return port
 
 
+def _station_location(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="the station's config file")
+    p.add_argument("--socket", metavar="PATH", help="the running station's control socket")
+    p.add_argument(
+        "--data-dir", metavar="DIR", help="the station's data directory (when it is not running)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evse", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -123,6 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--socket", metavar="PATH", help="the station's control socket")
     st.add_argument("--config", metavar="FILE", help="take the socket path from this config")
     st.add_argument("--json", action="store_true", help="print the full state as JSON")
+
+    cf = sub.add_parser("config", help="read or change a setting (OCPP key or installer setting)")
+    cf.add_argument("action", choices=("get", "set", "list"), help="what to do")
+    cf.add_argument(
+        "key",
+        nargs="?",
+        help="OCPP key or installer name, e.g. HeartbeatInterval "
+        "or connection.central_system_address",
+    )
+    cf.add_argument("value", nargs="?", help="the new value (set)")
+    _station_location(cf)
+
+    q = sub.add_parser("queue", help="transaction messages waiting, and the dead letters")
+    _station_location(q)
 
     d = sub.add_parser("demo", help="simulator + station: a full charging session, then exit")
     d.add_argument("--seconds", type=float, default=4.0, help="how long to charge (default 4)")
@@ -270,6 +292,136 @@ class StationUnreachable(Exception):
     pass
 
 
+def _locate(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(control socket, data directory) of the station the command is about."""
+    import os  # noqa: PLC0415
+
+    if args.config:
+        from ops.config import load_config  # noqa: PLC0415
+
+        config = load_config(args.config)
+        return str(config.control.socket), str(config.station.data_dir)
+    if args.socket or args.data_dir:
+        socket = args.socket or os.path.join(args.data_dir, "control.sock")
+        return socket, args.data_dir
+    return os.environ.get("EVSE_CONTROL_SOCKET", "/var/lib/evse/control.sock"), None
+
+
+async def _ask_station(socket: str | None, method: str, path: str, body: object = None) -> object:
+    """The running station's answer, or None when no station listens there."""
+    from ops.control import query  # noqa: PLC0415
+
+    if socket is None:
+        return None
+    try:
+        return await query(socket, method, path, body)  # type: ignore[arg-type]
+    except OSError:
+        return None
+
+
+async def _run_config(args: argparse.Namespace) -> int:
+    """Through the running station when there is one (it applies the change at
+    once), else straight into its store: the same registry and validation."""
+    socket, data_dir = _locate(args)
+    if args.action in ("get", "set") and not args.key:
+        raise UsageError(f"config {args.action} needs a KEY")
+    if args.action == "set" and args.value is None:
+        raise UsageError("config set needs a VALUE")
+    if args.action == "list":
+        answer = await _ask_station(socket, "GET", "/config")
+    elif args.action == "get":
+        answer = await _ask_station(socket, "GET", "/config?" + _query({"key": args.key}))
+    else:
+        answer = await _ask_station(
+            socket, "POST", "/config", {"key": args.key, "value": args.value}
+        )
+    if answer is None:
+        answer = await trio.to_thread.run_sync(_config_offline, args, data_dir)
+    return _print_config(args, answer)
+
+
+def _query(params: dict[str, str]) -> str:
+    from urllib.parse import urlencode  # noqa: PLC0415
+
+    return urlencode(params)
+
+
+def _config_offline(args: argparse.Namespace, data_dir: str | None) -> object:
+    from pathlib import Path  # noqa: PLC0415
+
+    from evse.store import Store  # noqa: PLC0415
+    from ocpp16.config import Configuration  # noqa: PLC0415
+
+    if data_dir is None:
+        raise StationUnreachable("no running station; give --config or --data-dir")
+    with Store.open(Path(data_dir) / "station.sqlite") as store:
+        registry = Configuration(store)
+        if args.action == "list":
+            return {
+                "settings": registry.installer_view(),
+                "ocpp": registry.get_configuration(None)[0],
+            }
+        key = registry.resolve(args.key)
+        if key is None:
+            raise UsageError(f"unknown setting {args.key!r}")
+        if args.action == "get":
+            return {"key": key.name, "value": registry.text(key.name), "readonly": key.readonly}
+        result = registry.change(args.key, args.value, source="installer")
+        return {"status": result.status, "reason": result.reason}
+
+
+def _print_config(args: argparse.Namespace, answer: object) -> int:
+    assert isinstance(answer, dict)
+    if args.action == "list":
+        for row in answer["settings"]:
+            print(f"{row['name']:<42} {row['value']}")
+        for entry in answer["ocpp"]:
+            print(f"{entry['key']:<42} {entry.get('value', '(hidden)')}")
+        return EXIT_OK
+    if args.action == "get":
+        print(answer["value"])
+        return EXIT_OK
+    if answer["status"] in ("Accepted", "RebootRequired"):
+        print(answer["status"])
+        return EXIT_OK
+    print(f"evse config: {answer['status']}: {answer['reason']}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+async def _run_queue(args: argparse.Namespace) -> int:
+    socket, data_dir = _locate(args)
+    answer = await _ask_station(socket, "GET", "/queue")
+    if answer is None:
+        answer = await trio.to_thread.run_sync(_queue_offline, data_dir)
+    print(json.dumps(answer, indent=2))
+    return EXIT_OK
+
+
+def _queue_offline(data_dir: str | None) -> object:
+    from pathlib import Path  # noqa: PLC0415
+
+    from ocpp16.queue import TransactionQueue  # noqa: PLC0415
+
+    if data_dir is None:
+        raise StationUnreachable("no running station; give --config or --data-dir")
+    with TransactionQueue.open(Path(data_dir) / "station.sqlite") as queue:
+        return {
+            "pending": [
+                {
+                    "seq": m.seq,
+                    "action": m.action,
+                    "transaction": m.local_tx_id,
+                    "attempts": m.attempts,
+                }
+                for m in queue.pending()
+            ],
+            "dead_letters": [
+                {"seq": d.seq, "action": d.action, "transaction": d.local_tx_id, "reason": d.reason}
+                for d in queue.dead_letters()
+            ],
+        }
+
+
 def format_status(view: dict[str, object]) -> str:
     """The one-screen summary an installer reads."""
     lines = [
@@ -287,7 +439,17 @@ def format_status(view: dict[str, object]) -> str:
             f"  transaction {tx['id']} for {tx['id_tag']} since {tx['started_at']}: "
             f"{tx['energy_wh']} Wh"
         )
-    lines.append(f"  central system: {view['central_system']}, operative: {view['operative']}")
+    cs = view["central_system"]
+    if isinstance(cs, dict):
+        link = f"{cs.get('state')}"
+        if cs.get("registration"):
+            link += f", {cs['registration']}"
+        if cs.get("reason"):
+            link += f" ({cs['reason']})"
+        if cs.get("queued_messages"):
+            link += f", {cs['queued_messages']} messages queued"
+        lines.append(f"  central system: {link}")
+    lines.append(f"  operative: {view['operative']}")
     return "\n".join(lines)
 
 
@@ -308,6 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo": _run_demo,
         "run": _run_station,
         "status": _run_status,
+        "config": _run_config,
+        "queue": _run_queue,
     }[args.command]
     try:
         code = trio.run(partial(runner, args))

@@ -10,6 +10,11 @@ users with access to the socket file (mode 0660) reach it.
 * ``POST /stop`` ``{"reason": "Local"}`` (optional): ``{"stopped": bool}``;
 * ``POST /availability`` ``{"operative": bool}``: ``{"status": "Accepted"|"Scheduled"}``;
 * ``POST /reset-faults``: clears latched faults; the status after it.
+* ``GET /config`` (every setting) or ``GET /config?key=NAME``; ``POST /config``
+  ``{"key": NAME, "value": TEXT}`` or ``{"values": {NAME: TEXT, ...}}`` (all or
+  nothing): the same registry, validation and storage as OCPP
+  ChangeConfiguration, by OCPP name or installer name;
+* ``GET /queue``: transaction messages waiting, and the dead letters.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from evse.auth import normalize_id_tag
 from evse.connector import StopReason
 from evse.station import Station
 from evse.supervisor import Service, Supervisor
+from ocpp16.config import Configuration
+from ocpp16.queue import TransactionQueue
 from ops import httpjson
 from ops.httpjson import HTTPError, Request, Router
 
@@ -37,7 +44,11 @@ def _station(supervisor: Supervisor) -> Station:
     return station
 
 
-def build_router(supervisor: Supervisor) -> Router:
+def build_router(
+    supervisor: Supervisor,
+    registry: Configuration | None = None,
+    queue: TransactionQueue | None = None,
+) -> Router:
     router = Router()
 
     async def status(req: Request) -> Any:
@@ -120,6 +131,72 @@ def build_router(supervisor: Supervisor) -> Router:
         await station.reset_faults()
         return station.view()
 
+    def need_registry() -> Configuration:
+        if registry is None:
+            raise HTTPError(503, "no configuration registry")
+        return registry
+
+    async def get_config(req: Request) -> Any:
+        reg = need_registry()
+        name = req.query.get("key")
+        rows = reg.installer_view() if name is None else None
+        if name is None:
+            return {"settings": rows, "ocpp": reg.get_configuration(None)[0]}
+        key = reg.resolve(name)
+        if key is None:
+            raise HTTPError(404, f"unknown setting {name!r}")
+        return {"key": key.name, "value": reg.text(key.name), "readonly": key.readonly}
+
+    async def set_config(req: Request) -> Any:
+        reg = need_registry()
+        data = body(req)
+        if "values" in data:
+            values = data["values"]
+            if not isinstance(values, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in values.items()
+            ):
+                raise HTTPError(400, "values must map setting names to strings")
+            result = await reg.change_many_async(values, source="installer")
+        else:
+            key, value = data.get("key"), data.get("value")
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise HTTPError(400, "key and value (strings) are required")
+            result = await reg.change_async(key, value, source="installer")
+        return {"status": result.status, "reason": result.reason}
+
+    async def get_queue(req: Request) -> Any:
+        if queue is None:
+            raise HTTPError(503, "no transaction queue")
+        pending = await trio.to_thread.run_sync(queue.pending)
+        dead = await trio.to_thread.run_sync(queue.dead_letters)
+        return {
+            "pending": [
+                {
+                    "seq": m.seq,
+                    "action": m.action,
+                    "transaction": m.local_tx_id,
+                    "attempts": m.attempts,
+                    "last_error": m.last_error,
+                }
+                for m in pending
+            ],
+            "dead_letters": [
+                {
+                    "seq": d.seq,
+                    "action": d.action,
+                    "transaction": d.local_tx_id,
+                    "attempts": d.attempts,
+                    "reason": d.reason,
+                    "died_at": d.died_at.isoformat().replace("+00:00", "Z"),
+                    "payload": d.payload,
+                }
+                for d in dead
+            ],
+        }
+
+    router.add("GET", "/config", get_config)
+    router.add("POST", "/config", set_config)
+    router.add("GET", "/queue", get_queue)
     router.add("GET", "/status", status)
     router.add("GET", "/transactions", transactions)
     router.add("POST", "/authorize", authorize)
@@ -129,10 +206,12 @@ def build_router(supervisor: Supervisor) -> Router:
     return router
 
 
-def control_service(path: str) -> Service:
+def control_service(
+    path: str, registry: Configuration | None = None, queue: TransactionQueue | None = None
+) -> Service:
     async def run(supervisor: Supervisor) -> None:
         await supervisor.started.wait()
-        await httpjson.serve_unix(build_router(supervisor), path)
+        await httpjson.serve_unix(build_router(supervisor, registry, queue), path)
 
     return Service("control socket", run)
 

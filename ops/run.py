@@ -227,7 +227,10 @@ async def run_station(
     online = None if config.authorization.mode == "free" else OnlineAuthorize(port)
     plan = plan_from_config(
         config,
-        services=[control_service(socket_path), systemd_service(notifier)],
+        services=[
+            control_service(socket_path, central.registry, central.queue),
+            systemd_service(notifier),
+        ],
         registry=central.registry,
         online=online,
     )

@@ -135,6 +135,9 @@ SPEC_3: list[tuple[str, str, str]] = [
     ("security.profile", "SecurityProfile", "0"),
     ("security.access_key", "AuthorizationKey", "(not set)"),
     ("security.certificate", "CentralSystemRootCertificate", ""),
+    # Beyond §3: the client certificate that security profile 3 presents.
+    ("security.client_certificate", "ChargePointCertificate", ""),
+    ("security.client_key", "ChargePointPrivateKey", ""),
     ("monitoring.fallback_limit", "FallbackLimit", "6"),
     ("monitoring.connection_check_frequency", "WebSocketPingInterval", "10"),
     ("monitoring.reconnect_frequency", "ReconnectFrequency", "30"),
@@ -150,6 +153,8 @@ INSTALLER_ONLY = {
     "CentralSystemAddress",
     "ChargePointId",
     "CentralSystemRootCertificate",
+    "ChargePointCertificate",
+    "ChargePointPrivateKey",
     "FallbackLimit",
     "ReconnectFrequency",
 }
@@ -516,6 +521,8 @@ def test_installer_and_ocpp_names_are_one_value(
         "SecurityProfile": ("3", "3"),
         "AuthorizationKey": (KEY32, KEY40),
         "CentralSystemRootCertificate": ("/etc/evse/cs-root.pem", "/tmp/other.pem"),
+        "ChargePointCertificate": ("/etc/evse/cp.pem", "/tmp/cp2.pem"),
+        "ChargePointPrivateKey": ("/etc/evse/cp.key", "/tmp/cp2.key"),
         "FallbackLimit": ("10.5", "16"),
         "WebSocketPingInterval": ("30", "60"),
         "ReconnectFrequency": ("120", "1"),
