@@ -86,6 +86,13 @@ class StationProcess:
         view: dict[str, Any] = self.socket("GET", "/status")
         return view
 
+    def try_status(self) -> dict[str, Any] | None:
+        """The status, or None while the control socket is not up yet."""
+        try:
+            return self.status()
+        except OSError:
+            return None
+
     def wait_status(self, status: str, within: float = 10.0) -> dict[str, Any]:
         view: dict[str, Any] = until(
             lambda: self._status_if(status), within, f"station status {status}"
