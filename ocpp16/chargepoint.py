@@ -62,6 +62,19 @@ ALLOWED_WHILE_PENDING = frozenset(
 )
 
 
+#: A queued payload's private marker: its timestamps were taken before the
+#: central system set our clock, in the boot named by the value. Stripped
+#: before sending (it is not part of any OCPP schema).
+UNSYNCED = "_clockNotSet"
+BOOT_ID = uuid.uuid4().hex
+
+
+def _shifted(text: object, offset: timedelta) -> object:
+    if not isinstance(text, str):
+        return text
+    return format_time(datetime.fromisoformat(text.replace("Z", "+00:00")) + offset)
+
+
 class Registration(StrEnum):
     NONE = "not registered"
     PENDING = "registration pending"
@@ -153,6 +166,9 @@ class ChargePoint:
         self.link_status = LinkStatus(LinkState.DISABLED, "not started", 0.0)
         #: Offset of the central system's clock from ours (set from its answers).
         self.clock_offset: timedelta | None = None
+        #: The offset when the clock was first set in this boot: timestamps taken
+        #: before that are moved by it when they are sent.
+        self.synced_offset: timedelta | None = None
         self._rpc: RpcSession | None = None
         self._conn: Connection | None = None
         self._call_lock = trio.Lock()
@@ -182,6 +198,39 @@ class ChargePoint:
     def status_changed(self) -> None:
         self._status_wakeup.set()
 
+    def _stamp(self, at: datetime, holder: dict[str, Any]) -> str:
+        """A station (system clock) time for a message, in the central system's time.
+
+        OCPP 1.6 has no field for "this time is unreliable", so a time taken
+        before the central system set the clock is never sent as it is: the
+        holder (a payload or a MeterValue) is marked, and ``_prepare`` corrects
+        it by the offset learned when the clock gets set in this same boot. One
+        from an earlier boot is sent as recorded, and logged as such.
+        """
+        if self.clock_offset is not None:
+            return format_time(at + self.clock_offset)
+        holder[UNSYNCED] = BOOT_ID
+        return format_time(at)
+
+    def _prepare(self, action: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """Strip the private clock markers, correcting what can be corrected."""
+        holders = [payload]
+        for key in ("meterValue", "transactionData"):
+            holders += [v for v in payload.get(key) or () if isinstance(v, dict)]
+        for holder in holders:
+            boot = holder.pop(UNSYNCED, None)
+            if boot is None:
+                continue
+            if boot == BOOT_ID and self.synced_offset is not None:
+                holder["timestamp"] = _shifted(holder.get("timestamp"), self.synced_offset)
+            else:
+                log.warning(
+                    "%s: a timestamp taken before the clock was set in an earlier "
+                    "boot is sent as recorded",
+                    action,
+                )
+        return payload
+
     async def transaction_started(
         self,
         *,
@@ -192,17 +241,18 @@ class ChargePoint:
         timestamp: datetime,
         begin: MeterSnapshot | None = None,
     ) -> None:
-        payload = {
+        payload: dict[str, Any] = {
             "connectorId": connector_id,
             "idTag": id_tag,
             "meterStart": round(meter_start_wh),
-            "timestamp": format_time(timestamp),
         }
+        payload["timestamp"] = self._stamp(timestamp, payload)
         samples = _TxSamples()
         if begin is not None:
             measurands = parse_measurands(str(self.config.text("StopTxnSampledData")))
             value = meter_value(begin, measurands, "Transaction.Begin", at=timestamp)
             if value is not None:
+                value["timestamp"] = self._stamp(timestamp, value)
                 samples.values.append(value)
         self._samples[local_id] = samples
         await trio.to_thread.run_sync(
@@ -232,24 +282,25 @@ class ChargePoint:
         if end is not None:
             value = meter_value(end, measurands, "Transaction.End", at=stopped_at)
             if value is not None:
+                value["timestamp"] = self._stamp(stopped_at, value)
                 samples.values.append(value)
         stop: dict[str, Any] = {
             # The queue substitutes the real id once StartTransaction has one.
             "transactionId": -local_id,
             "meterStop": round(meter_stop_wh),
-            "timestamp": format_time(stopped_at),
             "reason": reason,
         }
+        stop["timestamp"] = self._stamp(stopped_at, stop)
         if stop_id_tag:
             stop["idTag"] = stop_id_tag
         if samples.values:
             stop["transactionData"] = samples.values
-        start = {
+        start: dict[str, Any] = {
             "connectorId": connector_id,
             "idTag": id_tag,
             "meterStart": round(meter_start_wh),
-            "timestamp": format_time(started_at),
         }
+        start["timestamp"] = self._stamp(started_at, start)
 
         def enqueue() -> None:
             self.queue.enqueue(
@@ -522,6 +573,11 @@ class ChargePoint:
         if theirs.tzinfo is None:
             return
         self.clock_offset = theirs - datetime.now(UTC)
+        if self.synced_offset is None:
+            self.synced_offset = self.clock_offset
+            log.info(
+                "clock set by the central system (offset %.3f s)", self.clock_offset.total_seconds()
+            )
 
     async def _heartbeats(self) -> None:
         while True:
@@ -594,6 +650,7 @@ class ChargePoint:
                 await self._queue_wakeup.wait()
                 continue
             payload = await trio.to_thread.run_sync(self.queue.payload_for_sending, message)
+            payload = self._prepare(message.action, payload)
             try:
                 answer = await self.call(message.action, payload, unique_id=message.unique_id)
             except CallFailed as exc:
