@@ -1,57 +1,92 @@
-"""``evse demo``: the whole firmware on the simulator, one charging session.
+"""``evse demo``: the whole firmware on the simulator, with a central system, one session.
 
 Nothing to configure: it starts the device simulator (an EVSE DIN board and
-an SDM630 meter over Modbus TCP, or RTU on a pseudo-terminal), runs the
-station on it exactly as ``evse run`` would (supervisor, store, safety),
-plugs in a simulated EV, presents a tag, shows a live status line while it
-charges, presents the tag again to stop, unplugs and exits 0 when the
-transaction is on disk with the energy it delivered.
+an SDM630 meter over Modbus TCP, or RTU on a pseudo-terminal) and a local
+OCPP 1.6J central system (ops/csms.py, the ocpp package's asyncio runtime, in
+a process of its own), runs the station on them exactly as ``evse run``
+would, and plays one session: plug in, present a tag, charge with a live
+status line, present the tag again to stop, unplug. The OCPP exchange is
+shown as the central system sees it. Exit 0 when the transaction is on disk
+with the energy it delivered and the central system got its StopTransaction.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 
 from evse.station import Station
-from evse.store import TransactionRecord
 from evse.supervisor import Supervisor
-from ops.run import plan_from_config, sim_config
+from ops.httpjson import request_json
+from ops.run import Central, run_station, sim_config
 from ops.sim.app import DeviceSpec, SimConfig, Simulator
 
 DEMO_TAG = "DEMOTAG1"
+CP_ID = "DEMO-CP"
 
 
 def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def _line(view: dict[str, object]) -> str:
+def _line(view: dict[str, Any]) -> str:
     power = view.get("power_w") or 0.0
     tx = view.get("transaction")
     delivered = tx.get("energy_wh") if isinstance(tx, dict) else None
     return (
         f"{view['status']:<14} pilot {view['pilot']}  offered {view['offered_a']:>4} A  "
-        f"power {float(power):>7,.0f} W  session {float(delivered or 0):7.2f} Wh"  # type: ignore[arg-type]
+        f"power {float(power):>7,.0f} W  session {float(delivered or 0):7.2f} Wh"
     )
 
 
-async def _until(predicate: object, within: float = 10.0) -> None:
+async def _until(predicate: object, within: float = 15.0) -> None:
     assert callable(predicate)
     with trio.fail_after(within):
         while not predicate():  # noqa: ASYNC110 - state spread over tasks
             await trio.sleep(0.02)
 
 
-async def _session(
-    sim: Simulator, station: Station, seconds: float
-) -> tuple[list[TransactionRecord], list[dict[str, object]]]:
+class CentralSystemView:
+    """Prints what the central system receives and answers, as it happens."""
+
+    def __init__(self, control: str) -> None:
+        url = urlsplit(control)
+        assert url.hostname is not None and url.port is not None
+        self.host, self.port = url.hostname, url.port
+        self.seen = 0
+        self.stops = 0
+
+    async def get(self, path: str) -> Any:
+        return await request_json(self.host, self.port, "GET", path)
+
+    async def follow(self) -> None:
+        while True:
+            answer = await self.get(f"/messages?since={self.seen}")
+            for m in answer["messages"]:
+                self.seen = max(self.seen, m["seq"])
+                if m["type"] != "CALL":
+                    continue
+                response = m.get("response", {}).get("payload")
+                payload = json.dumps(m["payload"], separators=(",", ":"))
+                _say(f"  ocpp  -> {m['action']} {payload[:110]}")
+                if response is not None:
+                    _say(f"  ocpp  <- {json.dumps(response, separators=(',', ':'))[:110]}")
+                if m["action"] == "StopTransaction":
+                    self.stops += 1
+            await trio.sleep(0.1)
+
+
+async def _session(sim: Simulator, station: Station, seconds: float) -> None:
     await _until(lambda: station.meter_reading is not None)
-    _say(f"station:   {_line(station.view())}")
+    _say(f"station:  {_line(station.view())}")
     sim.set_ev({"plugged": True, "wants": "C", "phases": 3, "max_current": 16.0})
     _say("EV plugged in (3 phases, up to 16 A)")
     await _until(lambda: station.connector.status.value == "Preparing")
@@ -68,51 +103,90 @@ async def _session(
     await _until(lambda: station.connector.status.value == "Available")
     _say(f"EV unplugged: {station.view()['status']}")
     await _until(lambda: station.tx is None)
-    records = await trio.to_thread.run_sync(lambda: station.store.transactions(limit=1))
-    writes = [e["fields"] for e in sim.events if e["event"] == "write"]
-    return records, writes
 
 
 async def run_demo(*, seconds: float = 4.0, transport: str = "tcp") -> int:
+    # The demo's own lines are the show; the station's log stays for warnings.
+    logging.getLogger().setLevel(logging.WARNING)
     sim = Simulator(
         SimConfig(devices=[DeviceSpec("evse-din", 1), DeviceSpec("sdm630", 2)], control_port=0)
     )
+    outcome: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="evse-demo-") as tmp:
-        async with trio.open_nursery() as nursery:
-            endpoints = await nursery.start(sim.run)
-            port = endpoints.tcp if transport == "tcp" else endpoints.rtu
-            assert port is not None
-            config = sim_config(port, Path(tmp))
-            _say(f"simulator: board evse-din unit 1, meter sdm630 unit 2 on {port}")
-            _say(f"           control interface {endpoints.control}")
-            supervisor = Supervisor(plan_from_config(config))
-            # The station in a nursery of its own: it switches off and ends
-            # before the simulator it talks to is stopped.
-            async with trio.open_nursery() as station_nursery:
-                station = await station_nursery.start(supervisor.run)
-                records, writes = await _session(sim, station, seconds)
-                await supervisor.shutdown()
-            nursery.cancel_scope.cancel(reason="demo finished")
-    tx = records[0] if records else None
-    if tx is None or tx.meter_stop_wh is None:
-        _say("demo failed: no finished transaction on disk")
-        return 1
-    delivered = tx.meter_stop_wh - tx.meter_start_wh
-    _say(
-        json.dumps(
-            {
-                "transaction": tx.id,
-                "id_tag": tx.id_tag,
-                "stop_reason": tx.stop_reason,
-                "meter_start_wh": round(tx.meter_start_wh, 2),
-                "meter_stop_wh": round(tx.meter_stop_wh, 2),
-                "board_writes": writes,
-            }
+        csms = await trio.lowlevel.open_process(
+            [
+                sys.executable,
+                "-m",
+                "ops.csms",
+                "--port",
+                "0",
+                "--control-port",
+                "0",
+                "--quiet",
+                "--boot-interval",
+                "60",
+            ],
+            stdout=subprocess.PIPE,
         )
+        try:
+            ready = await _ready_line(csms)
+            cs_view = CentralSystemView(ready["control"])
+            _say(f"central system: {ready['ws']} (ocpp package, its own process)")
+            async with trio.open_nursery() as nursery:
+                endpoints = await nursery.start(sim.run)
+                port = endpoints.tcp if transport == "tcp" else endpoints.rtu
+                assert port is not None
+                _say(f"simulator: board evse-din unit 1, meter sdm630 unit 2 on {port}")
+                config = sim_config(port, Path(tmp))
+                nursery.start_soon(cs_view.follow)
+
+                async def driver(supervisor: Supervisor, central: Central) -> None:
+                    station = supervisor.station
+                    assert station is not None
+                    await _until(lambda: central.port.chargepoint.online)
+                    await _session(sim, station, seconds)
+                    await _until(lambda: cs_view.stops >= 1)
+                    records = await trio.to_thread.run_sync(
+                        lambda: station.store.transactions(limit=1)
+                    )
+                    outcome["record"] = records[0] if records else None
+
+                code = await run_station(
+                    config,
+                    settings={"CentralSystemAddress": ready["ws"], "ChargePointId": CP_ID},
+                    driver=driver,
+                )
+                nursery.cancel_scope.cancel(reason="demo finished")
+        finally:
+            csms.terminate()
+            with trio.move_on_after(5):
+                await csms.wait()
+            if csms.stdout is not None:
+                await csms.stdout.aclose()
+    record = outcome.get("record")
+    if code != 0 or record is None or record.meter_stop_wh is None:
+        _say("demo FAILED: no finished transaction on disk")
+        return 1
+    delivered = record.meter_stop_wh - record.meter_start_wh
+    ok = record.stop_reason == "Local" and delivered > 0
+    _say(
+        f"transaction {record.id} for {record.id_tag}: {record.stop_reason}, "
+        f"{delivered:.2f} Wh delivered; demo finished: " + ("ok" if ok else "FAILED")
     )
-    ok = tx.stop_reason == "Local" and delivered > 0
-    _say(f"demo finished: {delivered:.2f} Wh delivered, " + ("ok" if ok else "FAILED"))
     return 0 if ok else 1
+
+
+async def _ready_line(process: trio.Process) -> dict[str, Any]:
+    assert process.stdout is not None
+    data = b""
+    with trio.fail_after(20):
+        while b"\n" not in data:
+            chunk = await process.stdout.receive_some(4096)
+            if not chunk:
+                raise RuntimeError("the central system did not start")
+            data += chunk
+    ready: dict[str, Any] = json.loads(data.split(b"\n", 1)[0])["ready"]
+    return ready
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import importlib.metadata
 import logging
 import signal
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -205,7 +205,7 @@ class RunResult:
 async def run_station(
     config: Config,
     *,
-    on_started: Callable[[Supervisor], None] | None = None,
+    driver: Callable[[Supervisor, Central], Awaitable[None]] | None = None,
     notifier: systemd.Notifier | None = None,
     settings: Mapping[str, str] | None = None,
 ) -> int:
@@ -214,6 +214,8 @@ async def run_station(
     ``settings`` are installer settings given on the command line (central
     system address, charge point id): validated and stored like ``evse config
     set`` would, before anything starts; a refused one raises ConfigRejected.
+    ``driver`` (the demo) runs once the station is up; when it returns, the
+    station shuts down as on SIGTERM.
     """
     notifier = notifier or systemd.Notifier()
     socket_path = str(config.control.socket)
@@ -250,8 +252,14 @@ async def run_station(
             port.attach(station)
             central.registry.subscribe(_live_settings(station, nursery))
             log.info("station %s running; control socket %s", config.station.id, socket_path)
-            if on_started is not None:
-                on_started(supervisor)
+            if driver is not None:
+
+                async def drive() -> None:
+                    assert driver is not None
+                    await driver(supervisor, central)
+                    await supervisor.shutdown(StopReason.LOCAL)
+
+                nursery.start_soon(drive, name="driver")
 
             async def on_signals() -> None:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
