@@ -709,8 +709,7 @@ KEYS: Final[tuple[Key, ...]] = (
         "ChargePointPrivateKey",
         Kind.PATH,
         "",
-        "PEM file of the private key of the client certificate (security profile 3). "
-        "Empty: none.",
+        "PEM file of the private key of the client certificate (security profile 3). Empty: none.",
         ocpp=False,
         installer="security.client_key",
     ),
