@@ -48,6 +48,8 @@ class OcppPort:
         self.station: Station | None = None
         self.connector_ids: tuple[int, ...] = (1,)
         self.on_reset: Callable[[bool], Awaitable[None]] | None = None
+        #: Why the configured connection cannot be made (shown in status).
+        self.config_problem = ""
         self.chargepoint = ChargePoint(
             config=config,
             queue=queue,
@@ -63,6 +65,19 @@ class OcppPort:
     # -- configuration -> connection ----------------------------------------------------
 
     def connection_settings(self) -> ConnectionSettings | None:
+        """The connection the configuration asks for; None when there is none or it
+        cannot be built (a missing or bad certificate file: logged, shown in status)."""
+        try:
+            settings = self._connection_settings()
+        except (OSError, ValueError) as exc:
+            if str(exc) != self.config_problem:
+                log.error("central system connection not possible: %s", exc)
+            self.config_problem = str(exc)
+            return None
+        self.config_problem = ""
+        return settings
+
+    def _connection_settings(self) -> ConnectionSettings | None:
         c = self.config
         address = c.get_str("CentralSystemAddress")
         if not address or not c.get_bool("ConnectionEnabled"):
@@ -92,6 +107,10 @@ class OcppPort:
     @property
     def link(self) -> CentralSystem:
         if self.connection_settings() is None:
+            # A configured but unusable connection is as good as offline: the
+            # fallback limit applies (station-spec 3).
+            if self.config_problem:
+                return CentralSystem.OFFLINE
             return CentralSystem.NOT_CONFIGURED
         return CentralSystem.ONLINE if self.chargepoint.online else CentralSystem.OFFLINE
 
@@ -136,7 +155,7 @@ class OcppPort:
         return {
             "state": self.link.value,
             "link": link.state.value,
-            "reason": link.reason,
+            "reason": self.config_problem or link.reason,
             "registration": self.chargepoint.registration.value,
             "address": self.config.get_str("CentralSystemAddress"),
             "charge_point_id": self.config.get_str("ChargePointId") or self.identity.serial,

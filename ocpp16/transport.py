@@ -345,9 +345,11 @@ class _WatchedStream(trio.abc.Stream):
         and a close. If the alert is already here, the server's socket is
         closed and has answered our handshake's last flight with a TCP reset:
         sending now fails with "connection reset", the SSL stream breaks, and
-        the alert saying why would never be read. So read it first. Only data
-        already received is read (tickets, consumed silently by ssl, leave the
-        read waiting for application data, which is cut short at once).
+        the alert saying why would never be read. So read it first, if
+        anything is there: an alert raises with its reason; session tickets
+        are consumed by ssl, which then waits for application data that no
+        WebSocket server sends before our request (cut short after _EARLY_READ).
+        Nothing there yet: nothing to lose, the reader will see the verdict.
         """
         assert isinstance(self.inner, trio.SSLStream)
         poller = select.poll()
@@ -424,7 +426,14 @@ async def open_connection(
 
     Raises one of ``ConnectFailed``, ``TlsError``, ``AuthenticationFailed``,
     ``SubprotocolRefused`` (never an exception group, never a library's own
-    exception). The caller closes the connection (``aclose()``).
+    exception). ``connect_timeout`` covers TCP, TLS and the upgrade together.
+
+    The caller closes the connection (``aclose()``, best under a shield and a
+    deadline, as ``Connection.close`` does), also when it is being cancelled:
+    the reader is shielded from the nursery's cancellation so that the close
+    handshake can still complete, and is stopped CLOSE_TIMEOUT + 0.5 s after
+    a cancellation only if nobody closes. A reader that ends (peer closed,
+    transport broken) releases the socket by itself.
     """
     opened = await _open(settings, nursery)
     return opened.websocket
