@@ -93,7 +93,7 @@ class StationProcess:
         except OSError:
             return None
 
-    def wait_status(self, status: str, within: float = 10.0) -> dict[str, Any]:
+    def wait_status(self, status: str, within: float = 20.0) -> dict[str, Any]:
         view: dict[str, Any] = until(
             lambda: self._status_if(status), within, f"station status {status}"
         )
