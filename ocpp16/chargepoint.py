@@ -56,6 +56,11 @@ DEFAULT_BOOT_RETRY = 30.0
 #: CALL timeout (OCPP-J leaves it to the implementation).
 CALL_TIMEOUT = 30.0
 
+#: Statuses that belong to a running transaction.
+_IN_TRANSACTION = frozenset({"Charging", "SuspendedEV", "SuspendedEVSE"})
+#: How long a transaction status waits for its StartTransaction to be answered.
+START_ORDER_PATIENCE = 10.0
+
 #: What may be answered before BootNotification is Accepted (OCPP 1.6 4.2.1).
 ALLOWED_WHILE_PENDING = frozenset(
     {"GetConfiguration", "ChangeConfiguration", "TriggerMessage", "DataTransfer"}
@@ -182,6 +187,7 @@ class ChargePoint:
         self._link_scope = trio.CancelScope()
         self._booted_once = False
         self._heartbeat_interval: float | None = None
+        self._start_wait_since: float | None = None
         self.on_link_change: Callable[[], None] | None = None
 
     # -- what the station tells us ------------------------------------------------------
@@ -616,6 +622,12 @@ class ChargePoint:
                     wait = min(wait, minimum - held)
                     continue
                 status, error, info = current
+                if status in _IN_TRANSACTION and await self._start_not_delivered():
+                    # Charging is reported after its StartTransaction (the
+                    # order a central system and the CTT expect); the queue is
+                    # working on it, so look again shortly.
+                    wait = min(wait, 0.2)
+                    continue
                 payload: dict[str, Any] = {
                     "connectorId": cid,
                     "status": status,
@@ -634,6 +646,20 @@ class ChargePoint:
                 await self._status_wakeup.wait()
 
     # -- the transaction queue -------------------------------------------------------------
+
+    async def _start_not_delivered(self) -> bool:
+        """A StartTransaction is next in the queue (not yet answered)."""
+        if self._start_wait_since is None:
+            self._start_wait_since = trio.current_time()
+        elif trio.current_time() - self._start_wait_since > START_ORDER_PATIENCE:
+            # The queue is stuck (errors, retries): status must not wait for it.
+            self._start_wait_since = None
+            return False
+        head = await trio.to_thread.run_sync(self.queue.head)
+        pending = head is not None and head.action == "StartTransaction"
+        if not pending:
+            self._start_wait_since = None
+        return pending
 
     async def _queue_sender(self) -> None:
         """Deliver queued transaction messages, oldest first, each until answered.

@@ -75,6 +75,13 @@ def test_tc_003_charging_session_plug_in_first(csms: Csms, tmp_path: Path) -> No
         assert seq.index("Charging") < seq.index("Finishing") < len(seq) - 1
         order = [m["action"] for m in calls(csms) if m["action"] != "Heartbeat"]
         assert order.index("StartTransaction") < order.index("StopTransaction")
+        # Charging is reported after the StartTransaction it belongs to.
+        first_charging = next(
+            m["seq"]
+            for m in calls(csms, "StatusNotification")
+            if m["payload"]["status"] in ("Charging", "SuspendedEV")
+        )
+        assert start["seq"] < first_charging
 
 
 def test_tc_004_identification_first(csms: Csms, tmp_path: Path) -> None:
