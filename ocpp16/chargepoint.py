@@ -161,12 +161,15 @@ class ChargePoint:
         station: StationControl,
         identity: Identity,
         connection_settings: Callable[[], ConnectionSettings | None],
+        wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.config = config
         self.queue = queue
         self.station = station
         self.identity = identity
         self._settings = connection_settings
+        #: The system clock (a seam for tests); timestamps convert from it.
+        self.wall_clock = wall_clock
         self.registration = Registration.NONE
         self.link_status = LinkStatus(LinkState.DISABLED, "not started", 0.0)
         #: Offset of the central system's clock from ours (set from its answers).
@@ -177,6 +180,7 @@ class ChargePoint:
         self._rpc: RpcSession | None = None
         self._conn: Connection | None = None
         self._call_lock = trio.Lock()
+        self._call_ended = trio.Event()
         self._waiting: dict[str, trio.MemorySendChannel[object]] = {}
         self._queue_wakeup = trio.Event()
         self._status_wakeup = trio.Event()
@@ -188,6 +192,12 @@ class ChargePoint:
         self._booted_once = False
         self._heartbeat_interval: float | None = None
         self._start_wait_since: float | None = None
+        #: Woken when a timing input changes (interval keys, transactions).
+        self._timing = trio.lowlevel.ParkingLot()
+        #: trio time each running transaction started: sampling counts from it.
+        self._tx_started: dict[int, float] = {}
+        self._last_aligned: datetime | None = None
+        self.config.subscribe(self._config_changed)
         self.on_link_change: Callable[[], None] | None = None
 
     # -- what the station tells us ------------------------------------------------------
@@ -198,7 +208,7 @@ class ChargePoint:
 
     def now(self) -> datetime:
         """Our best idea of the time: the central system's, once it told us."""
-        now = datetime.now(UTC)
+        now = self.wall_clock()
         return now + self.clock_offset if self.clock_offset is not None else now
 
     def status_changed(self) -> None:
@@ -261,6 +271,8 @@ class ChargePoint:
                 value["timestamp"] = self._stamp(timestamp, value)
                 samples.values.append(value)
         self._samples[local_id] = samples
+        self._tx_started[local_id] = trio.current_time()
+        self._timing.unpark_all()
         await trio.to_thread.run_sync(
             lambda: self.queue.enqueue(
                 "StartTransaction", payload, local_tx_id=local_id, dedupe_key=f"start:{local_id}"
@@ -284,6 +296,8 @@ class ChargePoint:
     ) -> None:
         """Queue StopTransaction; first StartTransaction if it never was (crash in between)."""
         samples = self._samples.pop(local_id, _TxSamples())
+        self._tx_started.pop(local_id, None)
+        self._timing.unpark_all()
         measurands = parse_measurands(str(self.config.text("StopTxnSampledData")))
         if end is not None:
             value = meter_value(end, measurands, "Transaction.End", at=stopped_at)
@@ -336,8 +350,11 @@ class ChargePoint:
     async def run(self) -> None:
         """Keep a connection to the central system while one is configured."""
         async with trio.open_nursery() as background:
-            # Work that must outlive one connection (a Reset in progress).
+            # Work that must outlive one connection: a Reset in progress, and
+            # meter values, which are taken (and queued) online or not.
             self._nursery_for_background = background
+            background.start_soon(self._sampler, name="meter values")
+            background.start_soon(self._aligned_sampler, name="clock-aligned meter values")
             await self._connect_forever()
 
     async def _connect_forever(self) -> None:
@@ -352,12 +369,10 @@ class ChargePoint:
                 await self._wait_for_config_change()
                 continue
             self._link = Link(settings, on_status=self._set_link)
-            unsubscribe = self.config.subscribe(self._config_changed)
             try:
                 with trio.CancelScope() as self._link_scope:
                     await self._link.run(self._session)
             finally:
-                unsubscribe()
                 self._link = None
 
     async def _wait_for_config_change(self) -> None:
@@ -372,6 +387,8 @@ class ChargePoint:
         if name == "HeartbeatInterval":
             # A ChangeConfiguration overrides the interval the boot answer gave.
             self._heartbeat_interval = None
+        if name in ("HeartbeatInterval", "MeterValueSampleInterval", "ClockAlignedDataInterval"):
+            self._timing.unpark_all()
         link = self._link
         if link is None:
             return
@@ -415,12 +432,11 @@ class ChargePoint:
                 nursery.start_soon(self._heartbeats, name="heartbeat")
                 nursery.start_soon(self._status_sender, name="status notifications")
                 nursery.start_soon(self._queue_sender, name="transaction queue")
-                nursery.start_soon(self._sampler, name="meter values")
-                nursery.start_soon(self._aligned_sampler, name="clock-aligned meter values")
         finally:
             self._rpc, self._conn = None, None
             for event in rpc.connection_lost(trio.current_time()):
                 self._dispatch_result(event)
+            self._call_ended.set()
             was = self.registration
             if was is Registration.ACCEPTED:
                 self.station.link_changed()
@@ -454,6 +470,7 @@ class ChargePoint:
         waiter = self._waiting.pop(unique_id, None)
         if waiter is not None:
             waiter.send_nowait(event)
+        self._call_ended.set()
 
     async def _ticker(self, rpc: RpcSession) -> None:
         while True:
@@ -473,6 +490,14 @@ class ChargePoint:
             rpc, conn = self._rpc, self._conn
             if rpc is None or conn is None:
                 raise CallFailed(action, "not connected", counts=False)
+            while rpc.call_outstanding:
+                # A caller gave up waiting (cancelled: an authorization step
+                # timed out), but its CALL is still out: one at a time (OCPP-J
+                # 4.1.1), so wait for its answer, timeout or the connection's end.
+                self._call_ended = trio.Event()
+                await self._call_ended.wait()
+                if self._rpc is not rpc:
+                    raise CallFailed(action, "connection lost", counts=False)
             send, receive = trio.open_memory_channel[object](1)
             sent_id = unique_id or str(uuid.uuid4())
             frame = rpc.send_call(action, payload, trio.current_time(), unique_id=sent_id)
@@ -499,6 +524,10 @@ class ChargePoint:
             rpc, conn = self._rpc, self._conn
             if rpc is None or conn is None:
                 return
+            if self.registration is Registration.REJECTED:
+                # OCPP 1.6 4.2.1: while Rejected the charge point does not respond.
+                log.info("%s ignored: registration rejected", call.action)
+                continue
             frame = await self._answer(rpc, call)
             if frame is None or rpc is not self._rpc:
                 # The connection this call came on is gone: nobody to answer.
@@ -578,7 +607,11 @@ class ChargePoint:
             return
         if theirs.tzinfo is None:
             return
-        self.clock_offset = theirs - datetime.now(UTC)
+        previous = self.clock_offset
+        self.clock_offset = theirs - self.wall_clock()
+        if previous is None or abs(self.clock_offset - previous) > timedelta(seconds=1):
+            # Clock-aligned readings follow the central system's time: recompute.
+            self._timing.unpark_all()
         if self.synced_offset is None:
             self.synced_offset = self.clock_offset
             log.info(
@@ -586,9 +619,15 @@ class ChargePoint:
             )
 
     async def _heartbeats(self) -> None:
+        last = trio.current_time()
         while True:
             interval = self._heartbeat_interval or float(self.config.get_int("HeartbeatInterval"))
-            await trio.sleep(max(1.0, interval))
+            with trio.move_on_at(last + max(1.0, interval)):
+                # A new HeartbeatInterval applies from the last heartbeat, not
+                # after the old interval has run out.
+                await self._timing.park()
+                continue
+            last = trio.current_time()
             try:
                 answer = await self.call("Heartbeat", {})
                 self._set_clock(answer.get("currentTime"))
@@ -720,25 +759,50 @@ class ChargePoint:
     # -- meter values ----------------------------------------------------------------------
 
     async def _sampler(self) -> None:
-        """MeterValues every MeterValueSampleInterval during a transaction (queued)."""
+        """Transaction MeterValues every MeterValueSampleInterval, counted from each
+        transaction's start (OCPP 1.6 9.1.16), online or not: they are queued.
+
+        The interval is read again every cycle and a change wakes the wait, so a
+        ChangeConfiguration applies at once.
+        """
         while True:
             interval = self.config.get_int("MeterValueSampleInterval")
-            await trio.sleep(max(5, interval) if interval > 0 else 60)
-            if interval <= 0:
+            now = trio.current_time()
+            due: list[tuple[float, int]] = []
+            if interval > 0:
+                for local, started in self._tx_started.items():
+                    periods = int((now - started) // interval) + 1
+                    due.append((started + periods * interval, local))
+            if not due:
+                await self._timing.park()
+                continue
+            at, local = min(due)
+            with trio.move_on_at(at):
+                await self._timing.park()
                 continue
             for cid in self.station.connector_ids:
-                await self._sample(cid, "Sample.Periodic", "MeterValuesSampledData")
+                if self.station.running_transaction(cid) == local:
+                    await self._sample(cid, "Sample.Periodic", "MeterValuesSampledData")
 
     async def _aligned_sampler(self) -> None:
-        """MeterValues exactly on ClockAlignedDataInterval boundaries (OCPP 1.6 9.1.2)."""
+        """MeterValues exactly on ClockAlignedDataInterval boundaries (OCPP 1.6 9.1.2).
+
+        Each boundary is read once: if our clock steps back (the central
+        system's currentTime), the same boundary is not read again.
+        """
         while True:
             interval = self.config.get_int("ClockAlignedDataInterval")
             if interval <= 0:
-                await trio.sleep(60)
+                await self._timing.park()
                 continue
             now = self.now()
-            boundary = next_aligned(now, interval)
-            await trio.sleep((boundary - now).total_seconds())
+            after = max(now, self._last_aligned) if self._last_aligned else now
+            boundary = next_aligned(after, interval)
+            # Waited on trio's clock; a clock correction wakes us to recompute.
+            with trio.move_on_after((boundary - now).total_seconds()):
+                await self._timing.park()
+                continue
+            self._last_aligned = boundary
             for cid in self.station.connector_ids:
                 await self._sample(cid, "Sample.Clock", "MeterValuesAlignedData", at=boundary)
 
@@ -748,17 +812,20 @@ class ChargePoint:
         snapshot = self.station.meter_snapshot(connector_id)
         if snapshot is None:
             return
+        stamp = at or self.now()
+        local = self.station.running_transaction(connector_id)
+        if local is not None and context == "Sample.Periodic":
+            # StopTxnSampledData, collected whatever MeterValuesSampledData says.
+            stop_measurands = parse_measurands(str(self.config.text("StopTxnSampledData")))
+            stop_value = meter_value(snapshot, stop_measurands, context, at=stamp)
+            if stop_value is not None:
+                self._samples.setdefault(local, _TxSamples()).values.append(stop_value)
         measurands = parse_measurands(str(self.config.text(key)))
-        value = meter_value(snapshot, measurands, context, at=at or self.now())
+        value = meter_value(snapshot, measurands, context, at=stamp)
         if value is None:
             return
-        local = self.station.running_transaction(connector_id)
         if local is not None:
             # Transaction-related: on disk first, delivered in order with the rest.
-            stop_measurands = parse_measurands(str(self.config.text("StopTxnSampledData")))
-            stop_value = meter_value(snapshot, stop_measurands, context, at=at or self.now())
-            if stop_value is not None and context == "Sample.Periodic":
-                self._samples.setdefault(local, _TxSamples()).values.append(stop_value)
             payload = {
                 "connectorId": connector_id,
                 "transactionId": -local,
