@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench import modbus_poll
+from bench import boot_time, fault_latency, footprint, modbus_poll, ocpp_calls, offline_replay
 from bench.results import RESULTS, Recorder
 
 
@@ -14,6 +14,11 @@ def main() -> None:
     args = parser.parse_args()
     rec = Recorder(RESULTS)
     modbus_poll.run(rec, quick=args.quick)
+    fault_latency.run(rec, quick=args.quick)
+    footprint.run(rec, quick=args.quick)
+    ocpp_calls.run(rec, quick=args.quick)
+    offline_replay.run(rec, quick=args.quick)
+    boot_time.run(rec, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -27,7 +28,9 @@ from ocpp16.chargepoint import ChargePoint, Identity
 from ocpp16.config import Configuration
 from ocpp16.metering import MeterSnapshot
 from ocpp16.queue import TransactionQueue
-from ocpp16.transport import ConnectionSettings
+
+if TYPE_CHECKING:
+    from ocpp16.transport import ConnectionSettings
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,9 @@ class OcppPort:
         address = c.get_str("CentralSystemAddress")
         if not address or not c.get_bool("ConnectionEnabled"):
             return None
+        # The TLS/WebSocket stack loads only once a central system is configured.
+        from ocpp16.transport import ConnectionSettings  # noqa: PLC0415
+
         cp_id = c.get_str("ChargePointId") or self.identity.serial
         ca_path = c.get_str("CentralSystemRootCertificate")
         cert_path = c.get_str("ChargePointCertificate")

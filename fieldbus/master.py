@@ -62,6 +62,9 @@ _RESPONSE_CLASSES: dict[int, type[ModbusPDU]] = {
 }
 _RESPONSE_CLASSES.update({code | 0x80: ExceptionResponse for code in tuple(_RESPONSE_CLASSES)})
 
+#: Function codes that write (05, 06, 15, 16).
+_WRITE_CODES = frozenset({5, 6, 15, 16})
+
 #: Read-request frames kept per bus (a poller repeats a handful).
 _MAX_CACHED_FRAMES = 256
 
@@ -129,6 +132,9 @@ class ModbusMaster:
         self._unit_timeout: dict[int, float] = {}
         self._unit_retries: dict[int, int] = {}
         self._unit_last: dict[int, float] = {}
+        #: Writes waiting for a unit's gap slot; reads to that unit let them go first.
+        self._writes_waiting: dict[int, int] = {}
+        self._write_turn = trio.lowlevel.ParkingLot()
 
     @classmethod
     def for_port(
@@ -244,23 +250,15 @@ class ModbusMaster:
         self, unit: int, code: int, count: int, frame: bytes, reply_timeout: float | None
     ) -> ModbusPDU:
         unit_gap = self._unit_gap.get(unit)
-        while True:
-            if unit_gap:
-                # Wait out a slow unit's own gap *before* taking the bus, so
-                # requests to other units go ahead meanwhile.
-                ready_at = self._unit_last.get(unit, -float("inf")) + unit_gap
-                if ready_at > trio.current_time():
-                    await trio.sleep_until(ready_at)
-            # Fast path: an uncontended bus takes the lock without a scheduler
-            # round-trip; the exchange itself checkpoints on send and receive.
-            try:
-                self._lock.acquire_nowait()
-            except trio.WouldBlock:
-                await self._lock.acquire()
-            if not unit_gap or trio.current_time() >= self._unit_last.get(unit, 0.0) + unit_gap:
-                break
-            # Another task reached the same unit first: wait its gap again.
-            self._lock.release()
+        is_write = code in _WRITE_CODES
+        if unit_gap and is_write:
+            self._writes_waiting[unit] = self._writes_waiting.get(unit, 0) + 1
+        try:
+            await self._take_bus(unit, unit_gap, is_write)
+        finally:
+            if unit_gap and is_write:
+                self._writes_waiting[unit] -= 1
+                self._write_turn.unpark_all()
         try:
             attempt = 0
             while True:
@@ -278,6 +276,35 @@ class ModbusMaster:
                     attempt += 1
                     self.stats.retries += 1
         finally:
+            self._lock.release()
+
+    async def _take_bus(self, unit: int, unit_gap: float | None, is_write: bool) -> None:
+        """Wait for the unit's own gap, then hold the bus lock.
+
+        On a unit with a request gap, a write (a current command, "off" above
+        all) goes before reads waiting for the same gap slot: a poller that
+        keeps winning the slot would otherwise delay the off-command by a
+        whole gap per lost round (EVSE DIN: 100 ms each).
+        """
+        while True:
+            if unit_gap:
+                # Wait out a slow unit's own gap *before* taking the bus, so
+                # requests to other units go ahead meanwhile.
+                ready_at = self._unit_last.get(unit, -float("inf")) + unit_gap
+                if ready_at > trio.current_time():
+                    await trio.sleep_until(ready_at)
+                if not is_write and self._writes_waiting.get(unit):
+                    await self._write_turn.park()
+                    continue
+            # Fast path: an uncontended bus takes the lock without a scheduler
+            # round-trip; the exchange itself checkpoints on send and receive.
+            try:
+                self._lock.acquire_nowait()
+            except trio.WouldBlock:
+                await self._lock.acquire()
+            if not unit_gap or trio.current_time() >= self._unit_last.get(unit, 0.0) + unit_gap:
+                return
+            # Another task reached the same unit first: wait its gap again.
             self._lock.release()
 
     async def _exchange(

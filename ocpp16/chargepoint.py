@@ -31,23 +31,22 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import partial
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
 from ocpp16.config import Configuration
 from ocpp16.errors import CallError, ConnectionLost, OcppError, TransportError
 from ocpp16.metering import MeterSnapshot, format_time, meter_value, next_aligned, parse_measurands
-from ocpp16.queue import TransactionQueue
-from ocpp16.rpc import (
-    CallErrorReceived,
-    CallResultReceived,
-    CallTimedOut,
-    IncomingCall,
-    ProtocolProblem,
-    RpcSession,
-)
-from ocpp16.transport import Connection, ConnectionSettings, Link, LinkState, LinkStatus
+from ocpp16.queue import QueuedMessage, TransactionQueue
+from ocpp16.status import LinkState, LinkStatus
+
+if TYPE_CHECKING:
+    # Loaded when a connection is first made (rpc: jsonschema and the ocpp
+    # package's schemas; transport: WebSocket and TLS), not by a station that
+    # has no central system configured.
+    from ocpp16.rpc import IncomingCall, RpcSession
+    from ocpp16.transport import Connection, ConnectionSettings, Link
 
 log = logging.getLogger(__name__)
 
@@ -368,6 +367,8 @@ class ChargePoint:
                 )
                 await self._wait_for_config_change()
                 continue
+            from ocpp16.transport import Link  # noqa: PLC0415 - see the imports
+
             self._link = Link(settings, on_status=self._set_link)
             try:
                 with trio.CancelScope() as self._link_scope:
@@ -417,6 +418,8 @@ class ChargePoint:
             self.on_link_change()
 
     async def _session(self, conn: Connection) -> None:
+        from ocpp16.rpc import IncomingCall, RpcSession  # noqa: PLC0415 - see the imports
+
         rpc = RpcSession(call_timeout=CALL_TIMEOUT)
         self._rpc, self._conn = rpc, conn
         incoming_send, incoming_receive = trio.open_memory_channel[IncomingCall](16)
@@ -449,6 +452,8 @@ class ChargePoint:
         rpc: RpcSession,
         incoming: trio.MemorySendChannel[IncomingCall],
     ) -> None:
+        from ocpp16 import rpc as rpc_module  # noqa: PLC0415 - see the imports
+
         async with incoming:
             while True:
                 text = await conn.receive()
@@ -456,9 +461,9 @@ class ChargePoint:
                 for reply in replies:
                     await conn.send(reply)
                 for event in events:
-                    if isinstance(event, IncomingCall):
+                    if isinstance(event, rpc_module.IncomingCall):
                         await incoming.send(event)
-                    elif isinstance(event, ProtocolProblem):
+                    elif isinstance(event, rpc_module.ProtocolProblem):
                         log.warning("OCPP protocol problem: %s", event.description)
                     else:
                         self._dispatch_result(event)
@@ -508,6 +513,12 @@ class ChargePoint:
                 self._waiting.pop(sent_id, None)
                 raise CallFailed(action, f"connection lost: {exc}", counts=False) from None
             event = await receive.receive()
+        from ocpp16.rpc import (  # noqa: PLC0415 - see the imports
+            CallErrorReceived,
+            CallResultReceived,
+            CallTimedOut,
+        )
+
         if isinstance(event, CallResultReceived):
             return event.payload
         if isinstance(event, CallErrorReceived):
@@ -708,13 +719,14 @@ class ChargePoint:
         connection ends this task and the message is sent again after the
         reconnect, with the same message id.
         """
+        message, payload = await trio.to_thread.run_sync(self._advance, None)
         while True:
-            self._queue_wakeup = trio.Event()
-            message = await trio.to_thread.run_sync(self.queue.head)
-            if message is None:
-                await self._queue_wakeup.wait()
+            if message is None or payload is None:
+                self._queue_wakeup = trio.Event()
+                message, payload = await trio.to_thread.run_sync(self._advance, None)
+                if message is None:
+                    await self._queue_wakeup.wait()
                 continue
-            payload = await trio.to_thread.run_sync(self.queue.payload_for_sending, message)
             payload = self._prepare(message.action, payload)
             try:
                 answer = await self.call(message.action, payload, unique_id=message.unique_id)
@@ -733,13 +745,30 @@ class ChargePoint:
                         attempts,
                         exc.reason,
                     )
-                    continue
-                retry = self.config.get_float("TransactionMessageRetryInterval")
-                await trio.sleep(retry * (message.attempts + 1))
+                else:
+                    retry = self.config.get_float("TransactionMessageRetryInterval")
+                    await trio.sleep(retry * (message.attempts + 1))
+                message, payload = await trio.to_thread.run_sync(self._advance, None)
                 continue
-            await trio.to_thread.run_sync(self.queue.delivered, message.seq, answer)
-            if message.action == "StartTransaction":
-                await self._check_start_answer(message.local_tx_id, answer)
+            done = message
+            # One trip to the disk per message: the answer is recorded (with its
+            # id mapping, in one SQLite transaction) and the next message fetched,
+            # whose transactionId that mapping may fill in. A worker thread is not
+            # cancellable, so a recorded answer is never half-written.
+            message, payload = await trio.to_thread.run_sync(self._advance, (done.seq, answer))
+            if done.action == "StartTransaction":
+                await self._check_start_answer(done.local_tx_id, answer)
+
+    def _advance(
+        self, delivered: tuple[int, dict[str, Any]] | None
+    ) -> tuple[QueuedMessage | None, dict[str, Any] | None]:
+        """(In a worker thread.) Record an answer, then the next message and its payload."""
+        if delivered is not None:
+            self.queue.delivered(*delivered)
+        message = self.queue.head()
+        if message is None:
+            return None, None
+        return message, self.queue.payload_for_sending(message)
 
     async def _check_start_answer(self, local_id: int, answer: dict[str, Any]) -> None:
         info = answer.get("idTagInfo")
@@ -866,7 +895,8 @@ class ChargePoint:
         return answer
 
     async def _change_configuration(self, p: dict[str, Any]) -> dict[str, Any]:
-        result = self.config.change(p["key"], p["value"], source="ocpp")
+        # The write (fsync) in a worker thread: the loop serves the rest meanwhile.
+        result = await self.config.change_async(p["key"], p["value"], source="ocpp")
         if result.status != "Accepted":
             log.info("ChangeConfiguration %s: %s (%s)", p["key"], result.status, result.reason)
         return {"status": result.status}

@@ -51,7 +51,6 @@ import tempfile
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Final
 
 import trio
@@ -66,6 +65,7 @@ from ocpp16.errors import (
     TlsError,
     TransportError,
 )
+from ocpp16.status import LinkState, LinkStatus
 
 log = logging.getLogger(__name__)
 
@@ -788,27 +788,6 @@ class Connection:
 
 
 # --------------------------------------------------------------------------- Link
-
-
-class LinkState(StrEnum):
-    DISABLED = "disabled"
-    CONNECTING = "connecting"
-    CONNECTED = "connected"
-    DISCONNECTED = "disconnected"
-
-
-@dataclass(frozen=True)
-class LinkStatus:
-    """What the link is doing, for the settings page and the fallback limit.
-
-    ``since`` is trio's clock; ``attempt`` counts connection attempts since
-    the last connection that stayed up (1 = the first), 0 when disabled.
-    """
-
-    state: LinkState
-    reason: str = ""
-    since: float = 0.0
-    attempt: int = 0
 
 
 def backoff_delay(attempt: int, low: float, high: float, rng: _random.Random) -> float:

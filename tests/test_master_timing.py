@@ -6,6 +6,7 @@ import itertools
 import os
 import tty
 from functools import partial
+from itertools import pairwise
 
 import pytest
 import trio
@@ -96,3 +97,28 @@ async def test_a_slow_units_gap_holds_back_only_that_unit() -> None:
     assert done[2] < 0.1
     with pytest.raises(ValueError, match="-1"):
         ModbusMaster.for_port("tcp://127.0.0.1:1").set_unit_gap(1, -1)
+
+
+async def test_a_write_goes_before_reads_waiting_for_the_same_units_gap() -> None:
+    timeline = Timeline()
+    server = timeline.server()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve_tcp, "127.0.0.1", 0)
+        async with ModbusMaster.for_port(TcpPort("127.0.0.1", port)) as master:
+            master.set_unit_gap(1, 0.1)
+
+            async def poller() -> None:
+                while True:
+                    await master.read_holding_registers(1, 0, 2)
+
+            for _ in range(6):
+                nursery.start_soon(poller)
+            await trio.sleep(0.35)
+            asked = trio.current_time()
+            await master.write_register(1, 0, 7)
+            waited = trio.current_time() - asked
+            nursery.cancel_scope.cancel()
+    # At most one gap (plus the exchange), however many readers were queued.
+    assert waited < 0.1 + 0.05
+    times = [t for unit, t in timeline.requests if unit == 1]
+    assert min(b - a for a, b in pairwise(times)) >= 0.1

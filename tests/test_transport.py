@@ -36,6 +36,7 @@ from ocpp16.errors import (
     TlsError,
     TransportError,
 )
+from ocpp16.status import LinkState, LinkStatus
 from ocpp16.transport import (
     FAILED_TO_AUTHENTICATE_AT_CENTRAL_SYSTEM,
     INVALID_CENTRAL_SYSTEM_CERTIFICATE,
@@ -43,8 +44,6 @@ from ocpp16.transport import (
     Connection,
     ConnectionSettings,
     Link,
-    LinkState,
-    LinkStatus,
     backoff_delay,
     open_connection,
     security_event_for,
