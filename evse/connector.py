@@ -483,9 +483,13 @@ def _begin(c: Connector, s: Snapshot, id_tag: str, now: float) -> Snapshot:
     ``SetCurrent`` that follows lets the board close the contactor.
     """
     if s.energy_wh is None:
-        # No meter reading yet: a transaction needs its meterStart (OCPP 1.6
-        # StartTransaction.req), and the meter may be dead.
-        return _raise(c, s, FaultRaised(Fault.METER_SILENT, "no meter reading"), now)
+        # No meter reading yet (just started): a transaction needs its
+        # meterStart (OCPP 1.6 StartTransaction.req). Hold the authorization
+        # and start at the first reading; a meter that stays silent is the
+        # safety monitor's fault to raise, and ConnectionTimeOut ends the wait.
+        if s.state is not State.AUTHORIZED:
+            c._emit(StartTimer(CONNECTION_TIMER, now + c.connection_timeout))
+        return replace(s, state=State.AUTHORIZED, id_tag=id_tag)
     c._emit(CancelTimer(CONNECTION_TIMER))
     c._emit(BeginTransaction(id_tag, s.energy_wh))
     s = replace(s, id_tag=id_tag)
@@ -517,6 +521,14 @@ def _authorized_pilot(c: Connector, s: Snapshot, e: object, now: float) -> Snaps
     s = _note_pilot(c, s, e, now)
     if s.state is State.AUTHORIZED and s.plugged:
         assert s.id_tag is not None
+        return _begin(c, s, s.id_tag, now)
+    return s
+
+
+def _authorized_meter(c: Connector, s: Snapshot, e: object, now: float) -> Snapshot:
+    """The first reading a held start was waiting for."""
+    s = _note_meter(c, s, e, now)
+    if s.plugged and s.id_tag is not None:
         return _begin(c, s, s.id_tag, now)
     return s
 
@@ -754,6 +766,7 @@ TRANSITIONS: Mapping[State, Mapping[type, Transition]] = MappingProxyType(
         },
         State.AUTHORIZED: {
             **_COMMON,
+            MeterSample: _authorized_meter,
             PilotChanged: _authorized_pilot,
             Authorized: _authorized_again,
             StopRequested: _authorized_stop,

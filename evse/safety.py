@@ -74,12 +74,18 @@ class SafetyMonitor:
             self._over_since = None
 
     def command(self, now: float, amps: float) -> None:
-        """The station is about to command ``amps``."""
+        """The station is about to command ``amps``.
+
+        The over-current clock is not restarted by a change of the offer: after
+        a decrease, the first reading above the new offer starts it, which
+        gives the EV its allowance from then on; an EV that was already above
+        the old, higher offer keeps its earlier start. Restarting it on every
+        change would let an offer that changes often hide an over-current.
+        """
         if amps != self.commanded:
             self.commanded = amps
             self.commanded_at = now
             self.written_at = None
-            self._over_since = None
 
     def command_written(self, now: float, amps: float) -> None:
         """The board acknowledged the command at ``now``.

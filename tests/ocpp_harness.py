@@ -156,3 +156,26 @@ def station(csms: Csms, data_dir: Path, *extra: str) -> Iterator[StationProcess]
         if s.proc is not None and s.proc.poll() is None:
             s.proc.kill()
             s.proc.communicate(timeout=30)
+
+
+def booted(csms: Csms, boots: int = 1, cp: str = CP, within: float = 30.0) -> None:
+    """Wait until the station is registered for the ``boots``-th time.
+
+    A station reports connector 0's status only once its BootNotification has
+    been accepted (and the central system's calls are served), so this is the
+    moment a test may start calling it.
+    """
+    until(
+        lambda: (
+            len(
+                [
+                    m
+                    for m in calls(csms, "StatusNotification", cp)
+                    if m["payload"]["connectorId"] == 0
+                ]
+            )
+            >= boots
+        ),
+        within,
+        f"registration number {boots}",
+    )

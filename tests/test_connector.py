@@ -216,14 +216,23 @@ def test_pilot_error_clears_when_the_pilot_is_back() -> None:
     assert c.state is State.FINISHING
 
 
-def test_no_meter_reading_no_transaction() -> None:
-    c = Connector()
+def test_no_meter_reading_holds_the_start_until_the_first_one() -> None:
+    c = Connector(connection_timeout=60)
     c.start()
     c.handle(LimitChanged(16), 0)
     c.handle(PilotChanged(P.B), 1)
     effects = c.handle(Authorized("TAG1"), 2)
-    assert not any(isinstance(e, BeginTransaction) for e in effects)
-    assert c.error_code is ErrorCode.POWER_METER_FAILURE
+    # No meterStart yet: no transaction, no current, no fault; the wait is bounded.
+    assert not any(isinstance(e, BeginTransaction | SetCurrent) for e in effects)
+    assert StartTimer(CONNECTION_TIMER, 62) in effects
+    assert c.status is Status.PREPARING
+    assert c.error_code is ErrorCode.NO_ERROR
+    effects = c.handle(MeterSample(500.0), 3)
+    assert effects[:3] == [
+        CancelTimer(CONNECTION_TIMER),
+        BeginTransaction("TAG1", 500.0),
+        SetCurrent(16.0),
+    ]
 
 
 def test_limit_below_six_amps_is_off_and_back() -> None:

@@ -26,7 +26,7 @@ from tests.csms_peer import (
     running_csms,
     wait_for,
 )
-from tests.ocpp_harness import CP, TAG, calls, station, statuses, until
+from tests.ocpp_harness import CP, TAG, booted, calls, station, statuses, until
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ def test_tc_001_cold_boot(csms: Csms, tmp_path: Path) -> None:
 
 def test_tc_003_charging_session_plug_in_first(csms: Csms, tmp_path: Path) -> None:
     with station(csms, tmp_path) as st:
-        wait_for(csms, CP, "BootNotification")
+        booted(csms)
         st.plug()
         st.wait_status("Preparing")
         assert st.present()["status"] == "Accepted"
@@ -86,7 +86,7 @@ def test_tc_003_charging_session_plug_in_first(csms: Csms, tmp_path: Path) -> No
 
 def test_tc_004_identification_first(csms: Csms, tmp_path: Path) -> None:
     with station(csms, tmp_path) as st:
-        wait_for(csms, CP, "BootNotification")
+        booted(csms)
         assert st.present()["status"] == "Accepted"
         st.wait_status("Preparing")
         st.plug()
@@ -96,7 +96,7 @@ def test_tc_004_identification_first(csms: Csms, tmp_path: Path) -> None:
 
 def test_tc_005_ev_side_disconnect(csms: Csms, tmp_path: Path) -> None:
     with station(csms, tmp_path) as st:
-        wait_for(csms, CP, "BootNotification")
+        booted(csms)
         st.plug()
         st.present()
         wait_for(csms, CP, "StartTransaction")
@@ -108,7 +108,7 @@ def test_tc_005_ev_side_disconnect(csms: Csms, tmp_path: Path) -> None:
 
 def test_tc_010_remote_start_and_tc_011_remote_stop(csms: Csms, tmp_path: Path) -> None:
     with station(csms, tmp_path) as st:
-        wait_for(csms, CP, "BootNotification")
+        booted(csms)
         st.plug()
         st.wait_status("Preparing")
         answer = call_result(csms, CP, "RemoteStartTransaction", {"idTag": "REMOTE01"})
@@ -130,7 +130,7 @@ def test_tc_010_remote_start_and_tc_011_remote_stop(csms: Csms, tmp_path: Path) 
 
 def test_remote_start_of_a_blocked_tag_is_rejected(csms: Csms, tmp_path: Path) -> None:
     with station(csms, tmp_path) as st:
-        wait_for(csms, CP, "BootNotification")
+        booted(csms)
         st.plug()
         st.wait_status("Preparing")
         answer = call_result(csms, CP, "RemoteStartTransaction", {"idTag": "BLOCKED9"})
@@ -141,7 +141,7 @@ def test_tc_019_get_configuration_and_tc_021_change_configuration(
     csms: Csms, tmp_path: Path
 ) -> None:
     with station(csms, tmp_path) as st:
-        wait_for(csms, CP, "BootNotification")
+        booted(csms)
         every = call_result(csms, CP, "GetConfiguration", {})
         keys = {k["key"]: k for k in every["configurationKey"]}
         assert keys["NumberOfConnectors"] == {
@@ -168,7 +168,7 @@ def test_tc_019_get_configuration_and_tc_021_change_configuration(
         # Persisted: the same after a restart.
         assert st.stop()[0] == 0
     with station(csms, tmp_path):
-        wait_for(csms, CP, "BootNotification", since=0)
+        booted(csms, 2)
         until(lambda: _value(csms, "MeterValueSampleInterval") == "30", 10, "persisted key")
 
 
@@ -185,7 +185,7 @@ def _value(csms: Csms, key: str) -> str | None:
 
 def test_unknown_vendor_data_transfer_and_unsupported_actions(csms: Csms, tmp_path: Path) -> None:
     with station(csms, tmp_path):
-        wait_for(csms, CP, "BootNotification")
+        booted(csms)
         answer = call_result(csms, CP, "DataTransfer", {"vendorId": "acme", "messageId": "x"})
         assert answer == {"status": "UnknownVendorId"}
         answer = call_result(csms, CP, "ClearCache", {})
@@ -194,7 +194,7 @@ def test_unknown_vendor_data_transfer_and_unsupported_actions(csms: Csms, tmp_pa
 
 def test_tc_013_change_availability_inoperative_is_persisted(csms: Csms, tmp_path: Path) -> None:
     with station(csms, tmp_path) as st:
-        wait_for(csms, CP, "BootNotification")
+        booted(csms)
         answer = call_result(
             csms, CP, "ChangeAvailability", {"connectorId": 1, "type": "Inoperative"}
         )
@@ -203,6 +203,7 @@ def test_tc_013_change_availability_inoperative_is_persisted(csms: Csms, tmp_pat
         st.stop()
     with station(csms, tmp_path) as st:
         st.wait_status("Unavailable")
+        booted(csms, 2)
         answer = call_result(
             csms, CP, "ChangeAvailability", {"connectorId": 1, "type": "Operative"}
         )
@@ -212,7 +213,7 @@ def test_tc_013_change_availability_inoperative_is_persisted(csms: Csms, tmp_pat
 
 def test_change_availability_during_a_transaction_is_scheduled(csms: Csms, tmp_path: Path) -> None:
     with station(csms, tmp_path) as st:
-        wait_for(csms, CP, "BootNotification")
+        booted(csms)
         st.plug()
         st.present()
         st.wait_status("Charging")
@@ -226,7 +227,7 @@ def test_change_availability_during_a_transaction_is_scheduled(csms: Csms, tmp_p
 
 def test_unlock_connector_stops_the_transaction(csms: Csms, tmp_path: Path) -> None:
     with station(csms, tmp_path) as st:
-        wait_for(csms, CP, "BootNotification")
+        booted(csms)
         st.plug()
         st.present()
         st.wait_status("Charging")
@@ -238,7 +239,7 @@ def test_unlock_connector_stops_the_transaction(csms: Csms, tmp_path: Path) -> N
 
 def test_tc_032_power_failure_stops_with_power_loss(csms: Csms, tmp_path: Path) -> None:
     with station(csms, tmp_path) as st:
-        wait_for(csms, CP, "BootNotification")
+        booted(csms)
         st.plug()
         st.present()
         start = wait_for(csms, CP, "StartTransaction")
@@ -265,7 +266,7 @@ def _last_meter(db: Path) -> float:
 
 def test_tc_036_connection_loss_during_a_transaction(csms: Csms, tmp_path: Path) -> None:
     with station(csms, tmp_path) as st:
-        wait_for(csms, CP, "BootNotification")
+        booted(csms)
         st.plug()
         st.present()
         start = wait_for(csms, CP, "StartTransaction")
@@ -281,7 +282,7 @@ def test_tc_036_connection_loss_during_a_transaction(csms: Csms, tmp_path: Path)
 
 def test_offline_transaction_gets_its_real_id_on_reconnect(csms: Csms, tmp_path: Path) -> None:
     with station(csms, tmp_path) as st:
-        wait_for(csms, CP, "BootNotification")
+        booted(csms)
         configure(csms, refuse_for=4)
         disconnect(csms, CP, abort=True)
         st.plug()
@@ -297,7 +298,7 @@ def test_offline_transaction_gets_its_real_id_on_reconnect(csms: Csms, tmp_path:
 
 def test_sigterm_during_a_transaction_stops_it_with_reboot(csms: Csms, tmp_path: Path) -> None:
     with station(csms, tmp_path) as st:
-        wait_for(csms, CP, "BootNotification")
+        booted(csms)
         st.plug()
         st.present()
         wait_for(csms, CP, "StartTransaction")

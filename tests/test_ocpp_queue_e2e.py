@@ -20,7 +20,7 @@ import pytest
 from evse.store import Store
 from ocpp16.queue import TransactionQueue
 from tests.csms_peer import Csms, call_result, running_csms, wait_for
-from tests.ocpp_harness import CP, calls, station, until
+from tests.ocpp_harness import CP, booted, calls, station, until
 
 pytestmark = pytest.mark.slow
 
@@ -136,7 +136,7 @@ def test_kill_9_during_replay_of_1000_queued_messages(csms: Csms, tmp_path: Path
 
 def test_soft_reset_stops_the_transaction_and_restarts(csms: Csms, tmp_path: Path) -> None:
     with station(csms, tmp_path) as st:
-        wait_for(csms, CP, "BootNotification")
+        booted(csms)
         st.plug()
         st.present()
         wait_for(csms, CP, "StartTransaction")
