@@ -250,15 +250,24 @@ class ModbusMaster:
         self, unit: int, code: int, count: int, frame: bytes, reply_timeout: float | None
     ) -> ModbusPDU:
         unit_gap = self._unit_gap.get(unit)
-        is_write = code in _WRITE_CODES
-        if unit_gap and is_write:
-            self._writes_waiting[unit] = self._writes_waiting.get(unit, 0) + 1
-        try:
-            await self._take_bus(unit, unit_gap, is_write)
-        finally:
-            if unit_gap and is_write:
-                self._writes_waiting[unit] -= 1
-                self._write_turn.unpark_all()
+        if not unit_gap:
+            # The common case, kept short (it is the per-poll cost): an
+            # uncontended bus is taken without a scheduler round-trip; the
+            # exchange itself checkpoints on send and receive.
+            try:
+                self._lock.acquire_nowait()
+            except trio.WouldBlock:
+                await self._lock.acquire()
+        else:
+            is_write = code in _WRITE_CODES
+            if is_write:
+                self._writes_waiting[unit] = self._writes_waiting.get(unit, 0) + 1
+            try:
+                await self._take_bus(unit, unit_gap, is_write)
+            finally:
+                if is_write:
+                    self._writes_waiting[unit] -= 1
+                    self._write_turn.unpark_all()
         try:
             attempt = 0
             while True:
@@ -278,7 +287,7 @@ class ModbusMaster:
         finally:
             self._lock.release()
 
-    async def _take_bus(self, unit: int, unit_gap: float | None, is_write: bool) -> None:
+    async def _take_bus(self, unit: int, unit_gap: float, is_write: bool) -> None:
         """Wait for the unit's own gap, then hold the bus lock.
 
         On a unit with a request gap, a write (a current command, "off" above
@@ -287,22 +296,19 @@ class ModbusMaster:
         whole gap per lost round (EVSE DIN: 100 ms each).
         """
         while True:
-            if unit_gap:
-                # Wait out a slow unit's own gap *before* taking the bus, so
-                # requests to other units go ahead meanwhile.
-                ready_at = self._unit_last.get(unit, -float("inf")) + unit_gap
-                if ready_at > trio.current_time():
-                    await trio.sleep_until(ready_at)
-                if not is_write and self._writes_waiting.get(unit):
-                    await self._write_turn.park()
-                    continue
-            # Fast path: an uncontended bus takes the lock without a scheduler
-            # round-trip; the exchange itself checkpoints on send and receive.
+            # Wait out a slow unit's own gap *before* taking the bus, so
+            # requests to other units go ahead meanwhile.
+            ready_at = self._unit_last.get(unit, -float("inf")) + unit_gap
+            if ready_at > trio.current_time():
+                await trio.sleep_until(ready_at)
+            if not is_write and self._writes_waiting.get(unit):
+                await self._write_turn.park()
+                continue
             try:
                 self._lock.acquire_nowait()
             except trio.WouldBlock:
                 await self._lock.acquire()
-            if not unit_gap or trio.current_time() >= self._unit_last.get(unit, 0.0) + unit_gap:
+            if trio.current_time() >= self._unit_last.get(unit, 0.0) + unit_gap:
                 return
             # Another task reached the same unit first: wait its gap again.
             self._lock.release()
