@@ -542,7 +542,8 @@ def _authorized_again(c: Connector, s: Snapshot, e: object, now: float) -> Snaps
 
 def _authorized_stop(c: Connector, s: Snapshot, e: object, now: float) -> Snapshot:
     c._emit(CancelTimer(CONNECTION_TIMER))
-    return replace(s, state=State.IDLE, id_tag=None)
+    # An EV may be plugged in (a start held for the first meter reading).
+    return replace(s, state=State.PLUGGED if s.plugged else State.IDLE, id_tag=None)
 
 
 def _authorized_timer(c: Connector, s: Snapshot, e: object, now: float) -> Snapshot:
@@ -550,7 +551,7 @@ def _authorized_timer(c: Connector, s: Snapshot, e: object, now: float) -> Snaps
     assert isinstance(e, TimerExpired)
     if e.name != CONNECTION_TIMER:
         return s
-    return replace(s, state=State.IDLE, id_tag=None)
+    return replace(s, state=State.PLUGGED if s.plugged else State.IDLE, id_tag=None)
 
 
 def _plugged_pilot(c: Connector, s: Snapshot, e: object, now: float) -> Snapshot:

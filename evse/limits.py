@@ -20,6 +20,7 @@ offered at a current the EV may not obey.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -52,6 +53,7 @@ class Limit:
 
 
 def arbitrate(inputs: LimitInputs) -> Limit:
+    """The offer. A limit that is not a number (NaN) counts as 0: fail closed."""
     candidates: list[tuple[float, str]] = [
         (inputs.hardware_max, "hardware"),
         (inputs.installer_max, "installer"),
@@ -62,6 +64,7 @@ def arbitrate(inputs: LimitInputs) -> Limit:
         candidates.append((inputs.smart_charging, "smart_charging"))
     elif inputs.central_system is CentralSystem.OFFLINE:
         candidates.append((inputs.fallback, "fallback"))
+    candidates = [(0.0 if math.isnan(a) else a, name) for a, name in candidates]
     amps, bound_by = min(candidates, key=lambda c: c[0])
     if amps < MIN_CURRENT:
         return Limit(0.0, f"{bound_by} (below {MIN_CURRENT:g} A)")

@@ -51,6 +51,7 @@ class SafetyMonitor:
         self.contactor_at = now
         self.max_current = 0.0
         self.current_at = now
+        self._write_failed_at: float | None = None
         self._over_since: float | None = None
         self._active: dict[Fault, str] = {}
 
@@ -87,6 +88,11 @@ class SafetyMonitor:
             self.commanded_at = now
             self.written_at = None
 
+    def command_failed(self, now: float) -> None:
+        """The board did not acknowledge a current command: treat it as silent
+        until a board reading completes after this moment."""
+        self._write_failed_at = now
+
     def command_written(self, now: float, amps: float) -> None:
         """The board acknowledged the command at ``now``.
 
@@ -105,6 +111,11 @@ class SafetyMonitor:
         board_age = now - self.board_seen
         if board_age > s.board_timeout:
             wanted[Fault.BOARD_SILENT] = f"no board reading for {board_age:.1f} s"
+        elif self._write_failed_at is not None:
+            if self.board_seen <= self._write_failed_at:
+                wanted[Fault.BOARD_SILENT] = "a current command was not acknowledged"
+            else:
+                self._write_failed_at = None
         meter_age = now - self.meter_seen
         if meter_age > s.meter_timeout:
             wanted[Fault.METER_SILENT] = f"no meter reading for {meter_age:.1f} s"

@@ -259,8 +259,11 @@ class Station:
             self.monitor.command_written(trio.current_time(), amps)
         except (FieldbusError, ValueError) as exc:
             if amps > 0:
+                # Not handled here, in the middle of this effect list: the
+                # safety monitor raises BOARD_SILENT on its next check (and
+                # clears it once the board answers again), after this list.
                 log.error("could not command %.1f A: %s", amps, exc)
-                await self._handle(FaultRaised(Fault.BOARD_SILENT, f"command failed: {exc}"))
+                self.monitor.command_failed(trio.current_time())
             else:
                 log.error("could not switch off: %s; retrying until it goes through", exc)
                 self._insist_off()

@@ -56,3 +56,10 @@ def test_never_above_any_limit_and_never_between_0_and_6(
 def test_failsafe_current_is_the_fallback_or_off() -> None:
     assert failsafe_current(10) == 10
     assert failsafe_current(5) == 0
+
+
+def test_a_limit_that_is_not_a_number_fails_closed() -> None:
+    nan = float("nan")
+    assert arbitrate(LimitInputs(32, 32, 6, smart_charging=nan)).amps == 0
+    assert arbitrate(LimitInputs(nan, 32, 6)).amps == 0
+    assert arbitrate(LimitInputs(32, 32, nan, central_system=OFF)).amps == 0

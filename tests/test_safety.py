@@ -137,3 +137,14 @@ def test_an_unwritten_off_is_never_judged_welded() -> None:
         m.board_reading(t, contactor_closed=True)
         m.meter_reading(t, [16.0])
         assert Fault.WELDED not in raised(m.check(t))
+
+
+def test_an_unacknowledged_command_is_a_silent_board_until_it_answers() -> None:
+    m = SafetyMonitor(S, now=0)
+    m.board_reading(1.0, contactor_closed=None)
+    m.meter_reading(1.0, [0.0])
+    m.command(1.0, 16)
+    m.command_failed(1.2)
+    assert raised(m.check(1.21)) == {Fault.BOARD_SILENT}
+    m.board_reading(1.5, contactor_closed=None)
+    assert cleared(m.check(1.5)) == {Fault.BOARD_SILENT}
