@@ -147,6 +147,23 @@ class SafetyMonitor:
         self._active = wanted
         return changes
 
+    def next_deadline(self) -> float:
+        """The earliest time a verdict can change without a new reading or command.
+
+        Readings and commands can change verdicts too; whoever reports them
+        wakes the checker. In between it sleeps until this time.
+        """
+        s = self.settings
+        # Silence is "longer than" the timeout: look just after it.
+        after = 1e-3
+        deadlines = [
+            self.board_seen + s.board_timeout + after,
+            self.meter_seen + s.meter_timeout + after,
+        ]
+        if self._over_since is not None:
+            deadlines.append(self._over_since + s.overcurrent_time)
+        return min(deadlines)
+
     def reset_latched(self) -> None:
         """After an installer reset: a contactor still welded is reported again."""
         self._active.pop(Fault.WELDED, None)

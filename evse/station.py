@@ -77,6 +77,9 @@ BOARD_FAULTS: dict[BoardFault, Fault] = {
     BoardFault.DEVICE: Fault.BOARD_ERROR,
 }
 
+#: When no deadline is ahead (verdicts given), the safety monitor looks again after this.
+SAFETY_RECHECK = 0.25
+
 AVAILABILITY_KEY = "connector.{}.operative"
 LATCHED_KEY = "connector.{}.latched_faults"
 
@@ -142,6 +145,7 @@ class Station:
         self._timers: dict[str, float] = {}
         self._timers_changed = trio.Event()
         self._insisting_off = False
+        self._safety_wakeup = trio.lowlevel.ParkingLot()
         self._nursery: trio.Nursery | None = None
         self._last_persist = -math.inf
         self._log_quiet: dict[str, float] = {}
@@ -253,10 +257,12 @@ class Station:
     async def _set_current(self, amps: float) -> None:
         assert self.monitor is not None
         self.monitor.command(trio.current_time(), amps)
+        self._safety_changed()
         self.commanded = amps
         try:
             await self.board.set_current(amps)
             self.monitor.command_written(trio.current_time(), amps)
+            self._safety_changed()
         except (FieldbusError, ValueError) as exc:
             if amps > 0:
                 # Not handled here, in the middle of this effect list: the
@@ -264,6 +270,7 @@ class Station:
                 # clears it once the board answers again), after this list.
                 log.error("could not command %.1f A: %s", amps, exc)
                 self.monitor.command_failed(trio.current_time())
+                self._safety_changed()
             else:
                 log.error("could not switch off: %s; retrying until it goes through", exc)
                 self._insist_off()
@@ -412,6 +419,7 @@ class Station:
             else:
                 self.board_status = status
                 self.monitor.board_reading(status.read_at, contactor_closed=status.contactor_closed)
+                self._safety_changed()
                 if status.pilot is not pilot:
                     pilot = status.pilot
                     await self._send.send(PilotChanged(pilot))
@@ -448,6 +456,7 @@ class Station:
                 wait = period
                 self.meter_reading = reading
                 self.monitor.meter_reading(reading.read_at, list(reading.current))
+                self._safety_changed()
                 if reading.energy_import_wh is not None:
                     await self._send.send(MeterSample(reading.energy_import_wh))
                     tx = self.tx
@@ -474,15 +483,24 @@ class Station:
                 log.debug("meter reading not persisted: %s", exc)
 
     async def _watch_safety(self) -> None:
-        assert self.monitor is not None
-        s = self.settings.safety
-        # A verdict within 10 ms of a deadline (a silent device's timeout, the
-        # over-current allowance): cheap, the check is a few comparisons.
-        interval = min(0.01, s.board_timeout / 4)
+        """Verdicts at once: after every reading and command (they wake this task),
+        and exactly at the next deadline (a silent device's timeout, the end of the
+        over-current allowance) in between; no polling tick to burn CPU."""
+        monitor = self.monitor
+        assert monitor is not None
         while True:
-            for change in self.monitor.check(trio.current_time()):
+            now = trio.current_time()
+            for change in monitor.check(now):
                 await self._send.send(change)
-            await trio.sleep(interval)
+            deadline = monitor.next_deadline()
+            if deadline <= now:
+                # A deadline already passed is a verdict already given.
+                deadline = now + SAFETY_RECHECK
+            with trio.move_on_at(deadline):
+                await self._safety_wakeup.park()
+
+    def _safety_changed(self) -> None:
+        self._safety_wakeup.unpark_all()
 
     async def _run_timers(self) -> None:
         while True:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from evse.connector import Fault, FaultCleared, FaultRaised
 from evse.safety import SafetyMonitor, SafetySettings
 
@@ -148,3 +150,17 @@ def test_an_unacknowledged_command_is_a_silent_board_until_it_answers() -> None:
     assert raised(m.check(1.21)) == {Fault.BOARD_SILENT}
     m.board_reading(1.5, contactor_closed=None)
     assert cleared(m.check(1.5)) == {Fault.BOARD_SILENT}
+
+
+def test_next_deadline_is_the_earliest_verdict_due() -> None:
+    m = SafetyMonitor(S, now=0)
+    m.board_reading(2.0, contactor_closed=None)
+    m.meter_reading(1.0, [0.0])
+    assert m.next_deadline() == pytest.approx(3.0 + 1e-3)  # board: 2.0 + 1.0
+    m.command(1.0, 10)
+    m.meter_reading(2.5, [13.0])  # over from 2.5: due at 7.5
+    m.board_reading(9.0, contactor_closed=None)
+    m.meter_reading(9.0, [13.0])
+    assert m.next_deadline() == pytest.approx(7.5)
+    assert not m.check(m.next_deadline() - 0.01)
+    assert raised(m.check(m.next_deadline())) == {Fault.OVER_CURRENT}
