@@ -674,9 +674,11 @@ class ChargePoint:
                 status, error, info = current
                 if status in _IN_TRANSACTION and await self._start_not_delivered():
                     # Charging is reported after its StartTransaction (the
-                    # order a central system and the CTT expect); the queue is
-                    # working on it, so look again shortly.
-                    wait = min(wait, 0.2)
+                    # order a central system and the CTT expect): the queue
+                    # sender wakes us when the Start is answered; never wait
+                    # longer than the patience allows.
+                    since = self._start_wait_since or now
+                    wait = min(wait, max(0.0, since + START_ORDER_PATIENCE - now))
                     continue
                 payload: dict[str, Any] = {
                     "connectorId": cid,
@@ -701,7 +703,7 @@ class ChargePoint:
         """A StartTransaction is next in the queue (not yet answered)."""
         if self._start_wait_since is None:
             self._start_wait_since = trio.current_time()
-        elif trio.current_time() - self._start_wait_since > START_ORDER_PATIENCE:
+        elif trio.current_time() - self._start_wait_since >= START_ORDER_PATIENCE:
             # The queue is stuck (errors, retries): status must not wait for it.
             self._start_wait_since = None
             return False
@@ -757,6 +759,7 @@ class ChargePoint:
             # cancellable, so a recorded answer is never half-written.
             message, payload = await trio.to_thread.run_sync(self._advance, (done.seq, answer))
             if done.action == "StartTransaction":
+                self._status_wakeup.set()  # a Charging status may wait for this
                 await self._check_start_answer(done.local_tx_id, answer)
 
     def _advance(
