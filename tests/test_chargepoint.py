@@ -165,7 +165,9 @@ async def test_rejected_carries_out_no_call_and_retries_after_the_interval(
         assert cs.actions() == ["BootNotification"] * 2
         assert rig.config.get_int("HeartbeatInterval") == 3600
         cs.answer(again, {"status": "Accepted", "currentTime": now_text(), "interval": 300})
-        await cs.expect("StartTransaction")
+        start = await cs.expect("StartTransaction")
+        # One CALL at a time (OCPP-J 4.1.1): the statuses may wait for this answer.
+        cs.answer(start, {"transactionId": 7, "idTagInfo": {"status": "Accepted"}})
         await statuses_sent(cs, 2)
         assert cs.times("StatusNotification") == [50.0, 50.0]
         assert cs.times("StartTransaction") == [50.0]
