@@ -449,7 +449,9 @@ async def test_rtu_reply_split_across_the_timeout(pty: PtyPair) -> None:
 async def test_rtu_cancelled_request_then_next_request(pty: PtyPair) -> None:
     # A is cancelled; the device answers it well within A's timeout, while B waits.
     device = FakeDevice(rtu=True, plan=[Act(delay=0.1)])
-    async with rtu_device(pty, device), rtu_master(pty.path, timeout=0.3) as bus:
+    # A generous timeout: the late reply must fall inside it even on a loaded
+    # machine (beyond it, RTU cannot tell a stale reply from the next one).
+    async with rtu_device(pty, device), rtu_master(pty.path, timeout=1.0) as bus:
         with trio.move_on_after(0.03) as scope:
             await bus.read_holding_registers(1, A_ADDRESS, COUNT)
         assert scope.cancelled_caught
@@ -473,7 +475,7 @@ async def test_rtu_request_cancelled_while_settling(pty: PtyPair) -> None:
     # A is cancelled; B is cancelled while it waits for A's late reply to pass;
     # C must still not take A's reply for its own.
     device = FakeDevice(rtu=True, plan=[Act(delay=0.15)])
-    async with rtu_device(pty, device), rtu_master(pty.path, timeout=0.3) as bus:
+    async with rtu_device(pty, device), rtu_master(pty.path, timeout=1.0) as bus:
         with trio.move_on_after(0.02):
             await bus.read_holding_registers(1, A_ADDRESS, COUNT)
         with trio.move_on_after(0.03) as scope:
