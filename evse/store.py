@@ -38,8 +38,7 @@ from __future__ import annotations
 import math
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -47,6 +46,7 @@ from types import TracebackType
 from typing import Final, Self
 
 from evse.errors import StoreError
+from ocpp16.sqlite import SqliteAccess
 
 #: OCPP 1.6 Reason (StopTransaction.req ``reason``): why a transaction stopped.
 STOP_REASONS: Final = frozenset(
@@ -171,7 +171,7 @@ def _record(row: _Row) -> TransactionRecord:
     )
 
 
-class Store:
+class Store(SqliteAccess):
     """The station's SQLite file. Open with ``Store.open(path)``."""
 
     def __init__(self, path: Path, connection: sqlite3.Connection) -> None:
@@ -442,40 +442,10 @@ class Store:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {version + 1:d}")
 
-    @contextmanager
-    def _translate(self, what: str) -> Iterator[None]:
-        try:
-            yield
-        except sqlite3.Error as exc:
-            raise StoreError(f"{what}: {exc}", path=self._path) from exc
+    _closed_message = "the store is closed"
 
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise StoreError("the store is closed", path=self._path)
-        return self._conn
-
-    @contextmanager
-    def _read(self, what: str) -> Iterator[sqlite3.Connection]:
-        with self._lock, self._translate(what):
-            yield self._connection()
-
-    @contextmanager
-    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
-        """One committed transaction: ``with conn:`` with BEGIN IMMEDIATE.
-
-        The commit has happened when the block exits normally; on any error
-        (a refusal raised inside the block included) it is rolled back.
-        """
-        with self._lock, self._translate(what):
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.rollback()
-                raise
+    def _fail(self, message: str) -> Exception:
+        return StoreError(message, path=self._path)
 
     def _energy(self, what: str, value: float) -> float:
         energy = float(value)

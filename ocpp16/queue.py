@@ -99,8 +99,7 @@ import json
 import sqlite3
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -109,6 +108,7 @@ from types import TracebackType
 from typing import Any, Final, Self
 
 from ocpp16.errors import QueueError
+from ocpp16.sqlite import SqliteAccess
 
 
 class MessageKind(StrEnum):
@@ -266,7 +266,7 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-class TransactionQueue:
+class TransactionQueue(SqliteAccess):
     """The queue in the station's SQLite file. Open with ``TransactionQueue.open(path)``."""
 
     def __init__(
@@ -663,40 +663,10 @@ class TransactionQueue:
         row = conn.execute("SELECT value FROM ocpp_meta WHERE key = 'schema_version'").fetchone()
         return 0 if row is None else int(row[0])
 
-    @contextmanager
-    def _translate(self, what: str) -> Iterator[None]:
-        try:
-            yield
-        except sqlite3.Error as exc:
-            raise _error(f"{what}: {exc}", path=self._path) from exc
+    _closed_message = "the queue is closed"
 
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise _error("the queue is closed", path=self._path)
-        return self._conn
-
-    @contextmanager
-    def _read(self, what: str) -> Iterator[sqlite3.Connection]:
-        with self._lock, self._translate(what):
-            yield self._connection()
-
-    @contextmanager
-    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
-        """One committed transaction opened with BEGIN IMMEDIATE.
-
-        The commit has happened when the block exits normally; on any error
-        (a refusal raised inside the block included) it is rolled back.
-        """
-        with self._lock, self._translate(what):
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.rollback()
-                raise
+    def _fail(self, message: str) -> Exception:
+        return _error(message, path=self._path)
 
     def _kind(self, what: str, action: str) -> MessageKind:
         try:
