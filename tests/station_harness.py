@@ -27,7 +27,7 @@ from ops.sim.app import SimConfig, Simulator
 TAG = "04A2B3C4"
 
 FAST_SAFETY = SafetySettings(
-    board_timeout=0.4,
+    board_timeout=0.8,  # margin for a loaded test machine
     meter_timeout=1.0,
     overcurrent_margin=2.0,
     overcurrent_time=0.5,
@@ -124,7 +124,7 @@ async def station_rig(
         plan = Plan(
             board=DeviceSpec(board, port, 1, timeout=0.2, retries=1),
             # A silent meter must not hold the shared bus longer than the
-            # board's staleness budget allows (board_timeout 0.4 s).
+            # board's staleness budget allows (board_timeout 0.8 s).
             meter=DeviceSpec(meter, port, 2, timeout=0.1, retries=0),
             store_path=db,
             station=replace(settings, free_id_tag="FREECHARGING" if free else None),
