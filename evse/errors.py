@@ -37,3 +37,14 @@ class IllegalTransition(EvseError):
         self.state = state
         self.event = event
         super().__init__(f"{event} is not accepted in state {state}")
+
+
+class HardwareUnavailable(EvseError):
+    """A device (board or meter) did not answer at start: the station does not run.
+
+    ``device`` is "board" or "meter"; the message names its port and unit.
+    """
+
+    def __init__(self, device: str, message: str) -> None:
+        self.device = device
+        super().__init__(f"{device}: {message}")

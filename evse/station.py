@@ -66,6 +66,9 @@ from fieldbus.meters import Meter, MeterReading
 
 log = logging.getLogger(__name__)
 
+#: ``trio.to_thread.run_sync``'s shape: blocking work, awaited.
+Offload = Callable[..., Awaitable[Any]]
+
 #: Board fault flags -> the station's faults (several flags may share one).
 BOARD_FAULTS: dict[BoardFault, Fault] = {
     BoardFault.RCD_TRIP: Fault.RCD_TRIP,
@@ -117,7 +120,11 @@ class Station:
         auth: AuthChain,
         settings: StationSettings,
         central: CentralSystemPort | None = None,
+        offload: Offload = trio.to_thread.run_sync,
     ) -> None:
+        #: Runs blocking work (SQLite) off the loop; the virtual-clock rig runs it
+        #: inline so that trio's MockClock cannot jump while a thread works.
+        self._offload = offload
         self.board = board
         self.meter = meter
         self.store = store
@@ -182,7 +189,7 @@ class Station:
     async def _startup(self) -> None:
         store = self.store
         cid = self.settings.connector_id
-        self.recovered = await trio.to_thread.run_sync(store.recover_power_loss)
+        self.recovered = await self._offload(store.recover_power_loss)
         for record in self.recovered:
             log.warning(
                 "transaction %d was running at power loss: ended with PowerLoss at %.1f Wh",
@@ -201,10 +208,10 @@ class Station:
         if board.capabilities.enable_switch:
             await self._quietly("enable board", board.set_enabled, True)
         await self._quietly("initialize board", board.initialize)
-        latched = await trio.to_thread.run_sync(store.get_setting, LATCHED_KEY.format(cid))
+        latched = await self._offload(store.get_setting, LATCHED_KEY.format(cid))
         for name in filter(None, (latched or "").split(",")):
             await self._handle(FaultRaised(Fault(name), "latched before the restart"))
-        operative = await trio.to_thread.run_sync(store.get_setting, AVAILABILITY_KEY.format(cid))
+        operative = await self._offload(store.get_setting, AVAILABILITY_KEY.format(cid))
         if operative == "0":
             await self._handle(AvailabilityChanged(False))
         await self._recompute_limit()
@@ -299,7 +306,7 @@ class Station:
         reading = self.meter_reading
         started_at = reading.timestamp if reading is not None else datetime.now(UTC)
         try:
-            record = await trio.to_thread.run_sync(
+            record = await self._offload(
                 lambda: self.store.begin_transaction(
                     connector_id=self.settings.connector_id,
                     id_tag=id_tag,
@@ -343,7 +350,7 @@ class Station:
             )
 
         try:
-            record = await trio.to_thread.run_sync(write)
+            record = await self._offload(write)
         except StoreError as exc:
             # It stays "running" on disk: the next start ends it as PowerLoss.
             log.critical("transaction %d end not written: %s", tx.id, exc)
@@ -357,7 +364,7 @@ class Station:
         latched = ",".join(f.value for f in self.connector.snapshot.faults if f in LATCHING)
         key = LATCHED_KEY.format(self.settings.connector_id)
         await self._quietly(
-            "persist latched faults", trio.to_thread.run_sync, self.store.set_setting, key, latched
+            "persist latched faults", self._offload, self.store.set_setting, key, latched
         )
 
     async def _tell_central(self, call: Awaitable[None]) -> None:
@@ -477,7 +484,7 @@ class Station:
     async def _persist_readings(self) -> None:
         async for tx_id, energy, at in self._persist_receive:
             try:
-                await trio.to_thread.run_sync(self.store.record_meter, tx_id, energy, at)
+                await self._offload(self.store.record_meter, tx_id, energy, at)
             except StoreError as exc:
                 # The transaction may have ended meanwhile; nothing to keep then.
                 log.debug("meter reading not persisted: %s", exc)
@@ -592,7 +599,7 @@ class Station:
 
         async def apply() -> str:
             key = AVAILABILITY_KEY.format(self.settings.connector_id)
-            await trio.to_thread.run_sync(self.store.set_setting, key, "1" if operative else "0")
+            await self._offload(self.store.set_setting, key, "1" if operative else "0")
             scheduled = self.connector.snapshot.in_transaction and not operative
             await self._handle(AvailabilityChanged(operative))
             return "Scheduled" if scheduled else "Accepted"

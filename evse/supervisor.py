@@ -43,13 +43,14 @@ from evse.central import CentralSystemPort, Standalone
 from evse.connector import StopReason
 from evse.errors import EvseError, StoreError
 from evse.rfid import ReaderState, RfidConfig, RfidReader
-from evse.station import Station, StationSettings
+from evse.station import Offload, Station, StationSettings
 from evse.store import Store
 from fieldbus.boards import BOARD_MODELS, Board
 from fieldbus.errors import FieldbusError
+from fieldbus.links import Link, make_link
 from fieldbus.master import ModbusMaster
 from fieldbus.meters import METER_MODELS, Meter
-from fieldbus.ports import parse_port
+from fieldbus.ports import PortSpec, parse_port
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +88,30 @@ class Plan:
     rfid: RfidConfig | None = None
     off_deadline: float = 1.0
     services: Sequence[Service] = field(default_factory=tuple)
+    #: How long the board and the meter may take to answer at start before the
+    #: station gives up with HardwareUnavailable (exit 69: systemd retries).
+    start_timeout: float = 10.0
+
+
+#: Makes the byte link for a port (tests pass an in-memory one).
+LinkFactory = Callable[[PortSpec], Link]
 
 
 class Supervisor:
-    def __init__(self, plan: Plan, *, central: CentralSystemPort | None = None) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        central: CentralSystemPort | None = None,
+        links: LinkFactory = make_link,
+        offload: Offload = trio.to_thread.run_sync,
+    ) -> None:
+        self._offload = offload
         self.plan = plan
         self.central: CentralSystemPort = central or Standalone()
+        self._links = links
+        #: Set once the board and the meter have each answered (systemd READY=1).
+        self.hardware_ready = trio.Event()
         self.station: Station | None = None
         self.board: Board | None = None
         self.reader: RfidReader | None = None
@@ -114,14 +133,14 @@ class Supervisor:
         self, *, task_status: trio.TaskStatus[Station] = trio.TASK_STATUS_IGNORED
     ) -> None:
         plan = self.plan
-        store = await trio.to_thread.run_sync(Store.open, plan.store_path)
+        store = await self._offload(Store.open, plan.store_path)
         masters: dict[str, ModbusMaster] = {}
         try:
             for spec in (plan.board, plan.meter):
                 url = parse_port(spec.port).url
                 if url not in masters:
-                    masters[url] = ModbusMaster.for_port(
-                        url, timeout=spec.timeout, retries=spec.retries
+                    masters[url] = ModbusMaster(
+                        self._links(parse_port(url)), timeout=spec.timeout, retries=spec.retries
                     )
             for spec in (plan.board, plan.meter):
                 masters[parse_port(spec.port).url].configure_unit(
@@ -145,6 +164,7 @@ class Supervisor:
                 auth=AuthChain(plan.auth_steps),
                 settings=plan.station,
                 central=self.central,
+                offload=self._offload,
             )
             self.station = station
             try:
@@ -168,7 +188,7 @@ class Supervisor:
             for master in masters.values():
                 with trio.CancelScope(shield=True):
                     await master.aclose()
-            await trio.to_thread.run_sync(store.close)
+            await self._offload(store.close)
             self.stopped.set()
 
     async def shutdown(self, reason: StopReason = StopReason.REBOOT) -> None:
@@ -241,14 +261,14 @@ class Supervisor:
         station = self.station
         cid = self.plan.station.connector_id
         try:
-            record = await trio.to_thread.run_sync(store.running_transaction, cid)
+            record = await self._offload(store.running_transaction, cid)
             if record is None:
                 return
             reading = station.meter_reading if station is not None else None
             energy = reading.energy_import_wh if reading is not None else None
             meter_stop = max(energy or 0.0, record.last_meter_wh)
             at = max(reading.timestamp if reading else datetime.now(UTC), record.last_meter_at)
-            ended = await trio.to_thread.run_sync(
+            ended = await self._offload(
                 lambda: store.end_transaction(
                     record.id,
                     reason=StopReason.OTHER.value,
