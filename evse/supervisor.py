@@ -199,6 +199,12 @@ class Supervisor:
                 await station.request_stop(reason)
         self._cancel.cancel(reason=f"shutdown: {reason.value}")
 
+    def abort(self, reason: str) -> None:
+        """End the tree at once, without the orderly stop through the station loop
+        (e.g. the loop is wedged): the shielded switch-off still runs."""
+        log.critical("aborting: %s", reason)
+        self._cancel.cancel(reason=f"abort: {reason}")
+
     async def _on_tag(self, id_tag: str) -> None:
         # The reader ends its run on an exception from here (a consumer bug
         # must not be hidden), so only an authorization failure is caught.
