@@ -44,19 +44,26 @@ class FieldReader:
 
 
 async def write_field(
-    master: ModbusMaster, unit: int, f: Field, value: float, *, multiple: bool = False
+    master: ModbusMaster,
+    unit: int,
+    f: Field,
+    value: float,
+    *,
+    multiple: bool = False,
+    urgent: bool = False,
 ) -> None:
     """Write one field: function 05 for a coil, 06 for one register, 16 for more.
 
     ``multiple`` forces function 16 for a single register, for devices that
-    implement only 03 and 16 (EVSE DIN).
+    implement only 03 and 16 (EVSE DIN). ``urgent``: an off-write, which the
+    master sends ahead of every waiting request.
     """
     words = f.encode(value)
     if f.table is Table.COIL:
-        await master.write_coil(unit, f.address, bool(words[0]))
+        await master.write_coil(unit, f.address, bool(words[0]), urgent=urgent)
     elif f.table is not Table.HOLDING:
         raise ValueError(f"cannot write to the {f.table.name} table")
     elif len(words) == 1 and not multiple:
-        await master.write_register(unit, f.address, words[0])
+        await master.write_register(unit, f.address, words[0], urgent=urgent)
     else:
-        await master.write_registers(unit, f.address, words)
+        await master.write_registers(unit, f.address, words, urgent=urgent)

@@ -78,6 +78,52 @@ def _check_unit(unit: int) -> None:
 _MAX_MBAP_LENGTH = 254
 
 
+class BusLock:
+    """The bus: one holder at a time; urgent waiters (off-writes) go before all others.
+
+    Like ``trio.Lock`` (FIFO hand-over through a parking lot, so a release never
+    lets a late-comer barge in), with a second lot that is always served first.
+    A normal request that finds the bus free while an urgent one waits does not
+    take it.
+    """
+
+    __slots__ = ("_held", "_normal", "_urgent")
+
+    def __init__(self) -> None:
+        self._held = False
+        self._urgent = trio.lowlevel.ParkingLot()
+        self._normal = trio.lowlevel.ParkingLot()
+
+    @property
+    def urgent_waiting(self) -> bool:
+        return bool(self._urgent)
+
+    def acquire_nowait(self, *, urgent: bool = False) -> None:
+        if self._held or (not urgent and self._urgent):
+            raise trio.WouldBlock
+        self._held = True
+
+    async def acquire(self, *, urgent: bool = False) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            self.acquire_nowait(urgent=urgent)
+        except trio.WouldBlock:
+            # Ownership is handed over by release(): once unparked we hold it.
+            await (self._urgent if urgent else self._normal).park()
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def release(self) -> None:
+        if not self._held:
+            raise RuntimeError("the bus is not held")
+        if self._urgent:
+            self._urgent.unpark()
+        elif self._normal:
+            self._normal.unpark()
+        else:
+            self._held = False
+
+
 @dataclass(slots=True)
 class BusStats:
     """Counters an operator can read to judge a bus's health."""
@@ -113,7 +159,7 @@ class ModbusMaster:
         # Silence before each request: t3.5 on RTU, or more for slow devices.
         self.gap = max(link.frame_gap, min_gap)
         self.stats = BusStats()
-        self._lock = trio.Lock()
+        self._lock = BusLock()
         framer_class: type[FramerBase] = FramerSocket if link.has_transaction_ids else FramerRTU
         self._framer = framer_class(DecodePDU(is_server=False))
         self._decoder = self._framer.decoder
@@ -205,17 +251,34 @@ class ModbusMaster:
         reply = await self._read(unit, ReadDiscreteInputsRequest, address, count)
         return list(reply.bits[:count])
 
-    async def write_register(self, unit: int, address: int, value: int) -> None:
-        await self.execute(unit, WriteSingleRegisterRequest(address=address, registers=[value]))
+    # ``urgent``: an off-write (charging current 0). It goes ahead of every
+    # request waiting for the bus, and a normal request's retries step aside
+    # for it between attempts.
 
-    async def write_registers(self, unit: int, address: int, values: Sequence[int]) -> None:
-        await self.execute(unit, WriteMultipleRegistersRequest(address=address, registers=values))
+    async def write_register(
+        self, unit: int, address: int, value: int, *, urgent: bool = False
+    ) -> None:
+        request = WriteSingleRegisterRequest(address=address, registers=[value])
+        await self.execute(unit, request, urgent=urgent)
 
-    async def write_coil(self, unit: int, address: int, value: bool) -> None:
-        await self.execute(unit, WriteSingleCoilRequest(address=address, bits=[value]))
+    async def write_registers(
+        self, unit: int, address: int, values: Sequence[int], *, urgent: bool = False
+    ) -> None:
+        request = WriteMultipleRegistersRequest(address=address, registers=values)
+        await self.execute(unit, request, urgent=urgent)
 
-    async def write_coils(self, unit: int, address: int, values: Sequence[bool]) -> None:
-        await self.execute(unit, WriteMultipleCoilsRequest(address=address, bits=values))
+    async def write_coil(
+        self, unit: int, address: int, value: bool, *, urgent: bool = False
+    ) -> None:
+        await self.execute(
+            unit, WriteSingleCoilRequest(address=address, bits=[value]), urgent=urgent
+        )
+
+    async def write_coils(
+        self, unit: int, address: int, values: Sequence[bool], *, urgent: bool = False
+    ) -> None:
+        request = WriteMultipleCoilsRequest(address=address, bits=values)
+        await self.execute(unit, request, urgent=urgent)
 
     async def _read(
         self, unit: int, request_class: type[ModbusPDU], address: int, count: int
@@ -233,7 +296,12 @@ class ModbusMaster:
         return await self._transact(unit, request_class.function_code, count, frame, None)
 
     async def execute(
-        self, unit: int, request: ModbusPDU, *, reply_timeout: float | None = None
+        self,
+        unit: int,
+        request: ModbusPDU,
+        *,
+        reply_timeout: float | None = None,
+        urgent: bool = False,
     ) -> ModbusPDU:
         """Send one request and return its reply, retrying transient failures.
 
@@ -244,30 +312,21 @@ class ModbusMaster:
         request.dev_id = unit
         frame = self._framer.buildFrame(request)
         count = request.count if request.function_code in (1, 2, 3, 4) else 0
-        return await self._transact(unit, request.function_code, count, frame, reply_timeout)
+        return await self._transact(
+            unit, request.function_code, count, frame, reply_timeout, urgent=urgent
+        )
 
     async def _transact(
-        self, unit: int, code: int, count: int, frame: bytes, reply_timeout: float | None
+        self,
+        unit: int,
+        code: int,
+        count: int,
+        frame: bytes,
+        reply_timeout: float | None,
+        *,
+        urgent: bool = False,
     ) -> ModbusPDU:
-        unit_gap = self._unit_gap.get(unit)
-        if not unit_gap:
-            # The common case, kept short (it is the per-poll cost): an
-            # uncontended bus is taken without a scheduler round-trip; the
-            # exchange itself checkpoints on send and receive.
-            try:
-                self._lock.acquire_nowait()
-            except trio.WouldBlock:
-                await self._lock.acquire()
-        else:
-            is_write = code in _WRITE_CODES
-            if is_write:
-                self._writes_waiting[unit] = self._writes_waiting.get(unit, 0) + 1
-            try:
-                await self._take_bus(unit, unit_gap, is_write)
-            finally:
-                if is_write:
-                    self._writes_waiting[unit] -= 1
-                    self._write_turn.unpark_all()
+        await self._take(unit, code, urgent)
         try:
             attempt = 0
             while True:
@@ -284,10 +343,35 @@ class ModbusMaster:
                         raise
                     attempt += 1
                     self.stats.retries += 1
+                    if not urgent and self._lock.urgent_waiting:
+                        # A silent device's retries must not hold an off-write back.
+                        self._lock.release()
+                        await self._take(unit, code, urgent)
         finally:
             self._lock.release()
 
-    async def _take_bus(self, unit: int, unit_gap: float, is_write: bool) -> None:
+    async def _take(self, unit: int, code: int, urgent: bool) -> None:
+        unit_gap = self._unit_gap.get(unit)
+        if not unit_gap:
+            # The common case, kept short (it is the per-poll cost): an
+            # uncontended bus is taken without a scheduler round-trip; the
+            # exchange itself checkpoints on send and receive.
+            try:
+                self._lock.acquire_nowait(urgent=urgent)
+            except trio.WouldBlock:
+                await self._lock.acquire(urgent=urgent)
+            return
+        is_write = code in _WRITE_CODES
+        if is_write:
+            self._writes_waiting[unit] = self._writes_waiting.get(unit, 0) + 1
+        try:
+            await self._take_bus(unit, unit_gap, is_write, urgent)
+        finally:
+            if is_write:
+                self._writes_waiting[unit] -= 1
+                self._write_turn.unpark_all()
+
+    async def _take_bus(self, unit: int, unit_gap: float, is_write: bool, urgent: bool) -> None:
         """Wait for the unit's own gap, then hold the bus lock.
 
         On a unit with a request gap, a write (a current command, "off" above
@@ -305,9 +389,9 @@ class ModbusMaster:
                 await self._write_turn.park()
                 continue
             try:
-                self._lock.acquire_nowait()
+                self._lock.acquire_nowait(urgent=urgent)
             except trio.WouldBlock:
-                await self._lock.acquire()
+                await self._lock.acquire(urgent=urgent)
             if trio.current_time() >= self._unit_last.get(unit, 0.0) + unit_gap:
                 return
             # Another task reached the same unit first: wait its gap again.
@@ -319,11 +403,21 @@ class ModbusMaster:
         link = self.link
         if not link.is_open:
             try:
-                await link.open()
+                # The bus is held meanwhile: the (re)connect gets the request's
+                # own deadline, never the link's longer connect timeout alone.
+                with trio.move_on_after(reply_timeout) as connecting:
+                    await link.open()
+                if connecting.cancelled_caught:
+                    await link.aclose()
+                    raise Disconnected(
+                        f"connect timed out after {reply_timeout:g} s", where=self.where
+                    )
             except Disconnected:
                 self.stats.disconnects += 1
-                # Don't spin on a refused connection; the retry is one gap away.
-                await trio.sleep(max(self.gap, 0.05))
+                # Don't spin on a refused connection; the retry is one gap away
+                # (unless an off-write is waiting for the bus).
+                if not self._lock.urgent_waiting:
+                    await trio.sleep(max(self.gap, 0.05))
                 raise
             self._buffer = b""
             self._dirty = False
