@@ -12,10 +12,22 @@ judges only what the hardware says against what was commanded.
 * Over-current: a phase current above the offer plus a margin for longer than
   a set time. IEC 61851-1 (annex A, PWM current changes) gives the EV 5 s to
   follow a lower offer, hence a duration, not a single sample.
-* Welded contactor: with charging commanded off, the board's contactor
-  feedback still closed after ``welded_time``; on a board without feedback,
-  current still flowing after the EV's own allowance to stop drawing
-  (``overcurrent_time``) as well.
+* Welded contactor, judged only from readings taken after the board
+  acknowledged "off" (``command_written`` with 0), by two independent checks:
+
+  - current: the meter still measures current after the EV's own allowance to
+    stop drawing (``overcurrent_time``, and at least ``welded_time``). This
+    runs on every board, with or without feedback: it is what the supply
+    actually does, and a feedback input that reads "open" (a broken wire, a
+    contact that reads open while welded, a drive bit mistaken for feedback)
+    must not hide current that flows;
+  - feedback: on a board that reads an auxiliary contact of the contactor
+    (``contactor_closed`` not None), the contact still closed ``welded_time``
+    after the off. It is faster and sees a weld while the EV draws nothing.
+
+  A relay *drive* bit (the EVSE DIN's 1007 b0, ``BoardStatus.relay_on``) is
+  not feedback and is never passed here as ``contactor_closed``: the drive
+  drops whether or not the contacts open (docs/device-maps.md).
 """
 
 from __future__ import annotations
@@ -58,7 +70,11 @@ class SafetyMonitor:
     # -- what the pollers and the station report --------------------------------
 
     def board_reading(self, now: float, *, contactor_closed: bool | None) -> None:
-        """A board reading completed at ``now`` (trio time)."""
+        """A board reading completed at ``now`` (trio time).
+
+        ``contactor_closed`` is auxiliary-contact feedback, None where the board
+        has none (a relay drive state is not feedback: pass None for it).
+        """
         self.board_seen = now
         self.contactor_closed = contactor_closed
         self.contactor_at = now
@@ -123,21 +139,24 @@ class SafetyMonitor:
             wanted[Fault.OVER_CURRENT] = (
                 f"{self.max_current:.1f} A drawn, {self.commanded:g} A offered"
             )
+        # Welded: only once the board has acknowledged the off (an off still in
+        # flight, or refused, proves nothing about the contactor).
         off_since = self.written_at if self.commanded == 0 else None
-        if (
-            off_since is not None
-            and self.contactor_closed
-            and self.contactor_at - off_since >= s.welded_time
-        ):
-            wanted[Fault.WELDED] = "contactor feedback closed while switched off"
-        elif (
-            off_since is not None
-            and self.contactor_closed is None
-            and self.max_current > CURRENT_NOISE
-            and self.current_at - off_since >= max(s.welded_time, s.overcurrent_time)
-            and meter_age <= s.meter_timeout
-        ):
-            wanted[Fault.WELDED] = f"{self.max_current:.1f} A flowing while switched off"
+        if off_since is not None:
+            # Current is judged on every board, feedback or not: an EV may take
+            # the allowance to stop drawing, after that any current means the
+            # contacts did not open. The reading must itself be fresh; a stale
+            # meter is METER_SILENT, not a verdict on the contactor.
+            if (
+                self.max_current > CURRENT_NOISE
+                and self.current_at - off_since >= max(s.welded_time, s.overcurrent_time)
+                and meter_age <= s.meter_timeout
+            ):
+                wanted[Fault.WELDED] = f"{self.max_current:.1f} A flowing while switched off"
+            # Feedback, where the board reads an auxiliary contact: faster, and
+            # sees a weld while nothing is drawn.
+            elif self.contactor_closed and self.contactor_at - off_since >= s.welded_time:
+                wanted[Fault.WELDED] = "contactor feedback closed while switched off"
         if Fault.WELDED in self._active:
             wanted.setdefault(Fault.WELDED, self._active[Fault.WELDED])
         changes: list[FaultRaised | FaultCleared] = [

@@ -2,10 +2,18 @@
 
 The driver knows nothing of IEC 61851 sessions (EVerest's EvseManager split):
 it reports the raw control-pilot state A..F, the cable (PP) limit, the
-offered current, the contactor and the fault flags where the board has them,
-and executes "allow this current" (0 = off), enable/disable and "arm the
-hardware failsafe". What a model can do is explicit in ``BoardCapabilities``,
-so the charging core asks instead of guessing.
+offered current, the relay drive or the contactor's auxiliary-contact
+feedback and the fault flags where the board has them, and executes "allow
+this current" (0 = off), enable/disable and "arm the hardware failsafe". What
+a model can do is explicit in ``BoardCapabilities``, so the charging core asks
+instead of guessing.
+
+Each field is named for what the device actually gives (docs/device-maps.md,
+"What each safety decision relies on"): *feedback* is only a reading of an
+auxiliary contact of the contactor; a bit that says what the board drives its
+relay to is ``relay_on``, which says nothing about whether the contacts opened;
+registers the station writes itself (current, enable) read back as commands
+the board holds, not as measured states.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import trio
 
 from fieldbus.devices import FieldReader, write_field
 from fieldbus.errors import DeviceDataError, Unsupported
-from fieldbus.master import ModbusMaster
+from fieldbus.master import ModbusMaster, Wanted
 from fieldbus.registers import DType, Field, Table
 
 
@@ -60,7 +68,10 @@ class Bit:
 @dataclass(frozen=True, slots=True)
 class BoardCapabilities:
     failsafe: bool
+    #: The board reads an auxiliary contact of the contactor (the physical state).
     contactor_feedback: bool
+    #: The board reports what it drives its relay / contactor coil to (not the contacts).
+    relay_drive: bool
     fault_flags: bool
     cable_limit: bool
     offered_current: bool
@@ -88,7 +99,14 @@ class BoardModel:
     pilot_faults: Mapping[int, BoardFault] = field(default_factory=dict)
     cable_limit: Field | None = None
     offered: Field | None = None
+    #: Contactor feedback: ONLY a reading of an auxiliary contact (the physical
+    #: state, which shows a welded contactor). A drive bit is ``relay``.
     contactor: Bit | None = None
+    #: The relay / contactor-coil drive state the board commands. It does not
+    #: show a welded contactor (the coil is off, the contacts stay closed).
+    relay: Bit | None = None
+    #: The enable switch, a register the station writes: reading it back gives
+    #: the command the board holds, not a measured state.
     enable: Bit | None = None
     #: Fault register and the meaning of its bits.
     faults: Field | None = None
@@ -111,6 +129,7 @@ class BoardModel:
         return BoardCapabilities(
             failsafe=self.failsafe_timeout is not None and self.failsafe_current is not None,
             contactor_feedback=self.contactor is not None,
+            relay_drive=self.relay is not None,
             fault_flags=self.faults is not None or bool(self.pilot_faults),
             cable_limit=self.cable_limit is not None,
             offered_current=self.offered is not None,
@@ -126,6 +145,7 @@ class BoardModel:
             "cable_limit": self.cable_limit,
             "offered": self.offered,
             "contactor": self.contactor.field if self.contactor else None,
+            "relay": self.relay.field if self.relay else None,
             "enable": self.enable.field if self.enable else None,
             "faults": self.faults,
         }
@@ -140,9 +160,16 @@ class BoardStatus:
     cable_limit_a: float | None
     #: Current offered to the vehicle (PWM) in A, where the board reports it.
     offered_a: float | None
-    #: The current command the board holds, in A (0 = off).
+    #: The current command the board holds, in A (0 = off): a read-back of the
+    #: station's own write, which shows that the board has it, not what flows.
     command_a: float
+    #: Auxiliary-contact feedback (the contacts themselves); None where the
+    #: board has none. Only this can show a welded contactor directly.
     contactor_closed: bool | None
+    #: The relay drive the board reports (coil energised); None where it has
+    #: none. Not feedback: it reads off while welded contacts stay closed.
+    relay_on: bool | None
+    #: The enable command the board holds (a read-back of the station's write).
     enabled: bool | None
     faults: frozenset[BoardFault]
     read_at: float
@@ -155,6 +182,7 @@ class BoardStatus:
             "offered_a": self.offered_a,
             "command_a": self.command_a,
             "contactor_closed": self.contactor_closed,
+            "relay_on": self.relay_on,
             "enabled": self.enabled,
             "faults": sorted(f.value for f in self.faults),
             "timestamp": self.timestamp.isoformat().replace("+00:00", "Z"),
@@ -207,6 +235,7 @@ class Board:
             offered_a=values.get("offered"),
             command_a=values["command"] or 0.0,
             contactor_closed=_flag(m.contactor, values.get("contactor")) if m.contactor else None,
+            relay_on=_flag(m.relay, values.get("relay")) if m.relay else None,
             enabled=_flag(m.enable, values.get("enable")) if m.enable else None,
             faults=frozenset(faults),
             read_at=trio.current_time(),
@@ -230,8 +259,14 @@ class Board:
         steps = math.floor(amps / caps.current_step + 1e-9)
         return steps * caps.current_step
 
-    async def set_current(self, amps: float) -> float:
-        """Command the allowed current (0 = off); returns the value written, in A."""
+    async def set_current(self, amps: float, *, wanted: Wanted = None) -> float:
+        """Command the allowed current (0 = off); returns the value written, in A.
+
+        Off goes to the bus master as urgent: ahead of every waiting request.
+        ``wanted`` (for a current above 0) is asked just before the write goes on
+        the wire; False drops it (Superseded), so a command overtaken by an
+        off-write can never follow it.
+        """
         value = self.command_value(amps)
         await write_field(
             self.master,
@@ -239,6 +274,8 @@ class Board:
             self.model.current_command,
             value,
             multiple=self.model.write_multiple,
+            urgent=value == 0,
+            wanted=wanted,
         )
         return value
 
@@ -299,19 +336,31 @@ EVSE_DIN = BoardModel(
         {1: PilotState.A, 2: PilotState.B, 3: PilotState.C, 4: PilotState.D, 5: PilotState.F}
     ),
     pilot_faults=MappingProxyType({5: BoardFault.DEVICE}),
-    # 1000 configured current, A (0 = off). 2005 b7 "0.01 A" mode is disputed
-    # (openWB: precise current; another list: PWM debug bit), so integer amps.
+    # 1000 configured current, A (0 = off). Its read-back is the command the
+    # board holds, not a measurement. 2005 b7 switches 1000 to 0.01 A on
+    # firmware >= 17 per openWB (PRECISE_CURRENT_BIT) and evcc (evsedin.go sets
+    # it itself on firmware >= 17); another list calls b7 "PWM debug" [cn-evse].
+    # This table is integer amps and the driver does not read 2005: a board
+    # with b7 set (e.g. after evcc) would take 16 as 0.16 A (no charge) and read
+    # back 100x: commissioning must check 2005 b7 is clear.
     current_command=_DIN["command"],
     max_current=80.0,
     cable_limit=_DIN["cable"],  # 1003 cable (PP) limit, A [esphome-evse], [owb-lite]
-    offered=_DIN["offered"],  # 1001 current on the PWM output, A [esphome-evse]
-    # 1007 b0 "relay on/off": the drive state, not auxiliary-contact feedback.
-    # Polarity is DISPUTED: ESPHome publishes relay = bit set ("Relay on"); a
-    # second project says "tentatively 0 = on, 1 = off". Active-high follows
-    # ESPHome; do not base safety decisions on it (cross-check 1002 in {3, 4}).
-    contactor=Bit(_DIN["status"], 0),
+    # 1001 "amps on PWM driver output" [script-evse], [esphome-evse]: the offer
+    # the pilot PWM encodes, set by the board, not a current that flows.
+    offered=_DIN["offered"],
+    # 1007 b0 "relay on/off" [script-evse], [esphome-evse]: the state the board
+    # DRIVES its relay (the contactor coil) to, not an auxiliary contact; the
+    # board has no feedback input (its inputs are PP, CP, AN, PROG and the RCD
+    # input on MCLR, 2005 b4 [script-evse]). So no ``contactor`` here: a welded
+    # contactor reads "relay off" while current flows, and only the meter shows
+    # it. Polarity is DISPUTED: ESPHome publishes relay = bit set ("Relay on");
+    # [cn-evse] says "tentatively 0 = on, 1 = off". Active-high follows ESPHome.
+    # Informational only: no safety decision uses it (docs/device-maps.md).
+    relay=Bit(_DIN["status"], 0),
     # 1004 b0 = "turn off charging now": enabled while the bit is clear
-    # [esphome-evse], [script-evse], [cn-evse].
+    # [esphome-evse], [script-evse], [cn-evse]. A command register: reading it
+    # back gives the station's own command, not whether the board obeys.
     enable=Bit(_DIN["control"], 0, active_high=False),
     # 1007 status bits per syssi/esphome-evse-wallbox (the current map):
     # b1 diode check failed, b2 ventilation required, b3 waiting for pilot
@@ -319,7 +368,8 @@ EVSE_DIN = BoardModel(
     # progress, b5 RCD check error. Sources disagree on b4/b5: an older list
     # [cn-evse] has b4 = RCD check error and b5 unused. b4 is therefore a fault
     # either way (the doc: treat b4 as an RCD fault on older firmware); a test
-    # in progress also means no charging, so reporting it costs nothing.
+    # in progress also means no charging, so reporting it costs nothing. The
+    # RCD flags exist only where an RCD is wired to MCLR and 2005 b4 enables it.
     faults=_DIN["status"],
     fault_bits=MappingProxyType(
         {
@@ -329,11 +379,22 @@ EVSE_DIN = BoardModel(
             5: BoardFault.RCD_TRIP,
         }
     ),
+    # No failsafe: no register list has a Modbus timeout, watchdog or
+    # "current after communication loss" (ESPHome reads 1000..1009 and
+    # 2000..2017, every bit of 1004/1007/2005 described [esphome-evse],
+    # [script-evse], [cn-evse], [owb-lite]; evcc evsedin.go for firmware >= 17
+    # uses 1000/1002/1005/2005 only). 1008/1009 are the error-recovery and
+    # self-test countdowns, 2000 the current after a power-up, 2001 the Modbus
+    # address (on old firmware "Modbus on" [owb-lite]): none acts on silence.
     write_multiple=True,
     # openWB sleeps 100 ms before each access [owb-evse].
     request_gap=0.1,
-    notes="No watchdog register (lists end at 1009/2017): the firmware keeps "
-    "register 1000 safe itself and stops on any bus fault.",
+    notes="No hardware failsafe: no firmware's register list has a Modbus timeout, "
+    "watchdog or current-on-communication-loss setting, so the board keeps the last "
+    "current in register 1000 for as long as nobody writes it. A dead or wedged "
+    "station process leaves that current (and the contactor closed) until the "
+    "station restarts and writes 0, or the EV stops. No contactor feedback: 1007 b0 "
+    "is the relay drive, so welding is judged from the meter's current.",
 )
 
 # --- Heidelberg Energy Control (Amperfied) ----------------------------------
@@ -374,11 +435,13 @@ HEIDELBERG = BoardModel(
         {9: BoardFault.PILOT, 10: BoardFault.PILOT, 11: BoardFault.DEVICE}
     ),
     # HR 261 max current, 0.1 A: 0 (no charging) or 60..160 [deardevices], [wbec].
+    # Its read-back is the command the box holds, not a measurement.
     current_command=Field(Table.HOLDING, 261, scale=0.1),
     max_current=16.0,
     current_step=0.1,
     # HR 257 Modbus watchdog timeout in ms (evcc, wbec, star.ke.st, myGEKKO;
     # modbuscloud alone says s); the driver passes seconds, so scale 0.001.
+    # 0 switches the watchdog off (evcc issue #5060: a user disabled it so).
     failsafe_timeout=Field(Table.HOLDING, 257, scale=0.001),
     # HR 262 failsafe current, 0.1 A, applied when the watchdog expires
     # [starkest-heid], [evcc-heidelberg].
@@ -388,8 +451,13 @@ HEIDELBERG = BoardModel(
     # Vendor documents function 06 (03/04/06); evcc writes with 16 and that has
     # worked for years: 06 here, 16 would be the fallback on exception 01.
     write_multiple=False,
+    # No contactor or relay register: C2 in IR 5 is "charging allowed", a
+    # permission, not a contact state; the phase currents the box measures
+    # (IR 6..8) are left to the station's meter. No enable switch: 259
+    # (remote lock) forces state F and takes ~10 s to recover (evcc).
     notes="Energy registers are VAh per the vendor table (W/Wh per evcc); "
-    "current control needs register layout >= V1.0.7 (IR 4).",
+    "current control needs register layout >= V1.0.7 (IR 4). No contactor "
+    "feedback: welding is judged from the meter's current.",
 )
 
 # --- Phoenix Contact EV-CC-AC1-M3-...-ETH (Modbus TCP) -------------------------
@@ -410,13 +478,21 @@ EV_CC = BoardModel(
     pilot_faults=MappingProxyType({ord("E"): BoardFault.PILOT, ord("F"): BoardFault.PILOT}),
     # HR 528 max charging current: 1 A on Phoenix OEM firmware, 0.1 A on Wallbe
     # firmware (evcc detects Wallbe by a readback >= 60; the HA integration
-    # writes value x 10). This table is the OEM (1 A) variant.
+    # writes value x 10). This table is the OEM (1 A) variant. UNCONFIRMED that
+    # 0 stops charging: evcc and the HA integration never write below 6 A and
+    # stop with coil 400 off, which the station's switch-off also does.
     current_command=Field(Table.HOLDING, 528),
     max_current=32.0,
     cable_limit=Field(Table.INPUT, 101),  # IR 101 proximity (PP) current, A
-    # Coil 400 charging enable, FC05 (evcc: needs DIP switch 10 ON).
+    # Coil 400 charging enable, FC05 (evcc: needs DIP switch 10 ON). Reading
+    # it back (evcc's Enabled) gives the station's own command, not a state.
     enable=Bit(Field(Table.COIL, 400, DType.BIT)),
     # No contactor register, no CP-duty register, no watchdog/failsafe found.
+    # The controller can monitor an auxiliary contact on a configurable input
+    # (input functions 5/6 "contactor monitoring via N/O / N/C auxiliary
+    # contact", output function 35 "charging contactor monitoring triggered"
+    # [ha-phx] const.py), but it reports the result only in IR 107 or on an
+    # output, neither mapped here: so no feedback field.
     # evcc and the HA integration use unit 255 for EV-CC-ETH, but our unit-id
     # checks (fieldbus.ports.check_unit) allow only 1..247; 180 is evcc's
     # default for the sibling EM-CP-PP-ETH and is what this default uses.

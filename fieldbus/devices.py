@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from fieldbus.master import ModbusMaster
+from fieldbus.master import ModbusMaster, Wanted
 from fieldbus.registers import Block, Field, Table, decode_fields, plan_reads
 
 
@@ -51,19 +51,21 @@ async def write_field(
     *,
     multiple: bool = False,
     urgent: bool = False,
+    wanted: Wanted = None,
 ) -> None:
     """Write one field: function 05 for a coil, 06 for one register, 16 for more.
 
     ``multiple`` forces function 16 for a single register, for devices that
     implement only 03 and 16 (EVSE DIN). ``urgent``: an off-write, which the
-    master sends ahead of every waiting request.
+    master sends ahead of every waiting request; ``wanted``: see
+    ``ModbusMaster.write_register``.
     """
     words = f.encode(value)
     if f.table is Table.COIL:
-        await master.write_coil(unit, f.address, bool(words[0]), urgent=urgent)
+        await master.write_coil(unit, f.address, bool(words[0]), urgent=urgent, wanted=wanted)
     elif f.table is not Table.HOLDING:
         raise ValueError(f"cannot write to the {f.table.name} table")
     elif len(words) == 1 and not multiple:
-        await master.write_register(unit, f.address, words[0], urgent=urgent)
+        await master.write_register(unit, f.address, words[0], urgent=urgent, wanted=wanted)
     else:
-        await master.write_registers(unit, f.address, words, urgent=urgent)
+        await master.write_registers(unit, f.address, words, urgent=urgent, wanted=wanted)

@@ -66,3 +66,8 @@ class DeviceDataError(FieldbusError):
 
 class Unsupported(FieldbusError):
     """The device model has no such feature (e.g. a hardware failsafe)."""
+
+
+class Superseded(FieldbusError):
+    """A request dropped before it went on the wire: its caller no longer wants it
+    (a current command overtaken by an off-write)."""

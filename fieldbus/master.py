@@ -23,7 +23,7 @@ needs in a charger:
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -51,6 +51,7 @@ from fieldbus.errors import (
     FieldbusError,
     FrameError,
     ModbusTimeout,
+    Superseded,
 )
 from fieldbus.links import Link, make_link
 from fieldbus.ports import PortSpec, parse_port
@@ -61,6 +62,9 @@ _RESPONSE_CLASSES: dict[int, type[ModbusPDU]] = {
     code: DecodePDU.pdu_table[code][1] for code in (1, 2, 3, 4, 5, 6, 15, 16)
 }
 _RESPONSE_CLASSES.update({code | 0x80: ExceptionResponse for code in tuple(_RESPONSE_CLASSES)})
+
+#: A request's "still wanted?" check (see ModbusMaster.write_register).
+Wanted = Callable[[], bool] | None
 
 #: Function codes that write (05, 06, 15, 16).
 _WRITE_CODES = frozenset({5, 6, 15, 16})
@@ -253,32 +257,46 @@ class ModbusMaster:
 
     # ``urgent``: an off-write (charging current 0). It goes ahead of every
     # request waiting for the bus, and a normal request's retries step aside
-    # for it between attempts.
+    # for it between attempts. ``wanted``: asked once the bus is ours, just
+    # before the request goes on the wire (and before each retry); False drops
+    # it with Superseded. A current command uses it so that it can never
+    # follow an off-write that overtook it.
 
     async def write_register(
-        self, unit: int, address: int, value: int, *, urgent: bool = False
+        self, unit: int, address: int, value: int, *, urgent: bool = False, wanted: Wanted = None
     ) -> None:
         request = WriteSingleRegisterRequest(address=address, registers=[value])
-        await self.execute(unit, request, urgent=urgent)
+        await self.execute(unit, request, urgent=urgent, wanted=wanted)
 
     async def write_registers(
-        self, unit: int, address: int, values: Sequence[int], *, urgent: bool = False
+        self,
+        unit: int,
+        address: int,
+        values: Sequence[int],
+        *,
+        urgent: bool = False,
+        wanted: Wanted = None,
     ) -> None:
         request = WriteMultipleRegistersRequest(address=address, registers=values)
-        await self.execute(unit, request, urgent=urgent)
+        await self.execute(unit, request, urgent=urgent, wanted=wanted)
 
     async def write_coil(
-        self, unit: int, address: int, value: bool, *, urgent: bool = False
+        self, unit: int, address: int, value: bool, *, urgent: bool = False, wanted: Wanted = None
     ) -> None:
-        await self.execute(
-            unit, WriteSingleCoilRequest(address=address, bits=[value]), urgent=urgent
-        )
+        request = WriteSingleCoilRequest(address=address, bits=[value])
+        await self.execute(unit, request, urgent=urgent, wanted=wanted)
 
     async def write_coils(
-        self, unit: int, address: int, values: Sequence[bool], *, urgent: bool = False
+        self,
+        unit: int,
+        address: int,
+        values: Sequence[bool],
+        *,
+        urgent: bool = False,
+        wanted: Wanted = None,
     ) -> None:
         request = WriteMultipleCoilsRequest(address=address, bits=values)
-        await self.execute(unit, request, urgent=urgent)
+        await self.execute(unit, request, urgent=urgent, wanted=wanted)
 
     async def _read(
         self, unit: int, request_class: type[ModbusPDU], address: int, count: int
@@ -302,6 +320,7 @@ class ModbusMaster:
         *,
         reply_timeout: float | None = None,
         urgent: bool = False,
+        wanted: Wanted = None,
     ) -> ModbusPDU:
         """Send one request and return its reply, retrying transient failures.
 
@@ -313,7 +332,7 @@ class ModbusMaster:
         frame = self._framer.buildFrame(request)
         count = request.count if request.function_code in (1, 2, 3, 4) else 0
         return await self._transact(
-            unit, request.function_code, count, frame, reply_timeout, urgent=urgent
+            unit, request.function_code, count, frame, reply_timeout, urgent=urgent, wanted=wanted
         )
 
     async def _transact(
@@ -325,11 +344,14 @@ class ModbusMaster:
         reply_timeout: float | None,
         *,
         urgent: bool = False,
+        wanted: Wanted = None,
     ) -> ModbusPDU:
         await self._take(unit, code, urgent)
         try:
             attempt = 0
             while True:
+                if wanted is not None and not wanted():
+                    raise Superseded("request no longer wanted", where=self.where)
                 try:
                     return await self._exchange(
                         unit,

@@ -21,8 +21,8 @@ from fieldbus.boards import (
     BoardStatus,
     PilotState,
 )
-from fieldbus.errors import DeviceDataError, Unsupported
-from fieldbus.master import ModbusMaster
+from fieldbus.errors import DeviceDataError, Superseded, Unsupported
+from fieldbus.master import ModbusMaster, Wanted
 from fieldbus.registers import Table
 
 IR, HR, CO = Table.INPUT, Table.HOLDING, Table.COIL
@@ -30,7 +30,11 @@ A, B, C, D, E, F = (PilotState(s) for s in "ABCDEF")
 
 
 class FakeMaster:
-    """Serves a dict of registers, records reads (fc, address, count) and writes."""
+    """Serves a dict of registers, records reads (fc, address, count) and writes.
+
+    Writes take the master's ``urgent`` and ``wanted`` keywords: ``urgent`` is
+    recorded per write, ``wanted`` asked before the write as the master does.
+    """
 
     where = "fake:0"
 
@@ -38,7 +42,16 @@ class FakeMaster:
         self.regs = dict(regs or {})
         self.requests: list[tuple[int, int, int]] = []
         self.writes: list[tuple[int, int, list[int]]] = []
+        self.urgent: list[bool] = []
         self.unit_gaps: dict[int, float] = {}
+
+    def _write(
+        self, fc: int, address: int, values: list[int], urgent: bool, wanted: Wanted
+    ) -> None:
+        if wanted is not None and not wanted():
+            raise Superseded("request no longer wanted", where=self.where)
+        self.writes.append((fc, address, values))
+        self.urgent.append(urgent)
 
     def set_unit_gap(self, unit: int, seconds: float) -> None:
         self.unit_gaps[unit] = seconds
@@ -62,17 +75,29 @@ class FakeMaster:
         self.requests.append((2, address, count))
         return [bool(v) for v in self._get(Table.DISCRETE_INPUT, address, count)]
 
-    async def write_register(self, unit: int, address: int, value: int) -> None:
-        self.writes.append((6, address, [value]))
+    async def write_register(
+        self, unit: int, address: int, value: int, *, urgent: bool = False, wanted: Wanted = None
+    ) -> None:
+        self._write(6, address, [value], urgent, wanted)
         self.regs[(HR, address)] = value
 
-    async def write_registers(self, unit: int, address: int, values: Sequence[int]) -> None:
-        self.writes.append((16, address, list(values)))
+    async def write_registers(
+        self,
+        unit: int,
+        address: int,
+        values: Sequence[int],
+        *,
+        urgent: bool = False,
+        wanted: Wanted = None,
+    ) -> None:
+        self._write(16, address, list(values), urgent, wanted)
         for i, v in enumerate(values):
             self.regs[(HR, address + i)] = v
 
-    async def write_coil(self, unit: int, address: int, value: bool) -> None:
-        self.writes.append((5, address, [int(value)]))
+    async def write_coil(
+        self, unit: int, address: int, value: bool, *, urgent: bool = False, wanted: Wanted = None
+    ) -> None:
+        self._write(5, address, [int(value)], urgent, wanted)
         self.regs[(CO, address)] = int(value)
 
 
@@ -130,12 +155,39 @@ async def test_din_values() -> None:
     assert s.offered_a == 13.0
     assert s.cable_limit_a == 20.0
     assert s.enabled is True
-    assert s.contactor_closed is True  # b0 relay (polarity disputed; ESPHome: set = on)
+    # 1007 b0 is the relay DRIVE (polarity disputed; ESPHome: set = on), never
+    # contactor feedback: the board reads no auxiliary contact.
+    assert s.relay_on is True
+    assert s.contactor_closed is None
 
 
-async def test_din_relay_bit_clear_is_open() -> None:
+async def test_din_relay_bit_clear_is_drive_off() -> None:
     s = await status("evse-din", din(vehicle=3, status_bits=0b10))
-    assert s.contactor_closed is False
+    assert s.relay_on is False
+    assert s.contactor_closed is None
+
+
+def test_din_declares_a_relay_drive_and_no_contactor_feedback() -> None:
+    # Issue 7: the drive bit used to be declared as contactor feedback, which
+    # switched the safety monitor's current-based welded check off.
+    model = BOARD_MODELS["evse-din"]
+    assert model.contactor is None
+    assert model.relay is not None and model.relay.field.address == 1007
+    assert model.capabilities.contactor_feedback is False
+    assert model.capabilities.relay_drive is True
+
+
+async def test_din_status_json_names_the_relay_drive() -> None:
+    s = await status("evse-din", din(vehicle=3, status_bits=0b1))
+    data = s.to_json()
+    assert data["relay_on"] is True
+    assert data["contactor_closed"] is None
+
+
+def test_no_board_model_claims_contactor_feedback() -> None:
+    # None of the tables reads an auxiliary contact (docs/device-maps.md,
+    # "What each safety decision relies on").
+    assert {k for k, m in BOARD_MODELS.items() if m.capabilities.contactor_feedback} == set()
 
 
 async def test_din_turn_off_bit_means_disabled() -> None:
@@ -172,7 +224,8 @@ async def test_din_all_fault_bits_with_failure_state() -> None:
         BoardFault.RCD_TRIP,
         BoardFault.DEVICE,
     }
-    assert s.contactor_closed is True
+    assert s.relay_on is True
+    assert s.contactor_closed is None
 
 
 async def test_din_reads_with_function_03_only() -> None:
@@ -256,6 +309,7 @@ async def test_heidelberg_values() -> None:
     assert s.cable_limit_a is None
     assert s.offered_a is None
     assert s.contactor_closed is None
+    assert s.relay_on is None
     assert s.enabled is None
     assert (4, 5, 1) in bus.requests  # state from input register 5 (FC04)
     assert (3, 261, 1) in bus.requests
@@ -348,6 +402,7 @@ async def test_evcc_values() -> None:
     assert s.enabled is True
     assert s.offered_a is None
     assert s.contactor_closed is None
+    assert s.relay_on is None
     assert (1, 400, 1) in bus.requests  # enable coil
     s = await status("ev-cc", evcc(ascii_low("B"), enable=0))
     assert s.enabled is False
@@ -407,7 +462,8 @@ async def test_unknown_pilot_code_is_a_data_error(
             "evse-din",
             BoardCapabilities(
                 failsafe=False,
-                contactor_feedback=True,
+                contactor_feedback=False,
+                relay_drive=True,
                 fault_flags=True,
                 cable_limit=True,
                 offered_current=True,
@@ -422,6 +478,7 @@ async def test_unknown_pilot_code_is_a_data_error(
             BoardCapabilities(
                 failsafe=True,
                 contactor_feedback=False,
+                relay_drive=False,
                 fault_flags=True,
                 cable_limit=False,
                 offered_current=False,
@@ -436,6 +493,7 @@ async def test_unknown_pilot_code_is_a_data_error(
             BoardCapabilities(
                 failsafe=False,
                 contactor_feedback=False,
+                relay_drive=False,
                 fault_flags=True,
                 cable_limit=True,
                 offered_current=False,

@@ -104,6 +104,56 @@ def test_welded_by_current_on_boards_without_feedback() -> None:
     assert raised(m.check(15)) == {Fault.WELDED}
 
 
+def test_welded_by_current_even_where_feedback_reads_open() -> None:
+    # Issue 7: feedback used to switch the current-based check off, so a
+    # feedback input that reads "open" (a drive bit taken for feedback, a
+    # broken wire) hid a welded contactor that still carried current.
+    m = SafetyMonitor(S, now=0)
+    m.command(0, 16)
+    m.command_written(0.01, 16)
+    m.command(10, 0)
+    m.command_written(10, 0)
+    for t in (11, 12, 14, 14.9):
+        m.board_reading(t, contactor_closed=False)
+        m.meter_reading(t, [16.0, 16.0, 16.0])
+        assert m.check(t) == []  # the EV's allowance to stop drawing
+    m.board_reading(15, contactor_closed=False)
+    m.meter_reading(15, [16.0, 16.0, 16.0])
+    changes = m.check(15)
+    assert raised(changes) == {Fault.WELDED}
+    assert "16.0 A flowing while switched off" in next(
+        c.info for c in changes if isinstance(c, FaultRaised)
+    )
+
+
+def test_feedback_is_faster_than_the_current_check() -> None:
+    # With feedback that reads closed, the weld shows after welded_time even
+    # with no load; the current check would need the EV's whole allowance.
+    m = SafetyMonitor(S, now=0)
+    m.command(0, 16)
+    m.command(10, 0)
+    m.command_written(10, 0)
+    m.board_reading(11, contactor_closed=True)
+    m.meter_reading(11, [16.0, 16.0, 16.0])
+    changes = m.check(11)
+    assert raised(changes) == {Fault.WELDED}
+    assert "feedback" in next(c.info for c in changes if isinstance(c, FaultRaised))
+
+
+def test_current_from_a_stale_meter_is_no_welded_verdict() -> None:
+    m = SafetyMonitor(S, now=0)
+    m.command(0, 16)
+    m.command(1, 0)
+    m.command_written(1, 0)
+    m.meter_reading(1.5, [16.0])  # the last reading, in the EV's allowance
+    for t in (2, 4, 6.4):
+        m.board_reading(t, contactor_closed=None)
+        assert Fault.WELDED not in raised(m.check(t))
+    m.board_reading(7, contactor_closed=None)
+    changes = m.check(7)  # 5.5 s of meter silence: that is the verdict
+    assert raised(changes) == {Fault.METER_SILENT}
+
+
 def test_no_current_when_off_is_fine() -> None:
     m = SafetyMonitor(S, now=0)
     m.command(0, 16)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -11,13 +12,16 @@ import pytest
 import trio
 from pymodbus.client import ModbusSerialClient, ModbusTcpClient
 
-from fieldbus.boards import BOARD_MODELS, Board, BoardFault, PilotState
+from fieldbus.boards import BOARD_MODELS, Bit, Board, BoardFault, PilotState
 from fieldbus.errors import ExceptionReply, ModbusTimeout
 from fieldbus.master import ModbusMaster
 from fieldbus.meters import METER_MODELS, Meter
 from fieldbus.ports import RtuPort, TcpPort, parse_port
+from fieldbus.registers import Field, Table
 from ops.httpjson import HTTPError, request_json
 from ops.sim.app import DeviceSpec, Endpoints, SimConfig, Simulator
+from ops.sim.devices import BoardSim
+from ops.sim.model import Station
 
 
 async def start(nursery: trio.Nursery, *devices: str) -> tuple[Simulator, Endpoints]:
@@ -94,10 +98,13 @@ async def test_rcd_trip_pilot_error_and_welded_contactor(sim: tuple[Simulator, E
         board = Board(master, 1, BOARD_MODELS["evse-din"])
         simulator.set_ev({"plugged": True})
         await board.set_current(16)
-        assert (await board.read_status()).contactor_closed is not False
+        status = await board.read_status()
+        assert status.relay_on is True
+        assert status.contactor_closed is None  # no feedback on this board
         simulator.set_fault("rcd_trip", True)
         status = await board.read_status()
         assert BoardFault.RCD_TRIP in status.faults
+        assert status.relay_on is False
         assert simulator.station.contactor_closed is False
         simulator.clear_faults()
         simulator.set_fault("pilot_error", True, {"state": "F"})
@@ -107,6 +114,58 @@ async def test_rcd_trip_pilot_error_and_welded_contactor(sim: tuple[Simulator, E
         simulator.set_fault("welded", True)
         await board.set_current(0)
         assert simulator.station.contactor_closed is True
+
+
+async def test_din_relay_bit_reads_off_while_welded_contacts_carry_current(
+    sim: tuple[Simulator, Endpoints],
+) -> None:
+    # Issue 7: the simulator wrote the physical contactor state into 1007 b0,
+    # so a welded contactor "reported" itself through a bit the real board
+    # drives from its own command.
+    simulator, endpoints = sim
+    assert endpoints.tcp is not None
+    async with ModbusMaster.for_port(endpoints.tcp, timeout=0.5) as master:
+        board = Board(master, 1, BOARD_MODELS["evse-din"])
+        meter = Meter(master, 2, METER_MODELS["sdm630"])
+        simulator.set_ev({"plugged": True, "phases": 3, "max_current": 16.0})
+        await board.set_current(16)
+        assert (await board.read_status()).relay_on is True
+        simulator.set_fault("welded", True)
+        await board.set_current(0)
+        status = await board.read_status()
+        assert status.relay_on is False
+        assert status.contactor_closed is None
+        words = await master.read_holding_registers(1, 1007, 1)
+        assert words[0] & 1 == 0
+        # The contacts are still closed and the EV still draws: only the meter shows it.
+        assert simulator.station.contactor_closed is True
+        reading = await meter.read()
+        assert reading.current == pytest.approx((16.0, 16.0, 16.0))
+        simulator.set_fault("welded", False)
+        assert (await meter.read()).current == pytest.approx((0.0, 0.0, 0.0))
+
+
+def test_only_an_auxiliary_contact_reports_the_contacts() -> None:
+    # A board model that did read an auxiliary contact (here on 1008, next to
+    # the EVSE DIN's drive bit) is served the physical contacts, the drive bit
+    # the drive: with welded contacts the two disagree.
+    aux = Bit(Field(Table.HOLDING, 1008))
+    model = replace(BOARD_MODELS["evse-din"], kind="aux-test", contactor=aux)
+    station = Station()
+    device = BoardSim(model, 1, station, record=lambda event: None)
+    station.ev.plugged = True
+    station.board.command = 16
+    device.refresh()
+    assert device.store.get(Table.HOLDING, 1007, 2) == [1, 1]  # driven, closed
+    station.faults.welded = True
+    station.board.command = 0
+    device.refresh()
+    assert device.store.get(Table.HOLDING, 1007, 2) == [0, 1]  # drive off, still closed
+    # The real EVSE DIN table has no such input: nothing shows the contacts.
+    din = BoardSim(BOARD_MODELS["evse-din"], 1, station, record=lambda event: None)
+    din.refresh()
+    assert din.store.get(Table.HOLDING, 1007, 1) == [0]
+    assert BOARD_MODELS["evse-din"].contactor is None
 
 
 async def test_overdraw_shows_on_the_meter(sim: tuple[Simulator, Endpoints]) -> None:

@@ -13,6 +13,11 @@ def pilot(s: Station) -> PilotState:
     return s.pilot
 
 
+def drive_and_contacts(s: Station) -> tuple[bool, bool]:
+    """(relay drive, physical contacts), read through a call for the same reason."""
+    return s.relay_on, s.contactor_closed
+
+
 def charging_station(command: float = 16.0, phases: int = 3) -> Station:
     s = Station()
     s.ev.plugged = True
@@ -77,6 +82,21 @@ def test_energy_integrates_power_over_time_exactly() -> None:
     assert s.energy_wh == pytest.approx(3 * 230 * 16)
 
 
+def test_relay_drive_follows_what_the_board_commands() -> None:
+    s = charging_station(command=0)
+    assert drive_and_contacts(s) == (False, False)
+    s.board.command = 16
+    assert drive_and_contacts(s) == (True, True)
+    s.board.enabled = False
+    assert drive_and_contacts(s) == (False, False)
+    s.board.enabled = True
+    s.faults.rcd_trip = True
+    assert drive_and_contacts(s) == (False, False)
+    s.faults.rcd_trip = False
+    s.ev.wants = "B"
+    assert drive_and_contacts(s) == (False, False)
+
+
 def test_faults() -> None:
     s = charging_station()
     s.faults.rcd_trip = True
@@ -89,14 +109,35 @@ def test_faults() -> None:
     assert s.phase_currents == (20.0, 20.0, 20.0)
 
 
-def test_welded_contactor_reports_closed_when_commanded_off() -> None:
-    s = charging_station()
+def test_welded_contacts_stay_closed_and_current_flows_while_the_drive_is_off() -> None:
+    s = charging_station(command=10)
+    s.ev.max_current = 13
+    s.board.cable_limit = 20
     s.faults.welded = True
+    assert s.phase_currents == (10.0, 10.0, 10.0)  # driven: the EV follows the offer
     s.board.command = 0
     assert pilot(s) is PilotState.B
+    # The board drops the coil (the EVSE DIN's relay bit reads off) ...
+    assert not s.relay_on
+    # ... but the contacts stay closed, and the EV, with no offer left to
+    # follow, draws up to its own and the cable's limit.
     assert s.contactor_closed
-    # The EV has stopped drawing: only an injected overdraw would flow.
+    assert s.phase_currents == (13.0, 13.0, 13.0)
+    s.advance(0.0)
+    s.advance(3600.0)
+    assert s.energy_wh == pytest.approx(3 * 230 * 13)
+    assert s.to_json()["relay_on"] is False
+    assert s.to_json()["contactor_closed"] is True
+
+
+def test_welded_but_the_ev_paused_draws_only_an_overdraw() -> None:
+    s = charging_station(command=0)
+    s.faults.welded = True
+    s.ev.wants = "B"
+    assert s.contactor_closed and not s.relay_on
     assert s.phase_currents == (0.0, 0.0, 0.0)
+    s.faults.overdraw = 2
+    assert s.phase_currents == (2.0, 2.0, 2.0)
 
 
 def test_failsafe_watchdog_applies_the_failsafe_current() -> None:

@@ -162,11 +162,16 @@ class BoardSim:
         if m.offered is not None:
             self.store.put(m.offered.table, m.offered.address, m.offered.encode(s.offered))
         # Flags may share a register (EVSE DIN 1007: relay bit and fault bits),
-        # so the words are composed bit by bit before they are stored.
+        # so the words are composed bit by bit before they are stored. A model
+        # reports what its board can know: a drive bit shows the drive (a
+        # welded contact reads "off"), only an auxiliary-contact input shows
+        # the contacts themselves; a model with neither shows nothing.
         words: dict[tuple[Table, int], int] = {}
-        if m.contactor is not None:
-            bit = m.contactor
-            level = s.contactor_closed if bit.active_high else not s.contactor_closed
+        flags = ((m.relay, s.relay_on), (m.contactor, s.contactor_closed))
+        for bit, state in flags:
+            if bit is None:
+                continue
+            level = state if bit.active_high else not state
             key = (bit.field.table, bit.field.address)
             words[key] = words.get(key, 0) | ((1 << bit.bit) if level else 0)
         if m.faults is not None:

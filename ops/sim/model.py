@@ -5,9 +5,20 @@ so the model is tested without sockets and integrates energy exactly.
 
 Control pilot (IEC 61851-1 table A.3/A.4): no EV -> A; EV connected -> B;
 the EV goes to C (or D) only while it wants energy *and* the station offers a
-PWM duty of at least 6 A; otherwise it stays in B. The contactor follows:
-closed only in C/D with an offer of at least 6 A, the board enabled and no
-RCD trip, unless it is welded.
+PWM duty of at least 6 A; otherwise it stays in B.
+
+Two things are kept apart, as on a real board: the relay *drive* (what the
+board commands: the contactor coil is energised only in C/D with an offer of
+at least 6 A, the board enabled and no RCD trip) and the *contacts* (closed
+while the coil is energised, or always when they are welded). A board with a
+drive bit reports the drive (the EVSE DIN's 1007 b0); only a board with an
+auxiliary contact could report the contacts, and no simulated model has one.
+
+A welded contact keeps the EV connected to the supply after the board drops
+the coil: the EV goes on drawing (up to its own and the cable's limit, since
+no PWM offer is left to follow) as long as it wants energy. That is the case
+a meter can see and the safety monitor judges by; an EV that stops by itself
+would leave a welded contact that no current shows.
 """
 
 from __future__ import annotations
@@ -97,20 +108,32 @@ class Station:
         return PilotState.B
 
     @property
-    def contactor_closed(self) -> bool:
-        if self.faults.welded:
-            return True
+    def relay_on(self) -> bool:
+        """The relay drive the board commands: the contactor coil energised.
+
+        C/D already implies an offer of at least 6 A (so enabled, no pilot
+        error); an RCD trip drops the coil whatever the pilot shows.
+        """
         return self.pilot in (PilotState.C, PilotState.D) and not self.faults.rcd_trip
+
+    @property
+    def contactor_closed(self) -> bool:
+        """The physical contacts: closed while driven, or welded whatever the drive."""
+        return self.faults.welded or self.relay_on
 
     @property
     def phase_currents(self) -> tuple[float, float, float]:
         if not self.ev.plugged or not self.contactor_closed:
             return (0.0, 0.0, 0.0)
-        if self.pilot not in (PilotState.C, PilotState.D):
-            # Welded but the EV has stopped: it draws only what it overdraws.
-            draw = self.faults.overdraw
-        else:
+        if self.relay_on:
             draw = min(self.ev.max_current, self.offered) + self.faults.overdraw
+        elif self.ev.wants in ("C", "D"):
+            # Welded, the coil dropped: the EV is still on the supply and,
+            # with no offer to follow, draws up to its own and the cable's limit.
+            draw = min(self.ev.max_current, self.board.cable_limit) + self.faults.overdraw
+        else:
+            # Welded, but the EV has paused by itself: only an overdraw flows.
+            draw = self.faults.overdraw
         phases = 3 if self.ev.phases == 3 else 1
         return tuple(draw if i < phases else 0.0 for i in range(3))  # type: ignore[return-value]
 
@@ -147,6 +170,7 @@ class Station:
             "board": asdict(self.board),
             "pilot": self.pilot.value,
             "offered_a": self.offered,
+            "relay_on": self.relay_on,
             "contactor_closed": self.contactor_closed,
             "current_a": list(self.phase_currents),
             "power_w": list(self.phase_powers),
