@@ -38,12 +38,12 @@ from __future__ import annotations
 import math
 import sqlite3
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Self
+from typing import Final, Protocol, Self
 
 from evse.errors import StoreError
 from ocpp16.sqlite import SqliteAccess
@@ -118,6 +118,27 @@ _Row = tuple[
 ]
 
 
+class Journal(Protocol):
+    """The central-system side of a transaction record, written in the same SQLite
+    transaction as the record itself (rule 2: no crash can fall between a
+    transaction's start or end and its queued OCPP message).
+
+    Each method runs inside the store's open write transaction, on its
+    connection, in the store's worker thread: it may only read and write its
+    own tables through ``conn`` (the OCPP queue's ``enqueue_on``), never commit.
+    """
+
+    def started(self, conn: sqlite3.Connection, record: TransactionRecord) -> None:
+        """The transaction was just inserted: queue its StartTransaction."""
+
+    def ended(self, conn: sqlite3.Connection, record: TransactionRecord) -> None:
+        """The transaction's end was just written: queue its StopTransaction."""
+
+    def unreported(self, conn: sqlite3.Connection, record: TransactionRecord) -> bool:
+        """An ended transaction whose start was reported but whose stop never was
+        (a store written by firmware before the journal): queue the stop."""
+
+
 @dataclass(frozen=True)
 class TransactionRecord:
     """One charging transaction as persisted."""
@@ -153,6 +174,17 @@ def from_text(text: str) -> datetime:
     if at.utcoffset() != timedelta(0):
         raise ValueError(f"stored time {text!r} is not UTC")
     return at.astimezone(UTC)
+
+
+#: How many of the latest ended transactions recovery checks for a stop that was
+#: never queued (older firmware wrote the end and queued the stop separately).
+UNREPORTED_SCAN: Final = 500
+
+
+def _raised(record: TransactionRecord, energy: float, at: datetime) -> tuple[float, datetime]:
+    """A stop never below or before the last persisted reading, which includes
+    every reading a queued MeterValues reported (``record_meter(then=...)``)."""
+    return max(energy, record.last_meter_wh), max(at, record.last_meter_at)
 
 
 def _record(row: _Row) -> TransactionRecord:
@@ -242,9 +274,18 @@ class Store(SqliteAccess):
     # -- transactions ---------------------------------------------------------
 
     def begin_transaction(
-        self, *, connector_id: int, id_tag: str, meter_start_wh: float, started_at: datetime
+        self,
+        *,
+        connector_id: int,
+        id_tag: str,
+        meter_start_wh: float,
+        started_at: datetime,
+        journal: Journal | None = None,
     ) -> TransactionRecord:
-        """Persist a new running transaction; refuses a second one on the connector."""
+        """Persist a new running transaction; refuses a second one on the connector.
+
+        With ``journal``, its StartTransaction is queued in the same commit.
+        """
         what = f"begin a transaction on connector {connector_id}"
         if connector_id < 1:
             raise StoreError(f"{what}: connector id must be 1 or more", path=self._path)
@@ -262,13 +303,28 @@ class Store(SqliteAccess):
                 (connector_id, id_tag, energy, at, energy, at),
             )
             assert cursor.lastrowid is not None
-            return self._get(conn, cursor.lastrowid)
+            record = self._get(conn, cursor.lastrowid)
+            if journal is not None:
+                journal.started(conn, record)
+            return record
 
-    def record_meter(self, tx_id: int, energy_wh: float, at: datetime) -> None:
-        """Persist the latest energy reading of a running transaction.
+    def record_meter(
+        self,
+        tx_id: int,
+        energy_wh: float,
+        at: datetime,
+        *,
+        then: Callable[[sqlite3.Connection], object] | None = None,
+    ) -> None:
+        """Persist a reading of a running transaction as its last one.
 
-        Refuses a reading older than the last one, an energy below the last
-        one (the import register only counts up), and a stopped transaction.
+        A reading older than the last one and with no more energy (a stale
+        reading overtaken by a newer one) changes nothing. Refused: energy
+        below the last reading at the same or a later time (the import
+        register only counts up), more energy at an earlier time, and a
+        stopped transaction. ``then`` runs in the same commit (the
+        transaction's MeterValues, queued with the reading it reports, so a
+        stop never reports less).
         """
         what = f"record a meter reading for transaction {tx_id}"
         energy = self._energy(what, energy_wh)
@@ -277,11 +333,15 @@ class Store(SqliteAccess):
             record = self._get(conn, tx_id)
             if not record.running:
                 raise StoreError(f"{what}: it stopped ({record.stop_reason})", path=self._path)
-            self._check_not_backwards(what, record, energy, at)
-            conn.execute(
-                "UPDATE transactions SET last_meter_wh = ?, last_meter_at = ? WHERE id = ?",
-                (energy, text, tx_id),
-            )
+            stale = at < record.last_meter_at and energy <= record.last_meter_wh
+            if not stale:
+                self._check_not_backwards(what, record, energy, at)
+                conn.execute(
+                    "UPDATE transactions SET last_meter_wh = ?, last_meter_at = ? WHERE id = ?",
+                    (energy, text, tx_id),
+                )
+            if then is not None:
+                then(conn)
 
     def end_transaction(
         self,
@@ -291,8 +351,15 @@ class Store(SqliteAccess):
         meter_stop_wh: float,
         stopped_at: datetime,
         id_tag: str | None = None,
+        journal: Journal | None = None,
     ) -> TransactionRecord:
-        """Persist the end of a running transaction; ending it twice is refused."""
+        """Persist the end of a running transaction; ending it twice is refused.
+
+        The stop is never below, nor before, the last persisted reading (which
+        includes every reading a queued MeterValues reported): both are raised
+        to it. With ``journal``, the StopTransaction is queued in the
+        same commit.
+        """
         what = f"end transaction {tx_id}"
         if reason not in STOP_REASONS:
             raise StoreError(f"{what}: {reason!r} is not an OCPP 1.6 Reason", path=self._path)
@@ -305,14 +372,18 @@ class Store(SqliteAccess):
                     f"{what}: it already ended ({record.stop_reason} at {record.stopped_at})",
                     path=self._path,
                 )
-            self._check_not_backwards(what, record, energy, stopped_at)
+            energy, stopped_at = _raised(record, energy, stopped_at)
+            text = self._time(what, stopped_at)
             # The stop reading is also the last persisted reading.
             conn.execute(
                 "UPDATE transactions SET stop_reason = ?, meter_stop_wh = ?, stopped_at = ?,"
                 " stop_id_tag = ?, last_meter_wh = ?, last_meter_at = ? WHERE id = ?",
                 (reason, energy, text, id_tag, energy, text, tx_id),
             )
-            return self._get(conn, tx_id)
+            ended = self._get(conn, tx_id)
+            if journal is not None:
+                journal.ended(conn, ended)
+            return ended
 
     def running_transaction(self, connector_id: int) -> TransactionRecord | None:
         with self._read(f"find the running transaction on connector {connector_id}") as conn:
@@ -334,29 +405,65 @@ class Store(SqliteAccess):
             ).fetchall()
         return [_record(row) for row in rows]
 
-    def recover_power_loss(self) -> list[TransactionRecord]:
+    def recover_power_loss(
+        self,
+        *,
+        reading: tuple[float, datetime] | None = None,
+        journal: Journal | None = None,
+    ) -> list[TransactionRecord]:
         """End every running transaction as lost to a power failure.
 
-        Run once at start-up, before anything else touches transactions. The
-        firmware cannot know what happened after its last persisted reading, so
-        each transaction stops with reason PowerLoss at that reading and its
-        time (OCPP 1.6 Reason ``PowerLoss``, "complete loss of power"; the
-        station reports the stop once it is back). Returns the ended records,
-        oldest first.
+        Run once at start-up, after the board was switched off and before
+        anything else touches transactions. ``reading`` is the meter's (energy,
+        time) read at this restart, when the meter answered: the energy that
+        flowed until the off-write belongs to the transaction, so it ends with
+        that reading; else with its last persisted one (which includes what its
+        MeterValues reported), never below or before it. OCPP 1.6
+        Reason ``PowerLoss``, "complete loss of power"; each StopTransaction is
+        queued in the same commit (``journal``), and so is the stop of an
+        ended transaction whose stop was never queued (an older firmware's
+        crash between the two). Returns the ended records, oldest first.
         """
-        with self._write("recover transactions after a power loss") as conn:
-            ids = [
-                row[0]
+        what = "recover transactions after a power loss"
+        if reading is not None:
+            self._energy(what, reading[0])
+            self._time(what, reading[1])
+        with self._write(what) as conn:
+            running = [
+                _record(row)
                 for row in conn.execute(
-                    "SELECT id FROM transactions WHERE stop_reason IS NULL ORDER BY id"
+                    f"SELECT {_COLUMNS} FROM transactions"  # noqa: S608
+                    " WHERE stop_reason IS NULL ORDER BY id"
                 )
             ]
-            conn.execute(
-                "UPDATE transactions SET stop_reason = 'PowerLoss',"
-                " meter_stop_wh = last_meter_wh, stopped_at = last_meter_at, stop_id_tag = NULL"
-                " WHERE stop_reason IS NULL"
-            )
-            return [self._get(conn, tx_id) for tx_id in ids]
+            ended: list[TransactionRecord] = []
+            for record in running:
+                energy, at = record.last_meter_wh, record.last_meter_at
+                if reading is not None:
+                    energy, at = max(energy, reading[0]), max(at, reading[1])
+                energy, at = _raised(record, energy, at)
+                text = self._time(what, at)
+                conn.execute(
+                    "UPDATE transactions SET stop_reason = 'PowerLoss', meter_stop_wh = ?,"
+                    " stopped_at = ?, stop_id_tag = NULL, last_meter_wh = ?, last_meter_at = ?"
+                    " WHERE id = ?",
+                    (energy, text, energy, text, record.id),
+                )
+                done = self._get(conn, record.id)
+                if journal is not None:
+                    journal.ended(conn, done)
+                ended.append(done)
+            if journal is not None:
+                recent = conn.execute(
+                    f"SELECT {_COLUMNS} FROM transactions"  # noqa: S608
+                    " WHERE stop_reason IS NOT NULL ORDER BY id DESC LIMIT ?",
+                    (UNREPORTED_SCAN,),
+                ).fetchall()
+                for row in reversed(recent):
+                    old = _record(row)
+                    if old.id not in {r.id for r in ended} and journal.unreported(conn, old):
+                        journal.ended(conn, old)
+            return ended
 
     # -- settings -------------------------------------------------------------
 

@@ -198,6 +198,11 @@ class ChargePoint:
         self._last_aligned: datetime | None = None
         self.config.subscribe(self._config_changed)
         self.on_link_change: Callable[[], None] | None = None
+        #: Where a transaction's MeterValues go instead of ``queue.enqueue``:
+        #: (local id, payload, energy Wh, station time) -> queued? (evse's store).
+        self.meter_values_sink: (
+            Callable[[int, dict[str, Any], float | None, datetime], Awaitable[bool]] | None
+        ) = None
 
     # -- what the station tells us ------------------------------------------------------
 
@@ -246,22 +251,52 @@ class ChargePoint:
                 )
         return payload
 
-    async def transaction_started(
-        self,
-        *,
-        local_id: int,
-        connector_id: int,
-        id_tag: str,
-        meter_start_wh: float,
-        timestamp: datetime,
-        begin: MeterSnapshot | None = None,
-    ) -> None:
+    # The station writes a transaction's record and its message in one SQLite
+    # transaction (rule 2): it asks for the payloads (``start_message``,
+    # ``stop_message``, pure), queues them through the store's connection, and
+    # then tells us (``begin_transaction``, ``end_transaction``). The two
+    # coroutines below do it all here, for a station without such a store.
+
+    def start_message(
+        self, *, connector_id: int, id_tag: str, meter_start_wh: float, timestamp: datetime
+    ) -> dict[str, Any]:
+        """The StartTransaction.req payload."""
         payload: dict[str, Any] = {
             "connectorId": connector_id,
             "idTag": id_tag,
             "meterStart": round(meter_start_wh),
         }
         payload["timestamp"] = self._stamp(timestamp, payload)
+        return payload
+
+    def stop_message(
+        self,
+        *,
+        local_id: int,
+        meter_stop_wh: float,
+        stopped_at: datetime,
+        reason: str,
+        stop_id_tag: str | None,
+        samples: list[dict[str, Any]],
+    ) -> dict[str, Any]:
+        """The StopTransaction.req payload (``samples``: ``take_samples``)."""
+        stop: dict[str, Any] = {
+            # The queue substitutes the real id once StartTransaction has one.
+            "transactionId": -local_id,
+            "meterStop": round(meter_stop_wh),
+            "reason": reason,
+        }
+        stop["timestamp"] = self._stamp(stopped_at, stop)
+        if stop_id_tag:
+            stop["idTag"] = stop_id_tag
+        if samples:
+            stop["transactionData"] = samples
+        return stop
+
+    def begin_transaction(
+        self, *, local_id: int, timestamp: datetime, begin: MeterSnapshot | None = None
+    ) -> None:
+        """A transaction started (its StartTransaction is queued): sample it."""
         samples = _TxSamples()
         if begin is not None:
             measurands = parse_measurands(str(self.config.text("StopTxnSampledData")))
@@ -272,12 +307,50 @@ class ChargePoint:
         self._samples[local_id] = samples
         self._tx_started[local_id] = trio.current_time()
         self._timing.unpark_all()
+        self._queue_wakeup.set()
+
+    def take_samples(
+        self, local_id: int, *, end: MeterSnapshot | None = None, stopped_at: datetime
+    ) -> list[dict[str, Any]]:
+        """The transaction's StopTxnSampledData (OCPP 1.6 9.1.21), its end value
+        last; its sampling stops."""
+        samples = self._samples.pop(local_id, _TxSamples())
+        self._tx_started.pop(local_id, None)
+        self._timing.unpark_all()
+        if end is not None:
+            measurands = parse_measurands(str(self.config.text("StopTxnSampledData")))
+            value = meter_value(end, measurands, "Transaction.End", at=stopped_at)
+            if value is not None:
+                value["timestamp"] = self._stamp(stopped_at, value)
+                samples.values.append(value)
+        return samples.values
+
+    def end_transaction(self) -> None:
+        """A StopTransaction was queued: send it."""
+        self._queue_wakeup.set()
+
+    async def transaction_started(
+        self,
+        *,
+        local_id: int,
+        connector_id: int,
+        id_tag: str,
+        meter_start_wh: float,
+        timestamp: datetime,
+        begin: MeterSnapshot | None = None,
+    ) -> None:
+        payload = self.start_message(
+            connector_id=connector_id,
+            id_tag=id_tag,
+            meter_start_wh=meter_start_wh,
+            timestamp=timestamp,
+        )
         await trio.to_thread.run_sync(
             lambda: self.queue.enqueue(
                 "StartTransaction", payload, local_tx_id=local_id, dedupe_key=f"start:{local_id}"
             )
         )
-        self._queue_wakeup.set()
+        self.begin_transaction(local_id=local_id, timestamp=timestamp, begin=begin)
 
     async def transaction_ended(
         self,
@@ -294,32 +367,21 @@ class ChargePoint:
         end: MeterSnapshot | None = None,
     ) -> None:
         """Queue StopTransaction; first StartTransaction if it never was (crash in between)."""
-        samples = self._samples.pop(local_id, _TxSamples())
-        self._tx_started.pop(local_id, None)
-        self._timing.unpark_all()
-        measurands = parse_measurands(str(self.config.text("StopTxnSampledData")))
-        if end is not None:
-            value = meter_value(end, measurands, "Transaction.End", at=stopped_at)
-            if value is not None:
-                value["timestamp"] = self._stamp(stopped_at, value)
-                samples.values.append(value)
-        stop: dict[str, Any] = {
-            # The queue substitutes the real id once StartTransaction has one.
-            "transactionId": -local_id,
-            "meterStop": round(meter_stop_wh),
-            "reason": reason,
-        }
-        stop["timestamp"] = self._stamp(stopped_at, stop)
-        if stop_id_tag:
-            stop["idTag"] = stop_id_tag
-        if samples.values:
-            stop["transactionData"] = samples.values
-        start: dict[str, Any] = {
-            "connectorId": connector_id,
-            "idTag": id_tag,
-            "meterStart": round(meter_start_wh),
-        }
-        start["timestamp"] = self._stamp(started_at, start)
+        samples = self.take_samples(local_id, end=end, stopped_at=stopped_at)
+        stop = self.stop_message(
+            local_id=local_id,
+            meter_stop_wh=meter_stop_wh,
+            stopped_at=stopped_at,
+            reason=reason,
+            stop_id_tag=stop_id_tag,
+            samples=samples,
+        )
+        start = self.start_message(
+            connector_id=connector_id,
+            id_tag=id_tag,
+            meter_start_wh=meter_start_wh,
+            timestamp=started_at,
+        )
 
         def enqueue() -> None:
             self.queue.enqueue(
@@ -330,7 +392,7 @@ class ChargePoint:
             )
 
         await trio.to_thread.run_sync(enqueue)
-        self._queue_wakeup.set()
+        self.end_transaction()
 
     async def authorize(self, id_tag: str) -> dict[str, Any] | None:
         """Authorize.req while online; None when offline (no opinion)."""
@@ -863,9 +925,17 @@ class ChargePoint:
                 "transactionId": -local,
                 "meterValue": [value],
             }
-            await trio.to_thread.run_sync(
-                lambda: self.queue.enqueue("MeterValues", payload, local_tx_id=local)
-            )
+            sink = self.meter_values_sink
+            if sink is None:
+                await trio.to_thread.run_sync(
+                    lambda: self.queue.enqueue("MeterValues", payload, local_tx_id=local)
+                )
+            else:
+                # The station records the reading it reports in the same commit,
+                # so no stop of this transaction can report less (rule 2).
+                at_station = (stamp - self.clock_offset) if self.clock_offset else stamp
+                if not await sink(local, payload, snapshot.energy_wh, at_station):
+                    return
             self._queue_wakeup.set()
         elif self.online:
             try:

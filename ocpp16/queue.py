@@ -364,6 +364,53 @@ class TransactionQueue(SqliteAccess):
         straight to the dead letters (see the module docstring).
         """
         what = f"enqueue {action} of local transaction {local_tx_id}"
+        with self._write(what) as conn:
+            return self._enqueue(
+                conn,
+                action,
+                payload,
+                local_tx_id=local_tx_id,
+                dedupe_key=dedupe_key,
+            )
+
+    def enqueue_on(
+        self,
+        conn: sqlite3.Connection,
+        action: str,
+        payload: Mapping[str, Any],
+        *,
+        local_tx_id: int,
+        dedupe_key: str | None = None,
+    ) -> QueuedMessage:
+        """``enqueue`` inside another connection's open write transaction on the same
+        file (the station's store, writing a transaction record and its message in
+        one commit). Committed with the caller's transaction, never on its own."""
+        if not conn.in_transaction:
+            raise _error(
+                f"enqueue {action} of local transaction {local_tx_id}: the connection"
+                " is not in a transaction",
+                path=self._path,
+            )
+        with self._translate(f"enqueue {action} of local transaction {local_tx_id}"):
+            return self._enqueue(
+                conn, action, payload, local_tx_id=local_tx_id, dedupe_key=dedupe_key
+            )
+
+    def has_message_on(self, conn: sqlite3.Connection, dedupe_key: str) -> bool:
+        """``has_message`` inside the caller's transaction."""
+        with self._translate(f"look up dedupe key {dedupe_key!r}"):
+            return self._keyed(conn, dedupe_key) is not None
+
+    def _enqueue(
+        self,
+        conn: sqlite3.Connection,
+        action: str,
+        payload: Mapping[str, Any],
+        *,
+        local_tx_id: int,
+        dedupe_key: str | None,
+    ) -> QueuedMessage:
+        what = f"enqueue {action} of local transaction {local_tx_id}"
         kind = self._kind(what, action)
         if not _is_int(local_tx_id) or local_tx_id < 1:
             raise _error(
@@ -379,45 +426,44 @@ class TransactionQueue(SqliteAccess):
         if kind in _FOLLOWERS:
             body["transactionId"] = -local_tx_id
         text = self._json(what, body)
-        with self._write(what) as conn:
-            if dedupe_key is not None:
-                existing = self._keyed(conn, dedupe_key)
-                if existing is not None:
-                    if (existing.action, existing.local_tx_id) != (kind.value, local_tx_id):
-                        raise _error(
-                            f"{what}: dedupe key {dedupe_key!r} already names message"
-                            f" {existing.seq} ({existing.action} of local transaction"
-                            f" {existing.local_tx_id})",
-                            path=self._path,
-                        )
-                    return existing
-            real = self._real_id(conn, local_tx_id)
-            start = self._start_seqs(conn, local_tx_id)
-            if kind is MessageKind.START:
-                if real is not None or start != (None, None):
-                    raise _error(f"{what}: it already has a StartTransaction", path=self._path)
-            else:
-                if given and not (_is_int(supplied) and supplied in (-local_tx_id, real)):
+        if dedupe_key is not None:
+            existing = self._keyed(conn, dedupe_key)
+            if existing is not None:
+                if (existing.action, existing.local_tx_id) != (kind.value, local_tx_id):
                     raise _error(
-                        f"{what}: transactionId {supplied!r} is neither the placeholder"
-                        f" {-local_tx_id} nor the central system's id {real!r}",
+                        f"{what}: dedupe key {dedupe_key!r} already names message"
+                        f" {existing.seq} ({existing.action} of local transaction"
+                        f" {existing.local_tx_id})",
                         path=self._path,
                     )
-                if real is None and start == (None, None):
-                    raise _error(f"{what}: it has no StartTransaction", path=self._path)
-            now = self._now(what)
-            cursor = conn.execute(
-                "INSERT INTO ocpp_queue (action, payload, local_tx_id, unique_id, dedupe_key,"
-                " attempts, created_at) VALUES (?, ?, ?, ?, ?, 0, ?)",
-                (kind.value, text, local_tx_id, str(uuid.uuid4()), dedupe_key, now),
-            )
-            seq = cursor.lastrowid
-            assert seq is not None
-            message = self._pending(conn, seq)
-            if kind is not MessageKind.START and start[1] is not None:
-                # Its Start is dead: so is this message (never sent with a placeholder).
-                self._kill(conn, seq, CASCADE_REASON, now)
-            return message
+                return existing
+        real = self._real_id(conn, local_tx_id)
+        start = self._start_seqs(conn, local_tx_id)
+        if kind is MessageKind.START:
+            if real is not None or start != (None, None):
+                raise _error(f"{what}: it already has a StartTransaction", path=self._path)
+        else:
+            if given and not (_is_int(supplied) and supplied in (-local_tx_id, real)):
+                raise _error(
+                    f"{what}: transactionId {supplied!r} is neither the placeholder"
+                    f" {-local_tx_id} nor the central system's id {real!r}",
+                    path=self._path,
+                )
+            if real is None and start == (None, None):
+                raise _error(f"{what}: it has no StartTransaction", path=self._path)
+        now = self._now(what)
+        cursor = conn.execute(
+            "INSERT INTO ocpp_queue (action, payload, local_tx_id, unique_id, dedupe_key,"
+            " attempts, created_at) VALUES (?, ?, ?, ?, ?, 0, ?)",
+            (kind.value, text, local_tx_id, str(uuid.uuid4()), dedupe_key, now),
+        )
+        seq = cursor.lastrowid
+        assert seq is not None
+        message = self._pending(conn, seq)
+        if kind is not MessageKind.START and start[1] is not None:
+            # Its Start is dead: so is this message (never sent with a placeholder).
+            self._kill(conn, seq, CASCADE_REASON, now)
+        return message
 
     def head(self) -> QueuedMessage | None:
         """The oldest undelivered message, or None when the queue is empty."""

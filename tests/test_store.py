@@ -318,20 +318,38 @@ def test_readings_going_backwards_are_refused_and_change_nothing(store: Store) -
         store.record_meter(tx.id, 1099.0, at(61))
     with pytest.raises(StoreError, match="below the last reading"):
         store.record_meter(tx.id, 999.0, at(61))  # below meter_start too
-    with pytest.raises(StoreError, match="before the last reading"):
-        store.end_transaction(tx.id, reason="Local", meter_stop_wh=1200.0, stopped_at=at(30))
-    with pytest.raises(StoreError, match="below the last reading"):
-        store.end_transaction(tx.id, reason="Local", meter_stop_wh=1050.0, stopped_at=at(90))
     assert store.transaction(tx.id) == before
     # Same time and same energy are not backwards.
     store.record_meter(tx.id, 1100.0, at(60))
     assert store.transaction(tx.id) == before
 
 
+def test_a_stop_is_raised_to_the_last_reading_never_below_or_before(store: Store) -> None:
+    """A stop older or lower than what was persisted (a stale reading, the wall
+    clock stepped back) is raised to it: the end is written, never refused, and
+    the record never goes backwards."""
+    tx = begin(store, wh=1000.0, t=0)
+    store.record_meter(tx.id, 1100.0, at(60))
+    ended = store.end_transaction(tx.id, reason="Local", meter_stop_wh=1050.0, stopped_at=at(30))
+    assert (ended.meter_stop_wh, ended.stopped_at) == (1100.0, at(60))
+    assert (ended.last_meter_wh, ended.last_meter_at) == (1100.0, at(60))
+
+
 def test_a_reading_before_the_start_is_refused(store: Store) -> None:
     tx = begin(store, wh=1000.0, t=100)
     with pytest.raises(StoreError, match="before the last reading"):
-        store.record_meter(tx.id, 1000.0, at(99))
+        store.record_meter(tx.id, 1000.5, at(99))
+
+
+def test_a_stale_reading_changes_nothing(store: Store) -> None:
+    """Older and no more energy: a reading overtaken by a newer one (a MeterValues
+    recorded the newer one first). Kept out, without an error."""
+    tx = begin(store, wh=1000.0, t=100)
+    store.record_meter(tx.id, 1100.0, at(160))
+    before = store.transaction(tx.id)
+    store.record_meter(tx.id, 1000.0, at(99))
+    store.record_meter(tx.id, 1100.0, at(150))
+    assert store.transaction(tx.id) == before
 
 
 @pytest.mark.parametrize("energy", [float("nan"), float("inf"), -1.0])
@@ -498,7 +516,7 @@ async def test_concurrent_calls_from_worker_threads_are_serialized(store: Store)
 
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.integers(-3, 5), st.integers(-3, 5)), max_size=12))
-def test_a_reading_is_kept_iff_neither_time_nor_energy_goes_back(
+def test_a_reading_is_kept_iff_neither_time_nor_energy_goes_back(  # or stale: ignored
     tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[int, int]]
 ) -> None:
     # A fresh file per example: a failing example leaves nothing behind.
@@ -511,6 +529,8 @@ def test_a_reading_is_kept_iff_neither_time_nor_energy_goes_back(
             if t >= last_t and wh >= last_wh:
                 s.record_meter(tx.id, float(wh), at(t))
                 last_t, last_wh = t, wh
+            elif t < last_t and wh <= last_wh:
+                s.record_meter(tx.id, float(wh), at(t))  # stale: changes nothing
             else:
                 with pytest.raises(StoreError):
                     s.record_meter(tx.id, float(wh), at(t))
