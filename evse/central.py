@@ -3,18 +3,22 @@
 The station talks to whatever implements ``CentralSystemPort``: today
 ``Standalone`` (no central system configured), next the OCPP 1.6 session.
 The port never reaches into station state; the station tells it what
-happened, and asks it for the two things only it can know: whether the
-central system is reachable (for the fallback limit) and the smart-charging
-limit in force.
+happened (notifications the station hands off and never waits for), asks it
+for the two things only it can know: whether the central system is reachable
+(for the fallback limit) and the smart-charging limit in force, and gets from
+it the ``Journal`` that queues a transaction's messages in the same SQLite
+commit as the transaction's record. ``link`` and ``smart_charging_limit`` are
+read on the station loop's path: they must be cheap (no disk, no files).
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Protocol
 
 from evse.connector import ErrorCode, Status
 from evse.limits import CentralSystem
-from evse.store import TransactionRecord
+from evse.store import Journal, TransactionRecord
 
 
 class CentralSystemPort(Protocol):
@@ -23,6 +27,14 @@ class CentralSystemPort(Protocol):
 
     def smart_charging_limit(self) -> float | None:
         """The smart-charging limit in A now, or None when no schedule applies."""
+        ...
+
+    def journal(
+        self, *, ending: int | None = None, stopped_at: datetime | None = None
+    ) -> Journal | None:
+        """What writes a transaction's messages in the store's commit (rule 2);
+        None when nothing is reported. ``ending``: the transaction about to end
+        (its collected samples go into the StopTransaction)."""
         ...
 
     async def status_changed(
@@ -50,6 +62,11 @@ class Standalone:
         return CentralSystem.NOT_CONFIGURED
 
     def smart_charging_limit(self) -> float | None:
+        return None
+
+    def journal(
+        self, *, ending: int | None = None, stopped_at: datetime | None = None
+    ) -> Journal | None:
         return None
 
     async def status_changed(

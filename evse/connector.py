@@ -38,10 +38,8 @@ from enum import Enum, StrEnum
 from types import MappingProxyType
 
 from evse.errors import IllegalTransition
+from evse.limits import MIN_CURRENT
 from fieldbus.boards import PilotState
-
-#: IEC 61851-1: the lowest current a PWM duty cycle may offer.
-MIN_CURRENT = 6.0
 
 
 class Status(StrEnum):
@@ -108,6 +106,8 @@ class Fault(StrEnum):
     OVERTEMPERATURE = "overtemperature"
     METER_SILENT = "meter_silent"
     INTERNAL = "internal_error"
+    #: The store keeps failing to persist a transaction's readings (disk full).
+    STORE = "store_failure"
 
 
 FAULT_ERROR_CODES: Mapping[Fault, ErrorCode] = MappingProxyType(
@@ -122,6 +122,7 @@ FAULT_ERROR_CODES: Mapping[Fault, ErrorCode] = MappingProxyType(
         Fault.OVERTEMPERATURE: ErrorCode.HIGH_TEMPERATURE,
         Fault.METER_SILENT: ErrorCode.POWER_METER_FAILURE,
         Fault.INTERNAL: ErrorCode.INTERNAL_ERROR,
+        Fault.STORE: ErrorCode.INTERNAL_ERROR,
     }
 )
 

@@ -16,6 +16,20 @@ changes.
 IEC 61851-1 (table A.8): the PWM duty cycle cannot offer less than 6 A, so
 any result below 6 A is 0 A: charging pauses (SuspendedEVSE), it is not
 offered at a current the EV may not obey.
+
+One rule for the fallback limit
+-------------------------------
+The fallback limit and the board's hardware failsafe current (what the
+board's watchdog applies when the firmware stops talking) follow one rule,
+``effective_fallback``: never above the installer maximum nor the board's
+maximum, and below ``MIN_CURRENT`` it is 0 A. Where a fallback is *set*
+(the TOML file, the registry key FallbackLimit, ``evse config set``), a
+value above ``fallback_max`` is refused and nothing changes; where one is
+*applied* (the offer, arming the failsafe, a live change), it is clamped by
+``effective_fallback``, so a value that slipped past a check (a stored value
+from before the installer maximum was lowered) still never exceeds a limit.
+``MIN_CURRENT`` is the one 6 A constant; other layers import it (ocpp16/ and
+fieldbus/ may not import evse/: they keep their own, see their comments).
 """
 
 from __future__ import annotations
@@ -71,10 +85,37 @@ def arbitrate(inputs: LimitInputs) -> Limit:
     return Limit(amps, bound_by)
 
 
-def failsafe_current(fallback: float) -> float:
-    """The current a board's hardware watchdog falls back to: the fallback limit.
+def fallback_max(*, installer_max: float, hardware_max: float) -> tuple[float, str]:
+    """The highest fallback limit that may be set, and what bounds it.
+
+    ``(amps, "installer")`` or ``(amps, "hardware")``: the lower of the
+    installer maximum and the board model's maximum (on a tie, the installer
+    maximum, the setting a person can change). Not a number counts as 0.
+    """
+    installer = 0.0 if math.isnan(installer_max) else installer_max
+    hardware = 0.0 if math.isnan(hardware_max) else hardware_max
+    if installer <= hardware:
+        return installer, "installer"
+    return hardware, "hardware"
+
+
+def effective_fallback(fallback: float, *, installer_max: float, hardware_max: float) -> float:
+    """The fallback limit in force: ``fallback`` clamped to both maxima, 0 below 6 A.
+
+    For every place a fallback is applied: the offer while the central system
+    is unreachable, the board's failsafe current, a live change of
+    FallbackLimit. Not a number is 0 A (fail closed).
+    """
+    highest, _ = fallback_max(installer_max=installer_max, hardware_max=hardware_max)
+    amps = 0.0 if math.isnan(fallback) else min(fallback, highest)
+    return amps if amps >= MIN_CURRENT else 0.0
+
+
+def failsafe_current(fallback: float, *, installer_max: float, hardware_max: float) -> float:
+    """The current a board's hardware watchdog falls back to: the fallback in force.
 
     A dead firmware is the ultimate loss of the central system, so the board
-    applies what the station would apply offline (0 when below 6 A).
+    applies what the station would apply offline: ``effective_fallback``
+    (never above the installer or board maximum; 0 when below 6 A).
     """
-    return fallback if fallback >= MIN_CURRENT else 0.0
+    return effective_fallback(fallback, installer_max=installer_max, hardware_max=hardware_max)

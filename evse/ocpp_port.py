@@ -12,20 +12,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from evse.auth import AuthResult, AuthStatus
 from evse.connector import ErrorCode, Status, StopReason
+from evse.errors import StoreError
 from evse.limits import CentralSystem
 from evse.station import Station
-from evse.store import TransactionRecord
+from evse.store import Journal, TransactionRecord
 from ocpp16.chargepoint import ChargePoint, Identity
 from ocpp16.config import Configuration
+from ocpp16.errors import OcppError
 from ocpp16.metering import MeterSnapshot
 from ocpp16.queue import TransactionQueue
 
@@ -58,18 +61,43 @@ class OcppPort:
             queue=queue,
             station=self,
             identity=identity,
-            connection_settings=self.connection_settings,
+            # The charge point (its own task, not the station loop) reads the
+            # files afresh before each connection attempt.
+            connection_settings=self.refresh_connection_settings,
         )
         self._link_changed_send, self._link_changed_receive = trio.open_memory_channel[None](1)
+        #: The connection the configuration asks for, built once and again only
+        #: when a key it depends on changes: ``link`` is read on the station
+        #: loop's path, which must never read certificate files.
+        self._settings_cache: tuple[ConnectionSettings | None] | None = None
+        config.subscribe(self._config_changed)
+        self.chargepoint.meter_values_sink = self._queue_meter_values
 
     def attach(self, station: Station) -> None:
         self.station = station
+
+    def _config_changed(self, name: str, value: object) -> None:
+        if name in CONNECTION_KEYS:
+            self._settings_cache = None
 
     # -- configuration -> connection ----------------------------------------------------
 
     def connection_settings(self) -> ConnectionSettings | None:
         """The connection the configuration asks for; None when there is none or it
-        cannot be built (a missing or bad certificate file: logged, shown in status)."""
+        cannot be built (a missing or bad certificate file: logged, shown in status).
+
+        Built once, and again after a change of a key it depends on."""
+        cached = self._settings_cache
+        if cached is None:
+            cached = self._settings_cache = (self._build_connection_settings(),)
+        return cached[0]
+
+    def refresh_connection_settings(self) -> ConnectionSettings | None:
+        """Build the connection settings anew (files read again) and keep them."""
+        self._settings_cache = (self._build_connection_settings(),)
+        return self._settings_cache[0]
+
+    def _build_connection_settings(self) -> ConnectionSettings | None:
         try:
             settings = self._connection_settings()
         except (OSError, ValueError) as exc:
@@ -123,37 +151,56 @@ class OcppPort:
     def smart_charging_limit(self) -> float | None:
         return None
 
+    def journal(self, *, ending: int | None = None, stopped_at: datetime | None = None) -> Journal:
+        samples: list[dict[str, Any]] = []
+        if ending is not None and stopped_at is not None:
+            cid = self.station.settings.connector_id if self.station is not None else 1
+            samples = self.chargepoint.take_samples(
+                ending, end=self.meter_snapshot(cid), stopped_at=stopped_at
+            )
+        return _Journal(self, samples)
+
     async def status_changed(
         self, connector_id: int, status: Status, error_code: ErrorCode, info: str
     ) -> None:
         self.chargepoint.status_changed()
 
     async def transaction_started(self, record: TransactionRecord) -> None:
-        await self.chargepoint.transaction_started(
+        """Its StartTransaction is queued already (the journal): sample it."""
+        self.chargepoint.begin_transaction(
             local_id=record.id,
-            connector_id=record.connector_id,
-            id_tag=record.id_tag,
-            meter_start_wh=record.meter_start_wh,
             timestamp=record.started_at,
             begin=self.meter_snapshot(record.connector_id),
         )
+        await trio.lowlevel.checkpoint()
 
     async def transaction_ended(self, record: TransactionRecord) -> None:
-        assert record.stop_reason is not None and record.stopped_at is not None
-        await self.chargepoint.transaction_ended(
-            local_id=record.id,
-            connector_id=record.connector_id,
-            id_tag=record.id_tag,
-            meter_start_wh=record.meter_start_wh,
-            started_at=record.started_at,
-            meter_stop_wh=record.meter_stop_wh or record.last_meter_wh,
-            stopped_at=record.stopped_at,
-            reason=record.stop_reason,
-            stop_id_tag=record.stop_id_tag,
-            end=self.meter_snapshot(record.connector_id)
-            if record.stop_reason != "PowerLoss"
-            else None,
-        )
+        """Its StopTransaction is queued already (the journal): send it."""
+        self.chargepoint.end_transaction()
+        await trio.lowlevel.checkpoint()
+
+    async def _queue_meter_values(
+        self, local_id: int, payload: dict[str, Any], energy_wh: float | None, at: datetime
+    ) -> bool:
+        """A transaction's MeterValues, queued in one commit with the reading it
+        reports: a stop (even a PowerLoss one) never reports less, nor earlier."""
+        station = self.station
+        if station is None:
+            return False
+
+        def enqueue(conn: sqlite3.Connection) -> None:
+            self.queue.enqueue_on(conn, "MeterValues", payload, local_tx_id=local_id)
+
+        energy = energy_wh if energy_wh is not None else 0.0
+        try:
+            await trio.to_thread.run_sync(
+                lambda: station.store.record_meter(local_id, energy, at, then=enqueue)
+            )
+        except (StoreError, OcppError) as exc:
+            # The transaction ended meanwhile (its stop has the later reading).
+            log.info("MeterValues of transaction %d not queued: %s", local_id, exc)
+            return False
+        return True
 
     def describe(self) -> dict[str, object]:
         """The connection status for operators (station-spec section 3)."""
@@ -258,6 +305,73 @@ class OcppPort:
         # One recomputation pending is enough.
         with contextlib.suppress(trio.WouldBlock):
             self._link_changed_send.send_nowait(None)
+
+
+class _Journal:
+    """Queues a transaction's OCPP messages on the store's connection, inside the
+    store's commit (``evse.store.Journal``)."""
+
+    def __init__(self, port: OcppPort, samples: list[dict[str, Any]]) -> None:
+        self.port = port
+        self.samples = samples
+
+    def _start(self, conn: sqlite3.Connection, record: TransactionRecord) -> None:
+        cp = self.port.chargepoint
+        payload = cp.start_message(
+            connector_id=record.connector_id,
+            id_tag=record.id_tag,
+            meter_start_wh=record.meter_start_wh,
+            timestamp=record.started_at,
+        )
+        self.port.queue.enqueue_on(
+            conn,
+            "StartTransaction",
+            payload,
+            local_tx_id=record.id,
+            dedupe_key=f"start:{record.id}",
+        )
+
+    def started(self, conn: sqlite3.Connection, record: TransactionRecord) -> None:
+        self._start(conn, record)
+
+    def ended(self, conn: sqlite3.Connection, record: TransactionRecord) -> None:
+        assert record.stop_reason is not None and record.stopped_at is not None
+        # Its start first, if it never was queued (a store from before the journal).
+        self._start(conn, record)
+        stop = self.port.chargepoint.stop_message(
+            local_id=record.id,
+            meter_stop_wh=record.meter_stop_wh or record.last_meter_wh,
+            stopped_at=record.stopped_at,
+            reason=record.stop_reason,
+            stop_id_tag=record.stop_id_tag,
+            samples=self.samples,
+        )
+        self.port.queue.enqueue_on(
+            conn, "StopTransaction", stop, local_tx_id=record.id, dedupe_key=f"stop:{record.id}"
+        )
+
+    def unreported(self, conn: sqlite3.Connection, record: TransactionRecord) -> bool:
+        queue = self.port.queue
+        return queue.has_message_on(conn, f"start:{record.id}") and not queue.has_message_on(
+            conn, f"stop:{record.id}"
+        )
+
+
+#: Configuration keys the connection settings are built from.
+CONNECTION_KEYS = frozenset(
+    {
+        "CentralSystemAddress",
+        "ConnectionEnabled",
+        "ChargePointId",
+        "CentralSystemRootCertificate",
+        "ChargePointCertificate",
+        "ChargePointPrivateKey",
+        "AuthorizationKey",
+        "SecurityProfile",
+        "WebSocketPingInterval",
+        "ReconnectFrequency",
+    }
+)
 
 
 class OnlineAuthorize:

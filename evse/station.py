@@ -4,14 +4,34 @@ One task (``run_loop``) owns the ``Connector``: it takes events from one
 channel, feeds them to the pure machine and carries out the effects in the
 order the machine returns them. Everything else talks to it through that
 channel: the board and meter pollers, the safety monitor, the timers, and
-the inputs (RFID, local control, later the central system), whose requests
-run inside the loop (``_Call``) so that they see and change consistent state.
+the inputs (RFID, local control, the central system), whose requests run
+inside the loop (``_Call``) so that they see and change consistent state.
 
-Disk and safety: a transaction is written to the store (``BeginTransaction``)
-before the ``SetCurrent`` that lets the board close the contactor is sent;
-at the end, ``SetCurrent(0)`` goes out before the record is written, so a
-stop never waits for the disk. Meter readings of a running transaction are
-persisted by their own task, off the loop.
+The trip lane. A fault verdict (the safety monitor's, pilot E/F, a board
+fault flag) and a stop from outside do not wait for the loop, which may be
+busy with the disk or the bus: whoever sees it calls ``_trip``, which has the
+off-write sent at once by its own task, shielded and deadline-bound, as an
+urgent request that the bus master sends ahead of every waiting one; the
+event follows through the channel. Until the loop has handled that event, no
+current above 0 is written: a command already waiting for the bus is dropped
+just before it would go on the wire (``wanted``), so it can never follow the
+off-write that overtook it.
+
+Disk and safety: a transaction is written to the store, with its
+StartTransaction in the same SQLite commit (``BeginTransaction``), before the
+``SetCurrent`` that lets the board close the contactor is sent; at the end,
+``SetCurrent(0)`` goes out before the record (and its StopTransaction) is
+written, so a stop never waits for the disk. Meter start and stop values are
+read from the meter at the start and after the acknowledged off-write, not
+taken from the last poll. Readings of a running transaction are persisted by
+their own task. Nothing else on the loop's path waits for the disk or a
+thread while charging: settings are written by the caller or by a task of
+their own, and the central system is told through a hand-off it drains.
+
+Start-up: the first bus write is the off-write; then board and meter must
+answer (``HardwareUnavailable`` otherwise), a transaction found running is
+ended as PowerLoss with the meter's reading at restart, and only then do the
+pollers and the safety monitor's silence clocks start.
 """
 
 from __future__ import annotations
@@ -22,7 +42,8 @@ import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import outcome
 import trio
@@ -56,15 +77,17 @@ from evse.connector import (
     StopRequested,
     TimerExpired,
 )
-from evse.errors import StoreError
-from evse.limits import Limit, LimitInputs, arbitrate, failsafe_current
+from evse.errors import EvseError, HardwareUnavailable, IllegalTransition, StoreError
+from evse.limits import Limit, LimitInputs, arbitrate, effective_fallback, failsafe_current
 from evse.safety import SafetyMonitor, SafetySettings
 from evse.store import Store, TransactionRecord
 from fieldbus.boards import Board, BoardFault, BoardStatus, PilotState
-from fieldbus.errors import FieldbusError
+from fieldbus.errors import FieldbusError, Superseded
 from fieldbus.meters import Meter, MeterReading
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 #: ``trio.to_thread.run_sync``'s shape: blocking work, awaited.
 Offload = Callable[..., Awaitable[Any]]
@@ -83,6 +106,13 @@ BOARD_FAULTS: dict[BoardFault, Fault] = {
 #: When no deadline is ahead (verdicts given), the safety monitor looks again after this.
 SAFETY_RECHECK = 0.25
 
+#: Central-system notifications waiting to be handed over; beyond, they are
+#: dropped with an error (the central system re-reads state; messages are on disk).
+NOTICE_BACKLOG = 1000
+
+#: Between two attempts to reach a device at start.
+START_RETRY = 0.5
+
 AVAILABILITY_KEY = "connector.{}.operative"
 LATCHED_KEY = "connector.{}.latched_faults"
 
@@ -100,6 +130,13 @@ class StationSettings:
     failsafe_watchdog: float = 10.0
     safety: SafetySettings = field(default_factory=SafetySettings)
     connector_id: int = 1
+    #: The deadline of one off-write (shielded): the trip lane's and start-up's.
+    off_deadline: float = 1.0
+    #: How long board and meter may take to answer at start.
+    start_timeout: float = 10.0
+    #: Meter readings of a transaction that fail to persist in a row before it is
+    #: a fault (a full or failing disk must not go unnoticed).
+    persist_failures: int = 3
 
 
 @dataclass
@@ -107,7 +144,24 @@ class _Call:
     """A request from outside, run inside the loop against the current state."""
 
     fn: Callable[[], Awaitable[Any]]
-    reply: trio.MemorySendChannel[outcome.Outcome[Any]]
+    reply: trio.MemorySendChannel[outcome.Outcome[Any]] | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Tripped:
+    """An event whose off-write the trip lane already issued; handling it releases
+    the trip (the connector then holds the fault or the stop itself)."""
+
+    event: Event
+
+
+class _Recompute:
+    """Recompute the offer (a limit input changed)."""
+
+
+_RECOMPUTE = _Recompute()
+
+_Item = Event | _Call | _Tripped | _Recompute
 
 
 class Station:
@@ -134,7 +188,7 @@ class Station:
         self.connector = Connector(
             connection_timeout=settings.connection_timeout, connector_id=settings.connector_id
         )
-        self._send, self._receive = trio.open_memory_channel[Event | _Call](512)
+        self._send, self._receive = trio.open_memory_channel[_Item](512)
         self._persist_send, self._persist_receive = trio.open_memory_channel[
             tuple[int, float, datetime]
         ](1)
@@ -156,15 +210,32 @@ class Station:
         self._nursery: trio.Nursery | None = None
         self._last_persist = -math.inf
         self._log_quiet: dict[str, float] = {}
+        #: Trips whose event the loop has not handled yet: no current above 0 meanwhile.
+        self._trips = 0
+        self._off_wakeup = trio.Event()
+        #: Events handled so far: a request that fails after changing state breaks
+        #: an invariant (its effects are half done) and ends the station.
+        self._handled = 0
+        self._notices_send, self._notices_receive = trio.open_memory_channel[
+            Callable[[], Awaitable[None]]
+        ](NOTICE_BACKLOG)
+        self._settings_lock = trio.Lock()
+        self._persist_failed = 0
 
     # -- the loop ---------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """All of the station's tasks; reports started once the loop serves events."""
+        """All of the station's tasks; reports started once board and meter have
+        answered and the loop serves events."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self.monitor = SafetyMonitor(self.settings.safety, now=trio.current_time())
+            nursery.start_soon(self._off_lane, name="trip lane")
+            nursery.start_soon(self._tell_central, name="central-system notices")
             await nursery.start(self._run_loop, name="station loop")
+            # The silence clocks start with the pollers, not before: a slow
+            # start-up (disk, bus) is not a silent device.
+            self.monitor = SafetyMonitor(self.settings.safety, now=trio.current_time())
             nursery.start_soon(self._poll_board, name="board poller")
             nursery.start_soon(self._poll_meter, name="meter poller")
             nursery.start_soon(self._watch_safety, name="safety monitor")
@@ -177,33 +248,67 @@ class Station:
         task_status.started()
         async for item in self._receive:
             self.loop_alive = trio.current_time()
-            if isinstance(item, _Call):
-                # A request's own failure goes back to whoever asked; the
-                # loop (and the charging it serves) carries on.
-                result = await outcome.acapture(item.fn)
-                with contextlib.suppress(trio.BrokenResourceError, trio.WouldBlock):
-                    item.reply.send_nowait(result)
-            else:
-                await self._handle(item)
+            match item:
+                case _Call():
+                    await self._run_call(item)
+                case _Tripped(event=event):
+                    try:
+                        await self._handle(event)
+                    finally:
+                        self._trips -= 1
+                case _Recompute():
+                    await self._recompute_limit()
+                case _:
+                    await self._handle(item)
+
+    async def _run_call(self, call: _Call) -> None:
+        """A request's failure goes back to whoever asked, and the loop carries on,
+        unless it failed after changing state (effects half done) or broke the
+        machine's table: then it ends the station, which switches off."""
+        handled = self._handled
+        try:
+            value = await call.fn()
+        except Exception as exc:
+            result: outcome.Outcome[Any] = outcome.Error(exc)
+            fatal = isinstance(exc, IllegalTransition | AssertionError) or (
+                self._handled != handled and not isinstance(exc, EvseError)
+            )
+        else:
+            result, fatal = outcome.Value(value), False
+        if call.reply is not None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.WouldBlock):
+                call.reply.send_nowait(result)
+        if fatal:
+            log.critical("a request broke the station's state; stopping")
+            result.unwrap()
 
     async def _startup(self) -> None:
         store = self.store
-        cid = self.settings.connector_id
-        self.recovered = await self._offload(store.recover_power_loss)
-        for record in self.recovered:
-            log.warning(
-                "transaction %d was running at power loss: ended with PowerLoss at %.1f Wh",
-                record.id,
-                record.meter_stop_wh or 0.0,
-            )
-            await self._tell_central(self.central.transaction_ended(record))
-        await self._execute(self.connector.start())
         board = self.board
+        cid = self.settings.connector_id
+        deadline = trio.current_time() + self.settings.start_timeout
+        # The first write after any start is "off": a board a crashed firmware
+        # left at 16 A must not keep it through recovery or OCPP.
+        await self._until_answered(deadline, "board", board.set_current, 0)
+        self.monitor_written_off()
+        status = await self._until_answered(deadline, "board", board.read_status)
+        self.board_status = status
+        reading: MeterReading | None = None
+        try:
+            reading = await self._until_answered(deadline, "meter", self.meter.read)
+        finally:
+            # Even with the meter dead, a transaction the crash left running is
+            # ended and its StopTransaction queued before the station gives up.
+            await self._recover(reading)
+        self._take_meter(reading)
+        await self._execute(self.connector.start())
         if board.capabilities.failsafe:
             # A dead firmware ends at the fallback limit (or off): station-spec 3.
-            current = failsafe_current(self.fallback)
             await self._quietly(
-                "arm failsafe", board.arm_failsafe, self.settings.failsafe_watchdog, current
+                "arm failsafe",
+                board.arm_failsafe,
+                self.settings.failsafe_watchdog,
+                self._failsafe_current(self.fallback),
             )
         if board.capabilities.enable_switch:
             await self._quietly("enable board", board.set_enabled, True)
@@ -216,12 +321,53 @@ class Station:
             await self._handle(AvailabilityChanged(False))
         await self._recompute_limit()
 
+    async def _until_answered(
+        self, deadline: float, device: str, fn: Callable[..., Awaitable[_T]], *args: Any
+    ) -> _T:
+        """``fn`` until it goes through; HardwareUnavailable at ``deadline``."""
+        while True:
+            try:
+                return await fn(*args)
+            except FieldbusError as exc:
+                if trio.current_time() >= deadline:
+                    raise HardwareUnavailable(
+                        device,
+                        f"no answer within {self.settings.start_timeout:g} s at start: {exc}",
+                    ) from None
+                self._log_rarely(device, f"{device} not answering at start: {exc}")
+            await trio.sleep(START_RETRY)
+
+    def monitor_written_off(self) -> None:
+        assert self.monitor is not None
+        now = trio.current_time()
+        self.monitor.command(now, 0.0)
+        self.monitor.command_written(now, 0.0)
+
+    async def _recover(self, reading: MeterReading | None) -> None:
+        """End what a crash left running, with the meter's reading at restart: the
+        energy that flowed until the off-write belongs to that transaction."""
+        at_restart = None
+        if reading is not None and reading.energy_import_wh is not None:
+            at_restart = (reading.energy_import_wh, reading.timestamp)
+        journal = self.central.journal()
+        self.recovered = await self._offload(
+            partial(self.store.recover_power_loss, reading=at_restart, journal=journal)
+        )
+        for record in self.recovered:
+            log.warning(
+                "transaction %d was running at power loss: ended with PowerLoss at %.1f Wh",
+                record.id,
+                record.meter_stop_wh or 0.0,
+            )
+            self._notify(partial(self.central.transaction_ended, record))
+
     async def _handle(self, event: Event) -> None:
         now = trio.current_time()
         effects = self.connector.handle(event, now)
+        self._handled += 1
         await self._execute(effects)
         if isinstance(event, FaultRaised) and event.fault is Fault.WELDED:
-            await self._persist_latched()
+            self._persist_latched()
         if (
             isinstance(event, PilotChanged)
             and self.settings.free_id_tag
@@ -251,8 +397,14 @@ class Station:
                         code.value,
                         info,
                     )
-                    await self._tell_central(
-                        self.central.status_changed(self.settings.connector_id, status, code, info)
+                    self._notify(
+                        partial(
+                            self.central.status_changed,
+                            self.settings.connector_id,
+                            status,
+                            code,
+                            info,
+                        )
                     )
                 case StartTimer(name=name, deadline=deadline):
                     self._timers[name] = deadline
@@ -263,13 +415,20 @@ class Station:
 
     async def _set_current(self, amps: float) -> None:
         assert self.monitor is not None
+        if amps > 0 and self._trips:
+            # A fault or stop is switching off; its event is right behind in
+            # the channel, and the connector will command 0 itself.
+            log.info("%.1f A not commanded: switching off", amps)
+            return
         self.monitor.command(trio.current_time(), amps)
         self._safety_changed()
         self.commanded = amps
         try:
-            await self.board.set_current(amps)
+            await self.board.set_current(amps, wanted=self._no_trip if amps > 0 else None)
             self.monitor.command_written(trio.current_time(), amps)
             self._safety_changed()
+        except Superseded:
+            log.info("%.1f A not commanded: an off-write overtook it", amps)
         except (FieldbusError, ValueError) as exc:
             if amps > 0:
                 # Not handled here, in the middle of this effect list: the
@@ -281,6 +440,53 @@ class Station:
             else:
                 log.error("could not switch off: %s; retrying until it goes through", exc)
                 self._insist_off()
+
+    def _no_trip(self) -> bool:
+        return not self._trips
+
+    # -- the trip lane ------------------------------------------------------------------
+
+    def _trip(self, why: str) -> None:
+        """Off at once, from whoever saw the fault; the loop hears of it after."""
+        assert self.monitor is not None
+        self._trips += 1
+        if self.commanded != 0 or not self._off_wakeup.is_set():
+            log.warning("tripped: %s", why)
+        self.commanded = 0.0
+        self.monitor.command(trio.current_time(), 0.0)
+        self._safety_changed()
+        self._off_wakeup.set()
+
+    async def _send_tripped(self, event: Event, why: str) -> None:
+        self._trip(why)
+        await self._send.send(_Tripped(event))
+
+    async def _off_lane(self) -> None:
+        """Writes "off" whenever ``_trip`` asks: one write covers every trip before it."""
+        while True:
+            await self._off_wakeup.wait()
+            self._off_wakeup = trio.Event()
+            await self._write_off()
+
+    async def _write_off(self) -> bool:
+        """One off-write, shielded and deadline-bound; insisted on if it fails."""
+        assert self.monitor is not None
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + self.settings.off_deadline
+            try:
+                await self.board.set_current(0)
+            except (FieldbusError, ValueError) as exc:
+                log.error("off-write failed: %s; retrying until it goes through", exc)
+            else:
+                self.monitor.command_written(trio.current_time(), 0.0)
+                self._safety_changed()
+                return True
+        if scope.cancelled_caught:
+            log.error(
+                "off-write not acknowledged within %.1f s; retrying", self.settings.off_deadline
+            )
+        self._insist_off()
+        return False
 
     def _insist_off(self) -> None:
         if self._insisting_off or self._nursery is None:
@@ -302,26 +508,54 @@ class Station:
 
         self._nursery.start_soon(retry, name="insist off")
 
+    # -- transactions -------------------------------------------------------------------
+
+    async def _read_meter_now(self) -> MeterReading | None:
+        """A fresh reading (a transaction's start or stop value), or None."""
+        try:
+            reading = await self.meter.read()
+        except FieldbusError as exc:
+            log.warning("meter not read for the transaction's value: %s", exc)
+            return None
+        self._take_meter(reading)
+        return reading
+
+    def _take_meter(self, reading: MeterReading | None) -> None:
+        if reading is None or (
+            self.meter_reading is not None and reading.read_at < self.meter_reading.read_at
+        ):
+            return
+        self.meter_reading = reading
+        if self.monitor is not None:
+            self.monitor.meter_reading(reading.read_at, list(reading.current))
+            self._safety_changed()
+
     async def _begin(self, id_tag: str, meter_start: float) -> bool:
-        reading = self.meter_reading
-        started_at = reading.timestamp if reading is not None else datetime.now(UTC)
+        reading = await self._read_meter_now()
+        if reading is not None and reading.energy_import_wh is not None:
+            meter_start, started_at = reading.energy_import_wh, reading.timestamp
+        else:
+            started_at = datetime.now(UTC)
+        journal = self.central.journal()
         try:
             record = await self._offload(
-                lambda: self.store.begin_transaction(
+                partial(
+                    self.store.begin_transaction,
                     connector_id=self.settings.connector_id,
                     id_tag=id_tag,
                     meter_start_wh=meter_start,
                     started_at=started_at,
+                    journal=journal,
                 )
             )
-        except StoreError as exc:
+        except (StoreError, EvseError) as exc:
             log.error("transaction not started: %s", exc)
             await self._handle(FaultRaised(Fault.INTERNAL, f"store: {exc}"))
             return False
         self.tx = record
         self._last_persist = trio.current_time()
         log.info("transaction %d started for %s at %.1f Wh", record.id, id_tag, meter_start)
-        await self._tell_central(self.central.transaction_started(record))
+        self._notify(partial(self.central.transaction_started, record))
         return True
 
     async def _end(self, reason: StopReason, meter_stop: float, id_tag: str | None) -> None:
@@ -329,59 +563,81 @@ class Station:
         if tx is None:
             log.error("transaction end (%s) without a transaction on record", reason.value)
             return
-        # The latest reading is the stop value: it is at least as new as any
-        # the persistence task wrote (which only ever writes readings taken
-        # before it), so the record never goes backwards.
-        reading = self.meter_reading
+        # Read after the off-write the connector emitted first: the energy that
+        # flowed until then belongs to this transaction. The store raises the
+        # stop to the last persisted reading if this one is older (a wall clock
+        # stepped back, a stale fallback), so the record never goes backwards.
+        reading = await self._read_meter_now() or self.meter_reading
         if reading is not None and reading.energy_import_wh is not None:
             meter_stop = max(meter_stop, reading.energy_import_wh)
-        stopped_at = reading.timestamp if reading is not None else datetime.now(UTC)
-
-        def write() -> TransactionRecord:
-            # Never before the last persisted reading, even if the wall clock
-            # stepped back meanwhile (NTP): the store refuses going backwards.
-            current = self.store.transaction(tx.id)
-            return self.store.end_transaction(
-                tx.id,
-                reason=reason.value,
-                meter_stop_wh=max(meter_stop, current.last_meter_wh),
-                stopped_at=max(stopped_at, current.last_meter_at),
-                id_tag=id_tag,
-            )
-
+        stopped_at = datetime.now(UTC) if reading is None else reading.timestamp
+        journal = self.central.journal(ending=tx.id, stopped_at=stopped_at)
         try:
-            record = await self._offload(write)
-        except StoreError as exc:
+            record = await self._offload(
+                partial(
+                    self.store.end_transaction,
+                    tx.id,
+                    reason=reason.value,
+                    meter_stop_wh=meter_stop,
+                    stopped_at=stopped_at,
+                    id_tag=id_tag,
+                    journal=journal,
+                )
+            )
+        except (StoreError, EvseError) as exc:
             # It stays "running" on disk: the next start ends it as PowerLoss.
             log.critical("transaction %d end not written: %s", tx.id, exc)
             return
-        log.info("transaction %d ended (%s) at %.1f Wh", tx.id, reason.value, meter_stop)
-        await self._tell_central(self.central.transaction_ended(record))
+        log.info("transaction %d ended (%s) at %.1f Wh", tx.id, reason.value, record.meter_stop_wh)
+        self._notify(partial(self.central.transaction_ended, record))
 
-    async def _persist_latched(self) -> None:
+    def _persist_latched(self) -> None:
+        """Written by a task of its own (in order), not on the loop."""
         from evse.connector import LATCHING  # noqa: PLC0415
 
         latched = ",".join(f.value for f in self.connector.snapshot.faults if f in LATCHING)
         key = LATCHED_KEY.format(self.settings.connector_id)
-        await self._quietly(
-            "persist latched faults", self._offload, self.store.set_setting, key, latched
-        )
+        self._write_setting_later("persist latched faults", key, latched)
 
-    async def _tell_central(self, call: Awaitable[None]) -> None:
-        """The central-system port must never stall or break the station."""
+    def _write_setting_later(self, what: str, key: str, value: str) -> None:
+        async def write() -> None:
+            async with self._settings_lock:
+                await self._quietly(what, self._offload, self.store.set_setting, key, value)
+
+        if self._nursery is not None:
+            self._nursery.start_soon(write, name=what)
+
+    def _notify(self, notice: Callable[[], Awaitable[None]]) -> None:
+        """Hand a notification to the central-system port; never waits."""
         try:
-            with trio.move_on_after(1.0):
-                await call
-        except Exception:
-            log.exception("central-system port failed")
+            self._notices_send.send_nowait(notice)
+        except trio.WouldBlock:
+            self._log_rarely("notices", "central-system notifications backlogged: one dropped")
+
+    async def _tell_central(self) -> None:
+        """Drain the notifications, in order: the port must never stall or break
+        the station, nor the loop wait for it."""
+        async for notice in self._notices_receive:
+            try:
+                with trio.move_on_after(5.0):
+                    await notice()
+            except Exception:
+                log.exception("central-system port failed")
 
     async def _quietly(self, what: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         try:
             await fn(*args)
-        except (FieldbusError, StoreError, ValueError) as exc:
+        except (FieldbusError, EvseError, ValueError) as exc:
             log.error("%s failed: %s", what, exc)
 
     # -- limits -------------------------------------------------------------------------
+
+    def _failsafe_current(self, fallback: float) -> float:
+        return failsafe_current(
+            fallback,
+            installer_max=self.settings.installer_max,
+            hardware_max=self.board.capabilities.max_current,
+        )
 
     def limit_inputs(self) -> LimitInputs:
         status = self.board_status
@@ -429,10 +685,15 @@ class Station:
                 self._safety_changed()
                 if status.pilot is not pilot:
                     pilot = status.pilot
-                    await self._send.send(PilotChanged(pilot))
+                    if pilot in (PilotState.E, PilotState.F):
+                        # IEC 61851-1 A.3: E/F are faults; off before the loop hears.
+                        await self._send_tripped(PilotChanged(pilot), f"control pilot {pilot}")
+                    else:
+                        await self._send.send(PilotChanged(pilot))
                 now_faults = {BOARD_FAULTS[f] for f in status.faults}
                 for fault in sorted(now_faults - faults):
-                    await self._send.send(FaultRaised(fault, "reported by the board"))
+                    event = FaultRaised(fault, "reported by the board")
+                    await self._send_tripped(event, f"{fault.value} reported by the board")
                 for fault in sorted(faults - now_faults):
                     await self._send.send(FaultCleared(fault))
                 faults = now_faults
@@ -440,7 +701,7 @@ class Station:
                     cable = status.cable_limit_a
                     # Posted, not awaited: the loop may be writing to disk
                     # (BeginTransaction), and the poller must keep polling.
-                    await self._post(self._recompute_limit)
+                    await self._send.send(_RECOMPUTE)
             next_at = max(next_at + period, trio.current_time())
             await trio.sleep_until(next_at)
 
@@ -461,9 +722,7 @@ class Station:
                 wait = min(wait * 2, backoff_cap)
             else:
                 wait = period
-                self.meter_reading = reading
-                self.monitor.meter_reading(reading.read_at, list(reading.current))
-                self._safety_changed()
+                self._take_meter(reading)
                 if reading.energy_import_wh is not None:
                     await self._send.send(MeterSample(reading.energy_import_wh))
                     tx = self.tx
@@ -482,12 +741,30 @@ class Station:
             await trio.sleep_until(next_at)
 
     async def _persist_readings(self) -> None:
+        limit = self.settings.persist_failures
         async for tx_id, energy, at in self._persist_receive:
             try:
                 await self._offload(self.store.record_meter, tx_id, energy, at)
             except StoreError as exc:
-                # The transaction may have ended meanwhile; nothing to keep then.
-                log.debug("meter reading not persisted: %s", exc)
+                tx = self.tx
+                if tx is None or tx.id != tx_id:
+                    continue  # it ended meanwhile: nothing to keep
+                self._persist_failed += 1
+                log.error(
+                    "meter reading of transaction %d not persisted (%d in a row): %s",
+                    tx_id,
+                    self._persist_failed,
+                    exc,
+                )
+                if self._persist_failed == limit:
+                    event = FaultRaised(
+                        Fault.STORE, f"{limit} meter readings in a row not persisted: {exc}"
+                    )
+                    await self._send_tripped(event, "meter readings not persisted")
+            else:
+                if self._persist_failed >= limit:
+                    await self._send.send(FaultCleared(Fault.STORE))
+                self._persist_failed = 0
 
     async def _watch_safety(self) -> None:
         """Verdicts at once: after every reading and command (they wake this task),
@@ -498,7 +775,10 @@ class Station:
         while True:
             now = trio.current_time()
             for change in monitor.check(now):
-                await self._send.send(change)
+                if isinstance(change, FaultRaised):
+                    await self._send_tripped(change, f"{change.fault.value}: {change.info}")
+                else:
+                    await self._send.send(change)
             deadline = monitor.next_deadline()
             if deadline <= now:
                 # A deadline already passed is a verdict already given.
@@ -530,11 +810,6 @@ class Station:
             log.warning("%s", message)
 
     # -- requests from the inputs (RFID, local control, central system) -----------------
-
-    async def _post(self, fn: Callable[[], Awaitable[Any]]) -> None:
-        """Run ``fn`` inside the loop without waiting for it."""
-        send, _ = trio.open_memory_channel[outcome.Outcome[Any]](1)
-        await self._send.send(_Call(fn, send))
 
     async def call(self, fn: Callable[[], Awaitable[Any]]) -> Any:
         """Run ``fn`` inside the loop and return its result."""
@@ -583,23 +858,38 @@ class Station:
         return result
 
     async def request_stop(self, reason: StopReason, id_tag: str | None = None) -> bool:
-        """Stop the running transaction; False when there is none."""
+        """Stop the running transaction; False when there is none.
+
+        The off-write goes out at once through the trip lane; the loop ends the
+        transaction (and its record) when it gets to the request.
+        """
+        tripped = self.connector.snapshot.in_transaction
+        if tripped:
+            self._trip(f"stop requested ({reason.value})")
 
         async def apply() -> bool:
-            if not self.connector.snapshot.in_transaction:
-                return False
-            await self._handle(StopRequested(reason, id_tag))
-            return True
+            try:
+                if not self.connector.snapshot.in_transaction:
+                    return False
+                await self._handle(StopRequested(reason, id_tag))
+                return True
+            finally:
+                if tripped:
+                    self._trips -= 1
 
         result: bool = await self.call(apply)
         return result
 
     async def set_availability(self, operative: bool) -> str:
-        """OCPP ChangeAvailability semantics: Accepted, or Scheduled during a transaction."""
+        """OCPP ChangeAvailability semantics: Accepted, or Scheduled during a transaction.
+
+        The setting is persisted here, by the caller, not on the loop.
+        """
+        key = AVAILABILITY_KEY.format(self.settings.connector_id)
+        async with self._settings_lock:
+            await self._offload(self.store.set_setting, key, "1" if operative else "0")
 
         async def apply() -> str:
-            key = AVAILABILITY_KEY.format(self.settings.connector_id)
-            await self._offload(self.store.set_setting, key, "1" if operative else "0")
             scheduled = self.connector.snapshot.in_transaction and not operative
             await self._handle(AvailabilityChanged(operative))
             return "Scheduled" if scheduled else "Accepted"
@@ -656,29 +946,34 @@ class Station:
             assert self.monitor is not None
             self.monitor.reset_latched()
             await self._handle(ResetFaults())
-            await self._persist_latched()
+            self._persist_latched()
 
         await self.call(apply)
 
     async def set_fallback(self, amps: float) -> None:
-        """A new fallback limit: re-arm the board's failsafe with it, recompute the offer."""
+        """A new fallback limit: re-arm the board's failsafe with it (here, on the
+        caller's time, not the loop's), then recompute the offer."""
+        if self.board.capabilities.failsafe:
+            await self._quietly(
+                "re-arm failsafe",
+                self.board.arm_failsafe,
+                self.settings.failsafe_watchdog,
+                self._failsafe_current(amps),
+            )
 
         async def apply() -> None:
-            self.fallback = amps
-            if self.board.capabilities.failsafe:
-                await self._quietly(
-                    "re-arm failsafe",
-                    self.board.arm_failsafe,
-                    self.settings.failsafe_watchdog,
-                    failsafe_current(amps),
-                )
+            self.fallback = effective_fallback(
+                amps,
+                installer_max=self.settings.installer_max,
+                hardware_max=self.board.capabilities.max_current,
+            )
             await self._recompute_limit()
 
         await self.call(apply)
 
     async def inputs_changed(self) -> None:
         """A limit input outside the station changed (central link, schedule)."""
-        await self.call(self._recompute_limit)
+        await self._send.send(_RECOMPUTE)
 
     # -- what operators see -------------------------------------------------------------
 

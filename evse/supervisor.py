@@ -18,8 +18,9 @@
         ├── central system        isolated slot: restarted with backoff when it
         │                         fails, never takes charging down
         └── services              from ops/: local control socket, systemd watchdog
-    finally (shielded, with a deadline): allowed current 0, board disabled,
-    a transaction still running ended as "Other".
+    finally, switch_off: allowed current 0, board disabled, a transaction still
+    running ended as "Other" (each step shielded, with its own deadline, a
+    failure of one never skipping the next).
 
 Any exception in any task cancels the tree; the ``finally`` then switches
 off under a shielded cancel scope with its own deadline (rule 1). A clean
@@ -29,11 +30,13 @@ through the station loop (off first, then the record), then cancels.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -41,7 +44,7 @@ import trio
 from evse.auth import AuthChain, AuthStep
 from evse.central import CentralSystemPort, Standalone
 from evse.connector import StopReason
-from evse.errors import EvseError, StoreError
+from evse.errors import EvseError
 from evse.rfid import ReaderState, RfidConfig, RfidReader
 from evse.station import Offload, Station, StationSettings
 from evse.store import Store
@@ -53,6 +56,10 @@ from fieldbus.meters import METER_MODELS, Meter
 from fieldbus.ports import PortSpec, parse_port
 
 log = logging.getLogger(__name__)
+
+#: The deadline of the switch-off's last step: ending the transaction record
+#: (a meter read, one SQLite commit).
+ORPHAN_DEADLINE = 3.0
 
 #: Restart back-off of the central-system slot (s): doubles up to the cap.
 CENTRAL_RESTART_MIN = 1.0
@@ -162,7 +169,11 @@ class Supervisor:
                 meter=meter,
                 store=store,
                 auth=AuthChain(plan.auth_steps),
-                settings=plan.station,
+                settings=replace(
+                    plan.station,
+                    off_deadline=plan.off_deadline,
+                    start_timeout=plan.start_timeout,
+                ),
                 central=self.central,
                 offload=self._offload,
             )
@@ -171,6 +182,7 @@ class Supervisor:
                 with self._cancel:
                     async with trio.open_nursery() as nursery:
                         await nursery.start(station.run, name="station")
+                        self.hardware_ready.set()
                         if plan.rfid is not None:
                             reader = RfidReader(
                                 plan.rfid, self._on_tag, on_state=self._on_reader_state
@@ -183,7 +195,7 @@ class Supervisor:
                         self.started.set()
                         task_status.started(station)
             finally:
-                await self._switch_off(board, store)
+                await self.switch_off(board, store)
         finally:
             for master in masters.values():
                 with trio.CancelScope(shield=True):
@@ -237,55 +249,67 @@ class Supervisor:
             await trio.sleep(delay)
             delay = min(delay * 2, CENTRAL_RESTART_MAX)
 
-    async def _switch_off(self, board: Board, store: Store) -> None:
-        """The last word on every path out: off, disabled, nothing left running.
+    async def switch_off(self, board: Board, store: Store) -> None:
+        """The one switch-off sequence, the last word on every way out (fault,
+        exception, cancellation, SIGTERM, a wedged loop): current 0, then the
+        board disabled, then the transaction record ended.
 
-        Shielded so a cancellation cannot skip it, with its own deadline so a
-        dead bus cannot hang the shutdown (systemd would kill us anyway).
+        Each step runs shielded (a cancellation cannot skip it) under a deadline
+        of its own (a dead bus cannot hang the shutdown; systemd would kill us
+        anyway), and is guarded: a step that fails or runs out of time is
+        logged critically, by name, and the next step still runs.
         """
+        deadline = self.plan.off_deadline
+        await self._step("allowed current 0 A", deadline, board.set_current, 0)
+        if board.capabilities.enable_switch:
+            await self._step("board disabled", deadline, board.set_enabled, False)
+        await self._step("transaction record ended", ORPHAN_DEADLINE, self._end_orphan, store)
+
+    async def _step(
+        self, name: str, deadline: float, fn: Callable[..., Awaitable[object]], *args: object
+    ) -> None:
         with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + self.plan.off_deadline
+            scope.deadline = trio.current_time() + deadline
             try:
-                await board.set_current(0)
-                log.info("shutdown: allowed current 0 A written")
-            except FieldbusError as exc:
-                log.critical("shutdown: could not switch the board off: %s", exc)
-            if board.capabilities.enable_switch and not scope.cancel_called:
-                try:
-                    await board.set_enabled(False)
-                except FieldbusError as exc:
-                    log.error("shutdown: could not disable the board: %s", exc)
-            if scope.cancelled_caught or scope.cancel_called:
-                log.critical(
-                    "shutdown: switching off took longer than %.1f s", self.plan.off_deadline
-                )
-        with trio.CancelScope(shield=True):
-            await self._end_orphan(store)
+                await fn(*args)
+            except (FieldbusError, EvseError, ValueError) as exc:
+                log.critical("switch-off: %s did not go through: %s", name, exc)
+                return
+            except Exception:
+                log.critical("switch-off: %s did not go through", name, exc_info=True)
+                return
+        if scope.cancelled_caught:
+            log.critical("switch-off: %s did not go through within %.1f s", name, deadline)
+        else:
+            log.info("switch-off: %s", name)
 
     async def _end_orphan(self, store: Store) -> None:
-        """A transaction the station loop could not end (it crashed): end it as Other."""
+        """A transaction the station loop could not end (it crashed): end it as
+        Other, with the meter's reading after the off-write when it answers; its
+        StopTransaction is queued in the same commit."""
         station = self.station
         cid = self.plan.station.connector_id
-        try:
-            record = await self._offload(store.running_transaction, cid)
-            if record is None:
-                return
-            reading = station.meter_reading if station is not None else None
-            energy = reading.energy_import_wh if reading is not None else None
-            meter_stop = max(energy or 0.0, record.last_meter_wh)
-            at = max(reading.timestamp if reading else datetime.now(UTC), record.last_meter_at)
-            ended = await self._offload(
-                lambda: store.end_transaction(
-                    record.id,
-                    reason=StopReason.OTHER.value,
-                    meter_stop_wh=meter_stop,
-                    stopped_at=at,
-                )
+        record = await self._offload(store.running_transaction, cid)
+        if record is None:
+            return
+        reading = None
+        if station is not None:
+            with trio.move_on_after(self.plan.meter.timeout * (1 + self.plan.meter.retries)):
+                with contextlib.suppress(FieldbusError):
+                    reading = await station.meter.read()
+            reading = reading or station.meter_reading
+        energy = reading.energy_import_wh if reading is not None else None
+        at = reading.timestamp if reading is not None else datetime.now(UTC)
+        ended = await self._offload(
+            partial(
+                store.end_transaction,
+                record.id,
+                reason=StopReason.OTHER.value,
+                meter_stop_wh=energy if energy is not None else record.last_meter_wh,
+                stopped_at=at,
+                journal=self.central.journal(ending=record.id, stopped_at=at),
             )
-            log.error("transaction %d ended as Other after a failure", ended.id)
-            with trio.move_on_after(1.0):
-                await self.central.transaction_ended(ended)
-        except StoreError as exc:
-            log.critical("shutdown: transaction not ended on disk: %s", exc)
-        except Exception:
-            log.exception("shutdown: reporting the ended transaction failed")
+        )
+        log.error("transaction %d ended as Other after a failure", ended.id)
+        with trio.move_on_after(1.0):
+            await self.central.transaction_ended(ended)

@@ -6,7 +6,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from evse.limits import CentralSystem, Limit, LimitInputs, arbitrate, failsafe_current
+from evse.limits import (
+    MIN_CURRENT,
+    CentralSystem,
+    Limit,
+    LimitInputs,
+    arbitrate,
+    effective_fallback,
+    failsafe_current,
+    fallback_max,
+)
 
 OFF, ON, NONE = CentralSystem.OFFLINE, CentralSystem.ONLINE, CentralSystem.NOT_CONFIGURED
 
@@ -54,8 +63,66 @@ def test_never_above_any_limit_and_never_between_0_and_6(
 
 
 def test_failsafe_current_is_the_fallback_or_off() -> None:
-    assert failsafe_current(10) == 10
-    assert failsafe_current(5) == 0
+    assert failsafe_current(10, installer_max=32, hardware_max=80) == 10
+    assert failsafe_current(5, installer_max=32, hardware_max=80) == 0
+
+
+# (fallback, installer_max, hardware_max) -> the fallback in force
+@pytest.mark.parametrize(
+    ("fallback", "installer_max", "hardware_max", "expected"),
+    [
+        (10, 32, 80, 10),
+        (32, 16, 80, 16),  # above the installer maximum: held at it
+        (32, 32, 16, 16),  # above the board's (Heidelberg) maximum: held at it
+        (80, 32, 16, 16),
+        (16, 16, 16, 16),
+        (6, 32, 80, 6),
+        (5.999, 32, 80, 0),  # below 6 A is 0 A
+        (0, 32, 80, 0),
+        (10, 5, 80, 0),  # a maximum below 6 A leaves nothing to offer
+        (float("nan"), 32, 80, 0),  # fail closed
+        (10, float("nan"), 80, 0),
+    ],
+)
+def test_one_rule_for_fallback_and_failsafe(
+    fallback: float, installer_max: float, hardware_max: float, expected: float
+) -> None:
+    kw = {"installer_max": installer_max, "hardware_max": hardware_max}
+    assert effective_fallback(fallback, **kw) == expected
+    assert failsafe_current(fallback, **kw) == expected
+
+
+def test_failsafe_current_never_above_the_installer_or_board_maximum() -> None:
+    # Today's bug: FallbackLimit 32 A armed a Heidelberg (16 A) failsafe unclamped.
+    assert failsafe_current(32, installer_max=16, hardware_max=80) == 16
+    assert failsafe_current(32, installer_max=32, hardware_max=16) == 16
+
+
+def test_fallback_max_names_what_bounds_it() -> None:
+    assert fallback_max(installer_max=16, hardware_max=80) == (16, "installer")
+    assert fallback_max(installer_max=32, hardware_max=16) == (16, "hardware")
+    assert fallback_max(installer_max=16, hardware_max=16) == (16, "installer")
+    assert fallback_max(installer_max=float("nan"), hardware_max=16) == (0, "installer")
+
+
+def test_the_one_6_a_constant() -> None:
+    import ops.config  # noqa: PLC0415
+
+    assert MIN_CURRENT == 6.0
+    # The configuration file has no 6 A of its own any more.
+    assert not hasattr(ops.config, "MIN_CHARGING_CURRENT")
+
+
+@given(amps, amps, amps)
+def test_the_fallback_in_force_is_within_every_maximum_and_never_between_0_and_6(
+    fb: float, inst: float, hw: float
+) -> None:
+    result = effective_fallback(fb, installer_max=inst, hardware_max=hw)
+    assert result == 0 or result >= MIN_CURRENT
+    assert result <= min(fb, inst, hw)
+    # The offer while offline agrees with it whenever the fallback binds.
+    offline = arbitrate(LimitInputs(hw, inst, fb, central_system=OFF))
+    assert offline.amps == result
 
 
 def test_a_limit_that_is_not_a_number_fails_closed() -> None:
