@@ -7,9 +7,14 @@
     ├── buses                 one ModbusMaster per distinct port: a board and a
     │                         meter on one RS-485 line share it (one request in flight)
     └── nursery "station"
-        ├── station           evse.station.Station.run:
+        ├── station           evse.station.Station.run (started once board and
+        │   │                     meter answered: hardware_ready, systemd READY=1)
+        │   ├── trip lane         the off-write of every fault verdict and stop,
+        │   │                     at once, urgent on the bus, shielded, deadline-bound
+        │   ├── central notices   hand-off to the central-system port (never awaited
+        │   │                     by the loop)
         │   ├── station loop      the single owner of the connector state
-        │   ├── board poller      pilot, faults, contactor, cable limit (fast)
+        │   ├── board poller      pilot, faults, relay, cable limit (fast)
         │   ├── meter poller      energy, currents (slower)
         │   ├── safety monitor    stale readings, over-current, welded contactor
         │   ├── timers            ConnectionTimeOut
@@ -22,10 +27,13 @@
     running ended as "Other" (each step shielded, with its own deadline, a
     failure of one never skipping the next).
 
-Any exception in any task cancels the tree; the ``finally`` then switches
-off under a shielded cancel scope with its own deadline (rule 1). A clean
-shutdown (SIGTERM) first stops the running transaction with reason Reboot
-through the station loop (off first, then the record), then cancels.
+Any exception in any task cancels the tree; the ``finally`` then runs the
+switch-off sequence (rule 1). A clean shutdown (SIGTERM) first stops the
+running transaction with reason Reboot (the trip lane writes off at once, the
+loop then writes the record), then cancels; ``abort`` (a wedged loop) cancels
+at once. A device that does not answer at start ends ``run`` with
+HardwareUnavailable, after the off-write was attempted and a transaction left
+running by a crash was ended.
 """
 
 from __future__ import annotations
