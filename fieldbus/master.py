@@ -63,6 +63,25 @@ _RESPONSE_CLASSES: dict[int, type[ModbusPDU]] = {
 }
 _RESPONSE_CLASSES.update({code | 0x80: ExceptionResponse for code in tuple(_RESPONSE_CLASSES)})
 
+#: The last part of the inter-frame silence is waited by yielding to the
+#: scheduler rather than by a timer: epoll's timeout is whole milliseconds,
+#: rounded up, so a timer alone overshoots a 3.65 ms t3.5 by up to 1 ms (a
+#: quarter of the throughput of a 9600-baud line).
+_SPIN = 0.001
+
+
+async def _sleep_precisely(deadline: float) -> None:
+    """Sleep until ``deadline`` on trio's clock, not much past it."""
+    if deadline - trio.current_time() > _SPIN:
+        await trio.sleep_until(deadline - _SPIN)
+    while (now := trio.current_time()) < deadline:
+        await trio.lowlevel.checkpoint()
+        if trio.current_time() == now:
+            # A virtual clock (tests): it moves only when every task sleeps.
+            await trio.sleep_until(deadline)
+            return
+
+
 #: A request's "still wanted?" check (see ModbusMaster.write_register).
 Wanted = Callable[[], bool] | None
 
@@ -449,7 +468,7 @@ class ModbusMaster:
         unit_gap = self._unit_gap.get(unit)
         now = trio.current_time()
         if ready_at > now:
-            await trio.sleep_until(ready_at)
+            await _sleep_precisely(ready_at)
             now = trio.current_time()
         tid = self._tid = self._tid % 0xFFFF + 1
         if link.has_transaction_ids:
