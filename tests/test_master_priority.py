@@ -15,7 +15,7 @@ import pytest
 import trio
 from pymodbus.pdu import ModbusPDU
 
-from fieldbus.errors import Disconnected
+from fieldbus.errors import Disconnected, Superseded
 from fieldbus.master import BusLock, ModbusMaster
 from fieldbus.registers import Table
 from fieldbus.server import ModbusServer, SparseStore
@@ -173,3 +173,43 @@ async def test_bus_lock_hands_over_to_urgent_first() -> None:
     assert got == ["urgent", "normal1", "normal2"]
     with pytest.raises(RuntimeError):
         lock.release()
+
+
+async def test_a_write_no_longer_wanted_is_dropped_before_the_wire() -> None:
+    """A current command that waited for the bus while an off-write overtook it is
+    dropped (Superseded) just before it would be sent, so it never follows the off."""
+    async with (
+        server({2}) as (url, seen),
+        ModbusMaster.for_port(url, timeout=0.3, retries=0) as bus,
+    ):
+        tripped = False
+        results: list[str] = []
+        async with trio.open_nursery() as nursery:
+
+            async def hold() -> None:
+                with pytest.raises(Exception, match="no reply"):
+                    await bus.read_holding_registers(2, 0, 1)
+
+            async def command() -> None:
+                try:
+                    await bus.write_register(1, 0, 16, wanted=lambda: not tripped)
+                    results.append("16 A written")
+                except Superseded:
+                    results.append("16 A dropped")
+
+            async def off() -> None:
+                nonlocal tripped
+                tripped = True
+                await bus.write_register(1, 0, 0, urgent=True)
+                results.append("off written")
+
+            nursery.start_soon(hold)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(command)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(off)
+        assert results == ["off written", "16 A dropped"]
+        assert seen == [(1, 6)]  # only the off-write reached the device
+        with pytest.raises(Superseded):
+            await bus.write_register(1, 0, 16, wanted=lambda: False)
+        assert seen == [(1, 6)]
