@@ -1,4 +1,7 @@
-"""Sessions: tests, lint, typecheck, bench, demo. Every install is pinned by constraints.txt."""
+"""Sessions: tests, quick, lint, typecheck, bench, demo.
+
+Every install is pinned by constraints.txt.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +22,18 @@ def tests(session: nox.Session) -> None:
     session.run("coverage", "run", "-m", "pytest", *session.posargs)
     session.run("coverage", "combine", success_codes=[0, 1])
     session.run("coverage", "report")
+
+
+@nox.session
+def quick(session: nox.Session) -> None:
+    """The fast lane: every test that starts no process (not marked slow), on two
+    workers (pytest-xdist): under a minute on two cores. ``nox -s tests`` (what CI
+    runs) still runs everything, one test at a time, with coverage.
+    """
+    session.install(*PINNED, "-e", ".[test]", "pytest-xdist")
+    session.run(
+        "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", "-n", "2", *session.posargs
+    )
 
 
 @nox.session

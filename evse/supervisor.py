@@ -69,6 +69,14 @@ log = logging.getLogger(__name__)
 #: (a meter read, one SQLite commit).
 ORPHAN_DEADLINE = 3.0
 
+#: The least time a switch-off step gets, even after an earlier one used up
+#: the shared deadline (one failure never skips the next step).
+MIN_STEP = 1.0
+
+#: How long a shutdown waits for the station loop to end the transaction (its
+#: off-write has gone out through the trip lane already) before it cancels.
+STOP_WAIT = 3.0
+
 #: Restart back-off of the central-system slot (s): doubles up to the cap.
 CENTRAL_RESTART_MIN = 1.0
 CENTRAL_RESTART_MAX = 60.0
@@ -215,7 +223,7 @@ class Supervisor:
         """Stop the running transaction with ``reason``, then end the tree."""
         station = self.station
         if station is not None and self.started.is_set():
-            with trio.move_on_after(max(2.0, self.plan.off_deadline * 2)):
+            with trio.move_on_after(STOP_WAIT):
                 await station.request_stop(reason)
         self._cancel.cancel(reason=f"shutdown: {reason.value}")
 
@@ -263,21 +271,30 @@ class Supervisor:
         board disabled, then the transaction record ended.
 
         Each step runs shielded (a cancellation cannot skip it) under a deadline
-        of its own (a dead bus cannot hang the shutdown; systemd would kill us
-        anyway), and is guarded: a step that fails or runs out of time is
-        logged critically, by name, and the next step still runs.
+        (a dead bus cannot hang the shutdown; systemd would kill us anyway), and
+        is guarded: a step that fails or runs out of time is logged critically,
+        by name, and the next step still runs. The two bus steps share
+        ``off_deadline`` (the configuration checks it covers the board's worst
+        case, evse.budget); a step left with less than ``MIN_STEP`` still gets
+        that much.
         """
-        deadline = self.plan.off_deadline
-        await self._step("allowed current 0 A", deadline, board.set_current, 0)
+        off_by = trio.current_time() + self.plan.off_deadline
+        await self._step("allowed current 0 A", off_by, board.set_current, 0)
         if board.capabilities.enable_switch:
-            await self._step("board disabled", deadline, board.set_enabled, False)
-        await self._step("transaction record ended", ORPHAN_DEADLINE, self._end_orphan, store)
+            await self._step("board disabled", off_by, board.set_enabled, False)
+        await self._step(
+            "transaction record ended",
+            trio.current_time() + ORPHAN_DEADLINE,
+            self._end_orphan,
+            store,
+        )
 
     async def _step(
         self, name: str, deadline: float, fn: Callable[..., Awaitable[object]], *args: object
     ) -> None:
+        started = trio.current_time()
         with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + deadline
+            scope.deadline = max(deadline, started + MIN_STEP)
             try:
                 await fn(*args)
             except (FieldbusError, EvseError, ValueError) as exc:
@@ -287,7 +304,11 @@ class Supervisor:
                 log.critical("switch-off: %s did not go through", name, exc_info=True)
                 return
         if scope.cancelled_caught:
-            log.critical("switch-off: %s did not go through within %.1f s", name, deadline)
+            log.critical(
+                "switch-off: %s did not go through within %.1f s",
+                name,
+                scope.deadline - started,
+            )
         else:
             log.info("switch-off: %s", name)
 

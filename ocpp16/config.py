@@ -34,6 +34,18 @@ HeartbeatInterval, and "TRUE", "rst" or "voltage" are accepted and stored in
 the canonical spelling; free text (CpoName, AuthorizationKey) is kept exactly
 as given.
 
+Maxima learned at open: a key's declared range is what the firmware allows
+anywhere; a station may allow less (FallbackLimit: never above the installer
+maximum or the board's maximum, ``evse.limits.fallback_max``). Whoever opens
+the registry for a station passes those as ``maxima`` (ops.config's
+``registry_maxima``); they narrow the key's range for every source, so a
+change above one is Rejected and nothing changes, and the installer page
+shows the narrowed range. They are also kept in the store (``bound.<Name>``),
+so a registry opened without them (``evse config set`` while no station
+runs) keeps refusing what the station would. A value stored before a maximum
+was lowered reads as the maximum (logged): never above it, and not silently
+back at the default.
+
 Restarts: OCPP answers RebootRequired when a change takes effect only after
 a restart. This firmware applies every key live, so none does: the components
 read their values on each use or subscribe (the OCPP session reconnects by
@@ -53,10 +65,11 @@ value.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Final, Literal, Protocol
 from urllib.parse import urlsplit
@@ -70,6 +83,9 @@ log = logging.getLogger(__name__)
 
 #: Settings-store keys are this prefix and the OCPP name.
 STORE_PREFIX: Final = "ocpp."
+
+#: Settings-store keys of the maxima a station gave (``Configuration(maxima=)``).
+BOUND_PREFIX: Final = "bound."
 
 #: The ``source`` of a change made by the central system.
 OCPP: Final = "ocpp"
@@ -163,6 +179,9 @@ class Key:
     #: A further check of a STR: raises ValueError(reason).
     rule: Callable[[str], None] | None = None
     rule_text: str = ""
+    #: ``hi`` is a maximum the station set at open (``Configuration(maxima=)``),
+    #: below the declared one: refusals say so.
+    bounded: bool = False
 
     @property
     def secret(self) -> bool:
@@ -253,12 +272,22 @@ def _parse_bool(key: Key, text: str) -> Value:
     raise ValueError(f"{text!r} is not true or false (or 1 or 0)")
 
 
+def _above_station_maximum(key: Key, value: float) -> None:
+    if key.bounded and key.hi is not None and value > key.hi:
+        unit = f" {key.unit}" if key.unit else ""
+        raise ValueError(
+            f"{_format_number(value)}{unit} is above {_format_number(key.hi)}{unit}, "
+            "the most this station allows"
+        )
+
+
 def _parse_int(key: Key, text: str) -> Value:
     if _INT.fullmatch(text) is None:
         raise ValueError(f"{text!r} is not a whole number")
     value = int(text)
     if key.zero_disables and value == 0:
         return 0
+    _above_station_maximum(key, value)
     if (key.lo is not None and value < key.lo) or (key.hi is not None and value > key.hi):
         raise ValueError(f"{value} is outside {key.range_text}")
     return value
@@ -268,6 +297,7 @@ def _parse_float(key: Key, text: str) -> Value:
     if _FLOAT.fullmatch(text) is None:
         raise ValueError(f"{text!r} is not a number like 6 or 10.5 (at most 3 decimals)")
     value = float(text)
+    _above_station_maximum(key, value)
     if (key.lo is not None and value < key.lo) or (key.hi is not None and value > key.hi):
         raise ValueError(f"{_format_float(value)} is outside {key.range_text}")
     return value
@@ -716,9 +746,13 @@ KEYS: Final[tuple[Key, ...]] = (
     Key(
         "FallbackLimit",
         Kind.FLOAT,
+        # evse.limits.MIN_CURRENT (ocpp16 may not import evse; tests/test_limits.py
+        # checks that the two agree).
         "6",
         "Current applied when the central system cannot be reached and no limit can be "
-        "obtained. Below 6 A means 0 A: no charging (IEC 61851-1: 6 A is the lowest offer).",
+        "obtained, and the failsafe current of a board with a hardware watchdog. Never "
+        "above the installer maximum or the board's maximum (a higher value is Rejected). "
+        "Below 6 A means 0 A: no charging (IEC 61851-1: 6 A is the lowest offer).",
         lo=0,
         hi=80,
         unit="A",
@@ -760,6 +794,25 @@ def _check_declaration(keys: Sequence[Key]) -> None:
 
 
 _check_declaration(KEYS)
+
+
+def _narrow(key: Key, maximum: float) -> Key:
+    """``key`` with its range's top lowered to ``maximum``; ValueError if it cannot be."""
+    if key.kind not in (Kind.INT, Kind.FLOAT) or key.readonly:
+        raise ValueError(f"{key.name}: only a writable number key can have a maximum")
+    if not math.isfinite(maximum):
+        raise ValueError(f"{key.name}: maximum {maximum!r} is not a finite number")
+    top = int(maximum // 1) if key.kind is Kind.INT else float(maximum)
+    if key.hi is not None and top >= key.hi:
+        return key
+    default = key.default_value()
+    assert isinstance(default, int | float)
+    if (key.lo is not None and top < key.lo) or top < default:
+        raise ValueError(
+            f"{key.name}: maximum {_format_number(top)} is below its default {key.default} "
+            f"or its lowest value"
+        )
+    return replace(key, hi=top, bounded=True)
 
 
 # --- the store and the results -----------------------------------------------
@@ -816,6 +869,11 @@ class Configuration:
     ``profile_check(profile)`` is asked before SecurityProfile is raised and
     returns why the station cannot run that profile (no CentralSystemRootCertificate
     installed for 2 and 3, no client certificate for 3), or None.
+
+    ``maxima`` (OCPP name -> number) lowers the top of number keys' ranges for
+    this station (FallbackLimit: ``ops.config.registry_maxima``); they are
+    stored, and a registry opened without them uses the stored ones. A maximum
+    below a key's lowest value or its default raises ValueError.
     """
 
     def __init__(
@@ -824,16 +882,50 @@ class Configuration:
         *,
         keys: Sequence[Key] = KEYS,
         profile_check: Callable[[int], str | None] | None = None,
+        maxima: Mapping[str, float] | None = None,
     ) -> None:
         _check_declaration(keys)
         self._store = store
-        self._keys = tuple(keys)
+        self._declared = {k.name: k for k in keys}
+        self._keys = self._bounded(tuple(keys), dict(maxima or {}))
         self._profile_check = profile_check
         self._by_name = {k.name.lower(): k for k in self._keys}
         self._by_local = {k.installer: k for k in self._keys if k.installer is not None}
         self._listeners: tuple[Listener, ...] = ()
         self._lock = threading.Lock()
         self._values: dict[str, Value] = {k.name: self._load(k) for k in self._keys}
+
+    def _bounded(self, keys: tuple[Key, ...], maxima: dict[str, float]) -> tuple[Key, ...]:
+        """The keys with the maxima given (stored when they differ) or stored before."""
+        by_name = {k.name: k for k in keys}
+        for name in maxima:
+            if name not in by_name:
+                raise ValueError(f"maximum for {name!r}: no such configuration key")
+        bounded: list[Key] = []
+        to_store: dict[str, str] = {}
+        for key in keys:
+            if key.name in maxima:
+                bounded.append(_narrow(key, maxima[key.name]))
+                text = _format_number(maxima[key.name])
+                if self._store.get_setting(BOUND_PREFIX + key.name) != text:
+                    to_store[BOUND_PREFIX + key.name] = text
+                continue
+            stored = (
+                None
+                if key.kind not in (Kind.INT, Kind.FLOAT)
+                else self._store.get_setting(BOUND_PREFIX + key.name)
+            )
+            if stored is None:
+                bounded.append(key)
+                continue
+            try:
+                bounded.append(_narrow(key, float(stored)))
+            except ValueError as exc:
+                log.error("configuration %s: stored maximum %r ignored (%s)", key.name, stored, exc)
+                bounded.append(key)
+        if to_store:
+            self._store.set_settings(to_store)
+        return tuple(bounded)
 
     def _load(self, key: Key) -> Value:
         default = key.default_value()
@@ -845,6 +937,9 @@ class Configuration:
         try:
             return key.parse(text)
         except ValueError as exc:
+            held = self._held_at_maximum(key, text)
+            if held is not None:
+                return held
             # A value an older firmware allowed, or a damaged row: the default
             # is safer than refusing to start.
             log.error(
@@ -854,6 +949,27 @@ class Configuration:
                 key.default,
             )
             return default
+
+    def _held_at_maximum(self, key: Key, text: str) -> Value | None:
+        """A stored value valid before the station's maximum was lowered reads as the
+        maximum: never above it, and not back at the default. None otherwise."""
+        if not key.bounded or key.hi is None:
+            return None
+        try:
+            value = self._declared[key.name].parse(text)
+        except ValueError:
+            return None
+        assert isinstance(value, int | float)
+        if value <= key.hi:
+            return None
+        held: Value = int(key.hi) if key.kind is Kind.INT else float(key.hi)
+        log.warning(
+            "configuration %s: stored %s is above this station's maximum; using %s",
+            key.name,
+            text,
+            key.format(held),
+        )
+        return held
 
     # -- names -------------------------------------------------------------
 

@@ -35,13 +35,17 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from evse.budget import off_budget
+from evse.limits import MIN_CURRENT, effective_fallback, fallback_max
 from fieldbus.boards import BOARD_MODELS, BoardModel
 from fieldbus.errors import PortConfigError
 from fieldbus.meters import METER_MODELS, MeterModel
 from fieldbus.ports import STANDARD_BAUDS, PortSpec, RtuPort, parse_port
 
-#: IEC 61851-1: 6 A is the lowest current the PWM signal may offer.
-MIN_CHARGING_CURRENT = 6.0
+#: Retries the station's plan gives each device's requests (ops.run.plan_from_config):
+#: the board one (a lost reply is retried once), the meter none (its next poll is the retry).
+BOARD_RETRIES = 1
+METER_RETRIES = 0
 
 #: Longest AF_UNIX socket path: sun_path is 108 bytes including the NUL.
 MAX_SOCKET_PATH = 107
@@ -276,9 +280,11 @@ SECTIONS: tuple[Section, ...] = (
                 "fallback",
                 Kind.FLOAT,
                 "Current applied when the central system cannot be reached and no "
-                "limit can be obtained. Below 6 A means 0 A: no charging (IEC "
-                "61851-1: 6 A is the lowest current a vehicle can be offered).",
-                default=6.0,
+                "limit can be obtained, and the current a board with a hardware "
+                "failsafe falls back to on its own. At most limits.installer_max. "
+                f"Below {MIN_CURRENT:g} A means 0 A: no charging (IEC 61851-1: "
+                f"{MIN_CURRENT:g} A is the lowest current a vehicle can be offered).",
+                default=MIN_CURRENT,
                 lo=0,
                 hi=80,
                 unit="A",
@@ -539,10 +545,15 @@ SECTIONS: tuple[Section, ...] = (
             Setting(
                 "off_deadline",
                 Kind.FLOAT,
-                "Time the board has to confirm a switch-off before it is a fault.",
-                default=1.0,
-                lo=0.1,
-                hi=5,
+                "Time the whole switch-off (current 0, then disable) may take before "
+                "it is given up as failed. It must cover the board's worst case: "
+                "each request's timeout times its attempts, the model's request "
+                "gaps, the read-modify-write of an enable bit, and an exchange "
+                "already on the bus; a shorter value is refused with the time "
+                "needed. A healthy board is off in a fraction of this.",
+                default=5.0,
+                lo=0.5,
+                hi=60,
                 unit="s",
             ),
             Setting(
@@ -616,8 +627,14 @@ class LimitsConfig:
 
     @property
     def fallback_current(self) -> float:
-        """The fallback to apply: below 6 A it is 0 A (station spec §3, IEC 61851-1)."""
-        return 0.0 if self.fallback < MIN_CHARGING_CURRENT else self.fallback
+        """The fallback to apply: ``evse.limits.effective_fallback`` (below 6 A it is 0 A).
+
+        The check has made installer_max at most the board's maximum, so the
+        installer maximum bounds both here.
+        """
+        return effective_fallback(
+            self.fallback, installer_max=self.installer_max, hardware_max=self.installer_max
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -714,6 +731,24 @@ class Config:
     logging: LoggingConfig
     #: The file it was read from; None when built in memory.
     source: Path | None = None
+
+    @property
+    def fallback_max(self) -> float:
+        """The highest fallback limit this station may hold (``evse.limits.fallback_max``)."""
+        amps, _ = fallback_max(
+            installer_max=self.limits.installer_max,
+            hardware_max=self.board.model.capabilities.max_current,
+        )
+        return amps
+
+
+def registry_maxima(config: Config) -> dict[str, float]:
+    """The registry's bounds that come from this file: ``Configuration(store, maxima=...)``.
+
+    FallbackLimit may not be set above the installer or the board maximum, by
+    any source (``evse config set``, the installer page, the control socket).
+    """
+    return {"FallbackLimit": config.fallback_max}
 
 
 # --- checking ---------------------------------------------------------------------
@@ -908,18 +943,25 @@ def _cross_check(v: Mapping[str, Any]) -> None:
     board = BOARD_MODELS[v["board.kind"]]
     meter = METER_MODELS[v["meter.kind"]]
 
-    if v["limits.installer_max"] > board.max_current:
+    hardware_max = board.capabilities.max_current
+    if v["limits.installer_max"] > hardware_max:
         raise _SettingError(
             "limits.installer_max",
             f"{_num(v['limits.installer_max'])} A is above the {board.title}'s maximum of "
-            f"{_num(board.max_current)} A",
+            f"{_num(hardware_max)} A",
         )
-    if v["limits.fallback"] > v["limits.installer_max"]:
-        raise _SettingError(
-            "limits.fallback",
-            f"{_num(v['limits.fallback'])} A is above limits.installer_max "
-            f"({_num(v['limits.installer_max'])} A)",
+    # evse.limits' one rule: a fallback (and so the failsafe current) never
+    # above the installer or board maximum.
+    highest, bound_by = fallback_max(
+        installer_max=v["limits.installer_max"], hardware_max=hardware_max
+    )
+    if v["limits.fallback"] > highest:
+        bound = (
+            f"limits.installer_max ({_num(highest)} A)"
+            if bound_by == "installer"
+            else f"the {board.title}'s maximum of {_num(highest)} A"
         )
+        raise _SettingError("limits.fallback", f"{_num(v['limits.fallback'])} A is above {bound}")
     if v["station.phases"] > meter.phases:
         raise _SettingError(
             "meter.kind",
@@ -965,6 +1007,8 @@ def _cross_check(v: Mapping[str, Any]) -> None:
                 f"{device}.timeout ({_num(needed)} s), or one lost reply is a fault",
             )
 
+    _check_off_deadline(v, board)
+
     blocked_at = {tag: i for i, tag in enumerate(v["authorization.blocked"])}
     for i, tag in enumerate(v["authorization.tags"]):
         if tag in blocked_at:
@@ -977,6 +1021,32 @@ def _cross_check(v: Mapping[str, Any]) -> None:
         raise _SettingError(
             f"authorization.blocked[{blocked_at[tag]}]",
             f"{tag!r} is authorization.free_id_tag",
+        )
+
+
+def _check_off_deadline(v: Mapping[str, Any], board: BoardModel) -> None:
+    """safety.off_deadline must cover the board's switch-off worst case (evse.budget)."""
+    board_port: PortSpec = v["board.port"]
+    shared = board_port == v["meter.port"]
+    budget = off_budget(
+        board,
+        board_port,
+        timeout=v["board.timeout"],
+        retries=BOARD_RETRIES,
+        bus_timeout=max(v["board.timeout"], v["meter.timeout"]) if shared else None,
+    )
+    # Shown rounded up, so that writing the number shown is enough.
+    needed = math.ceil(budget.seconds * 100 - 1e-6) / 100
+    deadline = v["safety.off_deadline"]
+    if deadline < needed:
+        bus = board_port.url + (" (shared with the meter)" if shared else "")
+        retries = f"{BOARD_RETRIES} {'retry' if BOARD_RETRIES == 1 else 'retries'}"
+        raise _SettingError(
+            "safety.off_deadline",
+            f"{_num(deadline)} s is shorter than the {needed:.2f} s the {board.title} may "
+            f"need to switch off on {bus} with board.timeout {_num(v['board.timeout'])} s "
+            f"and {retries} ({budget.describe()}); raise safety.off_deadline to at least "
+            f"{needed:.2f} s or lower board.timeout",
         )
 
 

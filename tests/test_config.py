@@ -21,8 +21,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from evse.budget import off_budget, off_requests
+from fieldbus.boards import BOARD_MODELS
 from fieldbus.errors import PortConfigError
-from fieldbus.ports import RtuPort, TcpPort, check_unit, parse_port
+from fieldbus.ports import STANDARD_BAUDS, RtuPort, TcpPort, check_unit, parse_port
 from ops.config import (
     SECTION_CLASSES,
     SECTIONS,
@@ -32,6 +34,7 @@ from ops.config import (
     config_from_dict,
     example_toml,
     load_config,
+    registry_maxima,
 )
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "config.example.toml"
@@ -103,7 +106,7 @@ DEFAULTS: dict[str, Any] = {
     "safety.overcurrent_margin": 2.0,
     "safety.overcurrent_time": 5.0,
     "safety.welded_time": 1.0,
-    "safety.off_deadline": 1.0,
+    "safety.off_deadline": 5.0,
     "safety.persist_interval": 5.0,
     "control.socket": Path("/var/lib/evse/control.sock"),
     "logging.level": "info",
@@ -194,7 +197,8 @@ RANGES: list[tuple[str, float, float, str, dict[str, Any]]] = [
     ("limits.fallback", 0, 80, "A", {"limits__installer_max": 80}),
     ("board.unit", 1, 247, "", {}),
     ("board.poll_interval", 0.02, 2, "s", {"safety__board_timeout": 10}),
-    ("board.timeout", 0.05, 5, "s", {"safety__board_timeout": 10}),
+    # 5 s on an EVSE DIN: the switch-off may take 35.5 s (see test_off_deadline_*).
+    ("board.timeout", 0.05, 5, "s", {"safety__board_timeout": 10, "safety__off_deadline": 60}),
     ("board.failsafe_watchdog", 1, 600, "s", {}),
     ("meter.unit", 1, 247, "", {}),
     ("meter.timeout", 0.05, 5, "s", {"safety__meter_timeout": 10}),
@@ -211,7 +215,19 @@ RANGES: list[tuple[str, float, float, str, dict[str, Any]]] = [
     ("safety.overcurrent_margin", 0.5, 10, "A", {}),
     ("safety.overcurrent_time", 0.1, 60, "s", {}),
     ("safety.welded_time", 0.1, 10, "s", {}),
-    ("safety.off_deadline", 0.1, 5, "s", {}),
+    # 0.5 s is enough for a Heidelberg on TCP answering within 0.1 s (0.45 s).
+    (
+        "safety.off_deadline",
+        0.5,
+        60,
+        "s",
+        {
+            "board__kind": "heidelberg",
+            "board__port": "tcp://192.0.2.20:502",
+            "board__timeout": 0.1,
+            "limits__installer_max": 16,
+        },
+    ),
     ("safety.persist_interval", 1, 300, "s", {}),
 ]
 
@@ -657,6 +673,25 @@ def test_fallback_below_6_a_means_off(written: float, applied: float) -> None:
     assert limits.fallback_current == applied
 
 
+@pytest.mark.parametrize(
+    ("kind", "installer_max", "fallback_max"),
+    [("evse-din", 32, 32), ("evse-din", 80, 80), ("heidelberg", 16, 16), ("ev-cc", 20, 20)],
+)
+def test_the_registry_learns_the_fallback_maximum(
+    kind: str, installer_max: float, fallback_max: float
+) -> None:
+    data = with_(minimal(), board__kind=kind, limits__installer_max=installer_max)
+    config = config_from_dict(data)
+    assert config.fallback_max == fallback_max
+    assert registry_maxima(config) == {"FallbackLimit": fallback_max}
+
+
+def test_fallback_in_force_follows_the_one_rule() -> None:
+    # evse.limits.effective_fallback: the file's value, 0 below 6 A, at most installer_max.
+    limits = config_from_dict(with_(minimal(), limits__installer_max=16, limits__fallback=16))
+    assert limits.limits.fallback_current == 16.0
+
+
 def test_three_phase_station_with_single_phase_meter() -> None:
     data = with_(minimal(), meter__kind="sdm120")
     assert_refused(data, "meter.kind", "measures 1 phase(s) but station.phases is 3")
@@ -710,6 +745,132 @@ def test_rfid_on_the_modbus_bus() -> None:
 def test_fault_timeouts_longer_than_a_poll(extra: dict[str, Any], key: str, reason: str) -> None:
     err = assert_refused(with_(minimal(), **extra), key)
     assert err.reason == reason
+
+
+# --- the switch-off budget (evse.budget) and safety.off_deadline ------------------------
+
+RTU_9600 = parse_port("rtu:///dev/ttyUSB0?baud=9600&parity=N&stopbits=1")
+RTU_1200 = parse_port("rtu:///dev/ttyUSB0?baud=1200&parity=N&stopbits=1")
+TCP = parse_port("tcp://192.0.2.20:502")
+# t3.5 at 9600 8N1: 3.5 characters of 10 bits; the settle after an aborted
+# exchange waits max(20 ms, 4 t3.5) of quiet; both before every attempt.
+T35_9600 = 3.5 * 10 / 9600
+LINE_9600 = T35_9600 + 0.02
+T35_1200 = 3.5 * 10 / 1200
+LINE_1200 = T35_1200 + 4 * T35_1200
+LINE_TCP = 0.05  # the pause after a refused connection
+
+
+# (model, port, board timeout, seconds): written out from the sequence
+# "exchange on the wire + each request: gap + 2 attempts x (timeout + line)".
+BUDGETS: list[tuple[str, Any, float, float]] = [
+    # EVSE DIN: current 0 (FC16), then the enable bit of register 1004 is a
+    # read-modify-write: 3 requests, each after the model's 0.1 s gap.
+    ("evse-din", RTU_9600, 0.5, (0.5 + LINE_9600) + 3 * (0.1 + 2 * (0.5 + LINE_9600))),
+    ("evse-din", RTU_1200, 0.5, (0.5 + LINE_1200) + 3 * (0.1 + 2 * (0.5 + LINE_1200))),
+    ("evse-din", TCP, 0.5, 0.55 + 3 * (0.1 + 2 * 0.55)),
+    ("evse-din", RTU_9600, 0.2, (0.2 + LINE_9600) + 3 * (0.1 + 2 * (0.2 + LINE_9600))),
+    # Heidelberg: no enable switch, no gap: current 0 only.
+    ("heidelberg", RTU_9600, 0.5, 3 * (0.5 + LINE_9600)),
+    ("heidelberg", TCP, 0.5, 3 * 0.55),
+    ("heidelberg", TCP, 0.1, 3 * (0.1 + LINE_TCP)),
+    # EV-CC: current 0, then coil 400 (one write), no gap.
+    ("ev-cc", TCP, 0.5, 0.55 + 2 * 2 * 0.55),
+    ("ev-cc", RTU_9600, 0.5, 5 * (0.5 + LINE_9600)),
+]
+
+
+@pytest.mark.parametrize(("kind", "port", "timeout", "seconds"), BUDGETS)
+def test_switch_off_budget_per_board_model(
+    kind: str, port: Any, timeout: float, seconds: float
+) -> None:
+    budget = off_budget(BOARD_MODELS[kind], port, timeout=timeout, retries=1)
+    assert budget.seconds == pytest.approx(seconds, abs=1e-9)
+    assert budget.describe()
+
+
+def test_switch_off_requests_per_board_model() -> None:
+    assert off_requests(BOARD_MODELS["evse-din"]) == (
+        "write current 0",
+        "read enable register",
+        "write enable register",
+    )
+    assert off_requests(BOARD_MODELS["heidelberg"]) == ("write current 0",)
+    assert off_requests(BOARD_MODELS["ev-cc"]) == ("write current 0", "write enable coil")
+    assert set(BOARD_MODELS) == {"evse-din", "heidelberg", "ev-cc"}  # a new model: add it
+
+
+def test_switch_off_budget_counts_retries_and_a_slower_device_on_the_bus() -> None:
+    din = BOARD_MODELS["evse-din"]
+    none = off_budget(din, TCP, timeout=0.5, retries=0).seconds
+    assert none == pytest.approx(0.55 + 3 * (0.1 + 0.55))
+    # A meter on the same bus with a 2 s timeout may be on the wire first.
+    shared = off_budget(din, TCP, timeout=0.5, retries=1, bus_timeout=2.0).seconds
+    assert shared == pytest.approx(2.05 + 3 * (0.1 + 2 * 0.55))
+    with pytest.raises(ValueError, match="positive"):
+        off_budget(din, TCP, timeout=0, retries=1)
+    with pytest.raises(ValueError, match="retries"):
+        off_budget(din, TCP, timeout=0.5, retries=-1)
+
+
+def test_off_deadline_too_short_for_an_evse_din_is_refused(tmp_path: Path) -> None:
+    # Today's default (1.0 s) is one write's worst case alone (0.5 s x 2 attempts).
+    path = tmp_path / "evse.toml"
+    path.write_text(MINIMAL_TOML + "\n[safety]\noff_deadline = 1.0\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    err = info.value
+    assert (err.path, err.key) == (str(path), "safety.off_deadline")
+    assert err.reason.startswith(
+        "1 s is shorter than the 3.97 s the EVSE DIN / SimpleEVSE-WB may need to switch off "
+        "on rtu:///dev/ttyUSB0?baud=9600&parity=N&stopbits=1&bytesize=8 with board.timeout "
+        "0.5 s and 1 retry ("
+    ), err.reason
+    assert err.reason.endswith(
+        "raise safety.off_deadline to at least 3.97 s or lower board.timeout"
+    )
+    assert str(err).startswith(f"{path}: safety.off_deadline: 1 s is shorter than the 3.97 s")
+    # The number shown is enough.
+    path.write_text(MINIMAL_TOML + "\n[safety]\noff_deadline = 3.97\n")
+    assert load_config(path).safety.off_deadline == 3.97
+
+
+def test_off_deadline_counts_the_meter_on_the_same_bus() -> None:
+    data = with_(
+        minimal(),
+        meter__port="rtu:///dev/ttyUSB0",
+        meter__unit=2,
+        meter__timeout=2.0,
+        safety__off_deadline=4.0,
+    )
+    # 2 s meter exchange on the wire, then the EVSE DIN's 3 requests: 5.47 s.
+    err = assert_refused(data, "safety.off_deadline", "5.47 s", "(shared with the meter)")
+    assert err.reason.startswith("4 s is shorter than the 5.47 s")
+    assert config_from_dict(with_(data, safety__off_deadline=5.47)).safety.off_deadline == 5.47
+
+
+def test_off_deadline_follows_the_board_timeout() -> None:
+    data = with_(minimal(), board__timeout=1.0, safety__board_timeout=2.0)
+    assert_refused(data, "safety.off_deadline", "7.47 s", "board.timeout 1 s")
+    assert config_from_dict(with_(data, safety__off_deadline=7.5)).safety.off_deadline == 7.5
+
+
+# Every standard line setting: 8N1 (common on these boards) and the three
+# 11-bit framings of Modbus over Serial Line 2.5.1, at every baud rate.
+DEFAULT_PORTS = ["tcp://192.0.2.20:502"] + [
+    f"rtu:///dev/ttyUSB0?baud={baud}&parity={parity}&stopbits={stop}"
+    for baud in STANDARD_BAUDS
+    for parity, stop in (("N", 1), ("E", 1), ("O", 1), ("N", 2))
+]
+
+
+@pytest.mark.parametrize("kind", ["evse-din", "heidelberg", "ev-cc"])
+def test_the_default_off_deadline_suits_every_board_with_default_timeouts(kind: str) -> None:
+    for port in DEFAULT_PORTS:
+        data = with_(minimal(), board__kind=kind, board__port=port, limits__installer_max=16)
+        assert config_from_dict(data).safety.off_deadline == 5.0, port
+        shared = with_(data, meter__port=port, meter__unit=2)
+        assert config_from_dict(shared).safety.off_deadline == 5.0, port
 
 
 # --- files ------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from evse.store import Store
+from ocpp16.config import Configuration
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +54,20 @@ def test_set_and_get_without_a_running_station(data_dir: Path) -> None:
     listing = evse("config", "list", *where).stdout
     assert KEY32 not in listing
     assert evse("config", "get", "AuthorizationKey", *where).stdout.strip() == "(set)"
+
+
+def test_set_refuses_a_fallback_above_the_station_maximum(data_dir: Path) -> None:
+    # The station opened its registry with installer maximum 16 A (it keeps it);
+    # evse config set without a running station refuses what the station would.
+    with Store.open(data_dir / "station.sqlite") as store:
+        Configuration(store, maxima={"FallbackLimit": 16.0})
+    where = ("--data-dir", str(data_dir))
+    result = evse("config", "set", "monitoring.fallback_limit", "20", *where)
+    assert result.returncode == 2
+    assert "Rejected" in result.stderr and "20 A is above 16 A" in result.stderr
+    assert evse("config", "get", "FallbackLimit", *where).stdout == "6\n"
+    result = evse("config", "set", "monitoring.fallback_limit", "16", *where)
+    assert (result.returncode, result.stdout) == (0, "Accepted\n")
 
 
 def test_set_on_a_running_station_goes_through_it(tmp_path: Path) -> None:

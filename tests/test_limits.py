@@ -107,10 +107,18 @@ def test_fallback_max_names_what_bounds_it() -> None:
 
 def test_the_one_6_a_constant() -> None:
     import ops.config  # noqa: PLC0415
+    from fieldbus.boards import BOARD_MODELS  # noqa: PLC0415
+    from ocpp16.config import KEYS  # noqa: PLC0415
 
     assert MIN_CURRENT == 6.0
     # The configuration file has no 6 A of its own any more.
     assert not hasattr(ops.config, "MIN_CHARGING_CURRENT")
+    assert ops.config.SETTINGS["limits.fallback"].default == MIN_CURRENT
+    # Layers that may not import evse/ keep a copy; it must agree.
+    fallback_key = next(k for k in KEYS if k.name == "FallbackLimit")
+    assert float(fallback_key.default) == MIN_CURRENT
+    for model in BOARD_MODELS.values():
+        assert model.capabilities.min_current == MIN_CURRENT, model.kind
 
 
 @given(amps, amps, amps)

@@ -625,6 +625,120 @@ def test_fallback_limit_rejected(config: Configuration, text: str) -> None:
     assert config.change("monitoring.fallback_limit", text, source="installer").status == "Rejected"
 
 
+# -- FallbackLimit: never above the station's maximum (evse.limits' one rule) --------
+
+
+@pytest.fixture
+def bounded(store: Store) -> Configuration:
+    """A registry opened for a station whose installer maximum is 16 A."""
+    return Configuration(store, maxima={"FallbackLimit": 16.0})
+
+
+@pytest.mark.parametrize("source", ["installer", "cli", "config file"])
+def test_fallback_limit_above_the_station_maximum_is_rejected(
+    bounded: Configuration, store: Store, source: str
+) -> None:
+    before = store.settings()
+    result = bounded.change("monitoring.fallback_limit", "20", source=source)
+    assert (result.status, result.key) == ("Rejected", "FallbackLimit")
+    assert result.reason == "20 A is above 16 A, the most this station allows"
+    assert bounded.change("FallbackLimit", "16.001", source=source).status == "Rejected"
+    assert store.settings() == before
+    assert bounded.get_float("FallbackLimit") == 6.0
+    for text, value in [("16", 16.0), ("5", 5.0), ("0", 0.0)]:  # below 6 A: 0 A in force
+        assert bounded.change("FallbackLimit", text, source=source).ok
+        assert bounded.get_float("FallbackLimit") == value
+
+
+def test_fallback_limit_is_not_changeable_over_ocpp(bounded: Configuration, store: Store) -> None:
+    # ChangeConfiguration (chargepoint: change_async(source="ocpp")) does not reach an
+    # installer-only key, whatever the value: NotSupported, nothing changes.
+    before = store.settings()
+    for text in ("20", "10"):
+        result = bounded.change("FallbackLimit", text, source=OCPP)
+        assert result.status == "NotSupported"
+    assert store.settings() == before
+    assert bounded.get_configuration(["FallbackLimit"]) == ([], ["FallbackLimit"])
+
+
+async def test_fallback_limit_above_the_maximum_rejected_async_and_all_or_nothing(
+    bounded: Configuration, store: Store
+) -> None:
+    seen: list[tuple[str, Value]] = []
+    bounded.subscribe(lambda name, value: seen.append((name, value)))
+    result = await bounded.change_many_async(
+        {"HeartbeatInterval": "90", "monitoring.fallback_limit": "32"}, source="installer"
+    )
+    assert (result.status, result.key) == ("Rejected", "FallbackLimit")
+    assert seen == []
+    assert bounded.get_int("HeartbeatInterval") == 3600
+    assert (await bounded.change_async("FallbackLimit", "10", source="installer")).ok
+    assert seen == [("FallbackLimit", 10.0)]
+
+
+def test_the_installer_page_shows_the_station_maximum(bounded: Configuration) -> None:
+    rows = {row["name"]: row for row in bounded.installer_view()}
+    assert rows["monitoring.fallback_limit"]["range"] == "0..16 A"
+
+
+def test_a_maximum_above_the_declared_range_changes_nothing(store: Store) -> None:
+    config = Configuration(store, maxima={"FallbackLimit": 100.0})
+    assert config.change("FallbackLimit", "80", source="installer").ok
+    assert config.change("FallbackLimit", "81", source="installer").status == "Rejected"
+
+
+def test_the_maximum_is_kept_for_a_registry_opened_without_it(store: Store) -> None:
+    # evse config set while no station runs opens the registry without maxima.
+    Configuration(store, maxima={"FallbackLimit": 16.0})
+    assert store.get_setting("bound.FallbackLimit") == "16"
+    offline = Configuration(store)
+    result = offline.change("monitoring.fallback_limit", "20", source="installer")
+    assert result.status == "Rejected" and "16 A" in result.reason
+    # The station's maximum wins over the stored one when it is given again.
+    raised = Configuration(store, maxima={"FallbackLimit": 32.0})
+    assert raised.change("monitoring.fallback_limit", "20", source="installer").ok
+    assert store.get_setting("bound.FallbackLimit") == "32"
+
+
+def test_a_stored_fallback_above_a_lowered_maximum_reads_as_the_maximum(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 32 A set while the installer maximum was 32; then limits.installer_max = 16.
+    assert Configuration(store).change("FallbackLimit", "32", source="installer").ok
+    config = Configuration(store, maxima={"FallbackLimit": 16.0})
+    assert config.get_float("FallbackLimit") == 16.0
+    assert "above this station's maximum" in caplog.text
+    # A bad stored value still reads as the default.
+    store.set_settings({"ocpp.FallbackLimit": "junk"})
+    assert Configuration(store, maxima={"FallbackLimit": 16.0}).get_float("FallbackLimit") == 6.0
+
+
+def test_impossible_maxima_are_refused(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(ValueError, match="no such configuration key"):
+        Configuration(store, maxima={"NoSuchKey": 1.0})
+    with pytest.raises(ValueError, match="below its default"):
+        Configuration(store, maxima={"FallbackLimit": 5.0})
+    with pytest.raises(ValueError, match="number key"):
+        Configuration(store, maxima={"ConnectionEnabled": 1.0})
+    with pytest.raises(ValueError, match="finite"):
+        Configuration(store, maxima={"FallbackLimit": float("nan")})
+    assert store.settings() == {}
+    # A damaged stored maximum is ignored (logged), not a refusal to start.
+    store.set_settings({"bound.FallbackLimit": "2"})
+    assert Configuration(store).change("FallbackLimit", "20", source="installer").ok
+    assert "stored maximum" in caplog.text
+
+
+def test_an_int_key_takes_a_whole_maximum(store: Store) -> None:
+    config = Configuration(store, maxima={"ConnectionTimeOut": 600.9})
+    assert config.change("ConnectionTimeOut", "600", source=OCPP).ok
+    result = config.change("ConnectionTimeOut", "601", source=OCPP)
+    assert (result.status, result.reason) == (
+        "Rejected",
+        "601 s is above 600 s, the most this station allows",
+    )
+
+
 def test_reconnect_frequency_range(config: Configuration) -> None:
     for text, ok in [("1", True), ("3600", True), ("0", False), ("3601", False)]:
         assert config.change("monitoring.reconnect_frequency", text, source="ui").ok is ok
