@@ -113,6 +113,13 @@ NOTICE_BACKLOG = 1000
 #: Between two attempts to reach a device at start.
 START_RETRY = 0.5
 
+#: Between two attempts of an off-write that did not go through.
+OFF_RETRY = 0.2
+
+#: The most a transaction's end may take to be written (off acknowledged, meter
+#: read, one commit), shielded from cancellation.
+END_DEADLINE = 5.0
+
 AVAILABILITY_KEY = "connector.{}.operative"
 LATCHED_KEY = "connector.{}.latched_faults"
 
@@ -205,7 +212,6 @@ class Station:
         self.loop_alive = -math.inf
         self._timers: dict[str, float] = {}
         self._timers_changed = trio.Event()
-        self._insisting_off = False
         self._safety_wakeup = trio.lowlevel.ParkingLot()
         self._nursery: trio.Nursery | None = None
         self._last_persist = -math.inf
@@ -213,6 +219,15 @@ class Station:
         #: Trips whose event the loop has not handled yet: no current above 0 meanwhile.
         self._trips = 0
         self._off_wakeup = trio.Event()
+        self._on_wakeup = trio.Event()
+        #: Off-writes asked for, the request the write in flight answers (None:
+        #: none in flight), whether no current above 0 went out since it started,
+        #: and the highest request answered by an acknowledged write.
+        self._off_requested = 0
+        self._off_in_flight: int | None = None
+        self._off_clean = True
+        self._off_acknowledged = 0
+        self._off_written = trio.lowlevel.ParkingLot()
         #: Events handled so far: a request that fails after changing state breaks
         #: an invariant (its effects are half done) and ends the station.
         self._handled = 0
@@ -221,6 +236,9 @@ class Station:
         ](NOTICE_BACKLOG)
         self._settings_lock = trio.Lock()
         self._persist_failed = 0
+        #: Set once the last transaction's end is written (or given up).
+        self._ending = trio.Event()
+        self._ending.set()
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -231,6 +249,7 @@ class Station:
             self._nursery = nursery
             self.monitor = SafetyMonitor(self.settings.safety, now=trio.current_time())
             nursery.start_soon(self._off_lane, name="trip lane")
+            nursery.start_soon(self._on_lane, name="current commands")
             nursery.start_soon(self._tell_central, name="central-system notices")
             await nursery.start(self._run_loop, name="station loop")
             # The silence clocks start with the pollers, not before: a slow
@@ -414,6 +433,8 @@ class Station:
                     self._timers_changed.set()
 
     async def _set_current(self, amps: float) -> None:
+        """Hand a current command to the lanes that write it; never waits for the bus
+        (a silent board must not stall the loop, nor the status it reports)."""
         assert self.monitor is not None
         if amps > 0 and self._trips:
             # A fault or stop is switching off; its event is right behind in
@@ -423,26 +444,39 @@ class Station:
         self.monitor.command(trio.current_time(), amps)
         self._safety_changed()
         self.commanded = amps
-        try:
-            await self.board.set_current(amps, wanted=self._no_trip if amps > 0 else None)
-            self.monitor.command_written(trio.current_time(), amps)
-            self._safety_changed()
-        except Superseded:
-            log.info("%.1f A not commanded: an off-write overtook it", amps)
-        except (FieldbusError, ValueError) as exc:
-            if amps > 0:
-                # Not handled here, in the middle of this effect list: the
-                # safety monitor raises BOARD_SILENT on its next check (and
-                # clears it once the board answers again), after this list.
+        if amps == 0:
+            self._request_off()
+        else:
+            self._on_wakeup.set()
+        await trio.lowlevel.checkpoint()
+
+    def _still_wanted(self, amps: float) -> Callable[[], bool]:
+        return lambda: not self._trips and self.commanded == amps
+
+    async def _on_lane(self) -> None:
+        """Writes the latest current above 0 the loop commanded (latest wins)."""
+        assert self.monitor is not None
+        while True:
+            await self._on_wakeup.wait()
+            self._on_wakeup = trio.Event()
+            amps = self.commanded
+            if amps <= 0 or self._trips:
+                continue
+            # An off-write in flight no longer answers a later off request.
+            self._off_clean = False
+            try:
+                await self.board.set_current(amps, wanted=self._still_wanted(amps))
+            except Superseded:
+                log.info("%.1f A not commanded: an off-write overtook it", amps)
+            except (FieldbusError, ValueError) as exc:
+                # The safety monitor raises BOARD_SILENT on its next check (and
+                # clears it once the board answers again).
                 log.error("could not command %.1f A: %s", amps, exc)
                 self.monitor.command_failed(trio.current_time())
                 self._safety_changed()
             else:
-                log.error("could not switch off: %s; retrying until it goes through", exc)
-                self._insist_off()
-
-    def _no_trip(self) -> bool:
-        return not self._trips
+                self.monitor.command_written(trio.current_time(), amps)
+                self._safety_changed()
 
     # -- the trip lane ------------------------------------------------------------------
 
@@ -450,33 +484,51 @@ class Station:
         """Off at once, from whoever saw the fault; the loop hears of it after."""
         assert self.monitor is not None
         self._trips += 1
-        if self.commanded != 0 or not self._off_wakeup.is_set():
+        if self.commanded != 0:
             log.warning("tripped: %s", why)
         self.commanded = 0.0
         self.monitor.command(trio.current_time(), 0.0)
         self._safety_changed()
-        self._off_wakeup.set()
+        self._request_off()
 
     async def _send_tripped(self, event: Event, why: str) -> None:
         self._trip(why)
         await self._send.send(_Tripped(event))
 
+    def _request_off(self) -> None:
+        """An off-write, from the trip lane. One already in flight, with no current
+        above 0 written since it started, answers this request too."""
+        self._off_requested += 1
+        if self._off_in_flight is not None and self._off_clean:
+            self._off_in_flight = self._off_requested
+        else:
+            self._off_wakeup.set()
+
     async def _off_lane(self) -> None:
-        """Writes "off" whenever ``_trip`` asks: one write covers every trip before it."""
+        """Writes "off" whenever asked: urgent on the bus, shielded, deadline-bound,
+        insisted on until it goes through while off is what is wanted."""
         while True:
             await self._off_wakeup.wait()
             self._off_wakeup = trio.Event()
-            await self._write_off()
+            self._off_in_flight, self._off_clean = self._off_requested, True
+            written = await self._write_off()
+            covered, self._off_in_flight = self._off_in_flight, None
+            if written:
+                self._off_acknowledged = max(self._off_acknowledged, covered)
+                self._off_written.unpark_all()
+            elif self.commanded == 0:
+                await trio.sleep(OFF_RETRY)
+                self._off_wakeup.set()
 
     async def _write_off(self) -> bool:
-        """One off-write, shielded and deadline-bound; insisted on if it fails."""
+        """One off-write, shielded and deadline-bound."""
         assert self.monitor is not None
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + self.settings.off_deadline
             try:
                 await self.board.set_current(0)
             except (FieldbusError, ValueError) as exc:
-                log.error("off-write failed: %s; retrying until it goes through", exc)
+                self._log_rarely("off", f"off-write failed: {exc}; retrying until it goes through")
             else:
                 self.monitor.command_written(trio.current_time(), 0.0)
                 self._safety_changed()
@@ -485,28 +537,16 @@ class Station:
             log.error(
                 "off-write not acknowledged within %.1f s; retrying", self.settings.off_deadline
             )
-        self._insist_off()
         return False
 
-    def _insist_off(self) -> None:
-        if self._insisting_off or self._nursery is None:
-            return
-        self._insisting_off = True
-
-        async def retry() -> None:
-            try:
-                while self.commanded == 0:
-                    try:
-                        await self.board.set_current(0)
-                        if self.monitor is not None:
-                            self.monitor.command_written(trio.current_time(), 0.0)
-                        return
-                    except FieldbusError:
-                        await trio.sleep(0.2)
-            finally:
-                self._insisting_off = False
-
-        self._nursery.start_soon(retry, name="insist off")
+    async def _wait_off_acknowledged(self, within: float) -> bool:
+        """Wait until every off requested so far has been written (or ``within``)."""
+        wanted = self._off_requested
+        with trio.move_on_after(within):
+            while self._off_acknowledged < wanted:
+                await self._off_written.park()
+            return True
+        return False
 
     # -- transactions -------------------------------------------------------------------
 
@@ -531,6 +571,8 @@ class Station:
             self._safety_changed()
 
     async def _begin(self, id_tag: str, meter_start: float) -> bool:
+        # The previous transaction's end first (the store allows one running).
+        await self._ending.wait()
         reading = await self._read_meter_now()
         if reading is not None and reading.energy_import_wh is not None:
             meter_start, started_at = reading.energy_import_wh, reading.timestamp
@@ -559,37 +601,75 @@ class Station:
         return True
 
     async def _end(self, reason: StopReason, meter_stop: float, id_tag: str | None) -> None:
+        """The transaction is over for the connector at once (its off-write has been
+        requested); its record is written by a task of its own, shielded, so that
+        neither the loop (status, faults) nor a shutdown waits on a silent board,
+        the meter or the disk, and a cancellation cannot lose the end."""
         tx, self.tx = self.tx, None
         if tx is None:
             log.error("transaction end (%s) without a transaction on record", reason.value)
             return
-        # Read after the off-write the connector emitted first: the energy that
-        # flowed until then belongs to this transaction. The store raises the
-        # stop to the last persisted reading if this one is older (a wall clock
-        # stepped back, a stale fallback), so the record never goes backwards.
-        reading = await self._read_meter_now() or self.meter_reading
-        if reading is not None and reading.energy_import_wh is not None:
-            meter_stop = max(meter_stop, reading.energy_import_wh)
-        stopped_at = datetime.now(UTC) if reading is None else reading.timestamp
-        journal = self.central.journal(ending=tx.id, stopped_at=stopped_at)
+        done = trio.Event()
+        self._ending = done
+        assert self._nursery is not None
+        self._nursery.start_soon(
+            self._write_end, tx, reason, meter_stop, id_tag, done, name=f"end of {tx.id}"
+        )
+        await trio.lowlevel.checkpoint()
+
+    async def _write_end(
+        self,
+        tx: TransactionRecord,
+        reason: StopReason,
+        meter_stop: float,
+        id_tag: str | None,
+        done: trio.Event,
+    ) -> None:
         try:
-            record = await self._offload(
-                partial(
-                    self.store.end_transaction,
-                    tx.id,
-                    reason=reason.value,
-                    meter_stop_wh=meter_stop,
-                    stopped_at=stopped_at,
-                    id_tag=id_tag,
-                    journal=journal,
-                )
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + END_DEADLINE
+                # Read once the off-write the connector emitted first is
+                # acknowledged: the energy that flowed until then belongs to
+                # this transaction. A board silent for longer is a fault already.
+                if not await self._wait_off_acknowledged(self.settings.safety.board_timeout):
+                    log.error("transaction %d: off not acknowledged; ending it anyway", tx.id)
+                # The store raises the stop to the last persisted reading if this
+                # one is older (a wall clock stepped back, a stale fallback), so
+                # the record never goes backwards.
+                reading = await self._read_meter_now() or self.meter_reading
+                if reading is not None and reading.energy_import_wh is not None:
+                    meter_stop = max(meter_stop, reading.energy_import_wh)
+                stopped_at = datetime.now(UTC) if reading is None else reading.timestamp
+                journal = self.central.journal(ending=tx.id, stopped_at=stopped_at)
+                try:
+                    record = await self._offload(
+                        partial(
+                            self.store.end_transaction,
+                            tx.id,
+                            reason=reason.value,
+                            meter_stop_wh=meter_stop,
+                            stopped_at=stopped_at,
+                            id_tag=id_tag,
+                            journal=journal,
+                        )
+                    )
+                except (StoreError, EvseError) as exc:
+                    # It stays "running" on disk: the next start ends it as PowerLoss.
+                    log.critical("transaction %d end not written: %s", tx.id, exc)
+                    return
+            if scope.cancelled_caught:
+                log.critical("transaction %d end not written within %.0f s", tx.id, END_DEADLINE)
+                return
+            log.info(
+                "transaction %d ended (%s) at %.1f Wh", tx.id, reason.value, record.meter_stop_wh
             )
-        except (StoreError, EvseError) as exc:
-            # It stays "running" on disk: the next start ends it as PowerLoss.
-            log.critical("transaction %d end not written: %s", tx.id, exc)
-            return
-        log.info("transaction %d ended (%s) at %.1f Wh", tx.id, reason.value, record.meter_stop_wh)
-        self._notify(partial(self.central.transaction_ended, record))
+            try:
+                with trio.move_on_after(1.0):
+                    await self.central.transaction_ended(record)
+            except Exception:
+                log.exception("central-system port failed")
+        finally:
+            done.set()
 
     def _persist_latched(self) -> None:
         """Written by a task of its own (in order), not on the loop."""

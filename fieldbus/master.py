@@ -433,7 +433,7 @@ class ModbusMaster:
                 self._lock.acquire_nowait(urgent=urgent)
             except trio.WouldBlock:
                 await self._lock.acquire(urgent=urgent)
-            if trio.current_time() >= self._unit_last.get(unit, 0.0) + unit_gap:
+            if trio.current_time() >= self._unit_last.get(unit, -float("inf")) + unit_gap:
                 return
             # Another task reached the same unit first: wait its gap again.
             self._lock.release()
@@ -483,8 +483,14 @@ class ModbusMaster:
         self._last_timeout = reply_timeout
         try:
             # A bare CancelScope rather than fail_after: same semantics, a
-            # measurable part of the per-poll cost cheaper.
-            with trio.CancelScope(deadline=now + reply_timeout):
+            # measurable part of the per-poll cost cheaper. On RTU a request on
+            # the wire is finished, not aborted, when its caller is cancelled
+            # (within its own deadline): an aborted one leaves the line dirty,
+            # and the next request (the switch-off's off-write, say) would first
+            # have to wait out the whole reply timeout (``_settle``).
+            with trio.CancelScope(
+                deadline=now + reply_timeout, shield=not link.has_transaction_ids
+            ):
                 await link.send(frame)
                 reply = await self._read_reply(unit, tid, code)
             if reply is None:

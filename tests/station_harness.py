@@ -1,7 +1,10 @@
-"""A station under test: the supervisor against the in-process simulator.
+"""A station under test over real sockets: the supervisor against the in-process simulator.
 
 Real Modbus (TCP or RTU on a pty), a real SQLite file, real timers on trio's
-clock; timeouts are shortened so each fault shows within a second.
+clock; timeouts are shortened so each fault shows within a second. For the
+wiring tests only (tests/test_station.py): behaviour and timing are tested on
+the virtual clock with ``tests/vclock_rig.py``, which needs no wall-clock
+margins.
 """
 
 from __future__ import annotations
