@@ -57,8 +57,9 @@ async def test_full_session_tc_003_plug_in_first(tmp_path: Path, transport: str)
         rig.sim.set_ev({"plugged": False})
         await rig.status("Available")
         await rig.until(
-            lambda: rig.db_rows("SELECT count(*) FROM transactions WHERE stop_reason IS NULL")
-            == [(0,)],
+            lambda: (
+                rig.db_rows("SELECT count(*) FROM transactions WHERE stop_reason IS NULL") == [(0,)]
+            ),
             what="the end on disk",
         )
         ((reason, start, stop),) = rig.db_rows(

@@ -232,8 +232,9 @@ async def test_full_session_on_every_board(
         await rig.status("Available")
         # The record is written by its own task once the off is acknowledged.
         await rig.until(
-            lambda: rig.db_rows("SELECT count(*) FROM transactions WHERE stop_reason IS NULL")
-            == [(0,)],
+            lambda: (
+                rig.db_rows("SELECT count(*) FROM transactions WHERE stop_reason IS NULL") == [(0,)]
+            ),
             what="the end on disk",
         )
         ((reason, start, end),) = rig.db_rows(
