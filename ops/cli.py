@@ -1,8 +1,11 @@
 """The ``evse`` command line.
 
-Errors an installer can cause (a wrong port, a silent device, a bad option)
-end in one line naming what failed and a non-zero exit, never a traceback.
-Exit codes: 0 ok, 1 the operation failed (device, bus), 2 usage error.
+Errors an installer can cause (a wrong port, a silent device, a bad option,
+a port in use, a second station) end in ONE line on stderr naming what
+failed, and a non-zero exit, never a traceback. Exit codes: 0 ok, 1 the
+operation failed (device, bus, store, no station answering), 2 usage error
+(a bad option or value, an unknown setting); ``evse run`` adds 69, 70, 75 and
+78 (see ops/systemd.py).
 """
 
 from __future__ import annotations
@@ -10,22 +13,41 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from functools import partial
+from typing import NoReturn
 
 import trio
 
 from fieldbus.errors import FieldbusError, PortConfigError
 from ops.probe import KINDS, probe
-from ops.systemd import EXIT_CONFIG, EXIT_OK, EXIT_USAGE
+from ops.systemd import EXIT_CONFIG, EXIT_HARDWARE, EXIT_LOCKED, EXIT_OK, EXIT_USAGE
 from ops.systemd import EXIT_FAILURE as EXIT_FAILED
 
 
 class UsageError(Exception):
     pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 def _unit(text: str) -> int:
@@ -56,12 +78,28 @@ def _station_location(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="evse", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+DESCRIPTION = (
+    "EV charging-station firmware: run the station (evse run), read a device (evse probe), "
+    "simulate the devices (evse sim), see and change a running station (evse status, "
+    "evse config, evse queue), or try it all at once (evse demo)."
+)
 
-    p = sub.add_parser("probe", help="read one device once and print its reading as JSON")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="evse", description=DESCRIPTION)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    # -v after the command works too (evse run --sim -v).
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log debug messages"
+    )
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+
+    p = sub.add_parser(
+        "probe", parents=[common], help="read one device once and print its reading as JSON"
+    )
     p.add_argument("kind", metavar="KIND", help=f"device model: {', '.join(KINDS)}")
     p.add_argument(
         "port",
@@ -69,9 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="tcp://HOST:PORT or rtu:///dev/ttyX?baud=9600&parity=N&stopbits=1",
     )
     p.add_argument("--unit", type=_unit, default=None, help="Modbus unit id 1..247")
-    p.add_argument("--timeout", type=float, default=1.0, help="seconds per request (default 1)")
+    p.add_argument("--timeout", type=_seconds, default=1.0, help="seconds per request (default 1)")
 
-    s = sub.add_parser("sim", help="run the device simulator (Modbus TCP, RTU on a pty, HTTP)")
+    s = sub.add_parser(
+        "sim", parents=[common], help="run the device simulator (Modbus TCP, RTU on a pty, HTTP)"
+    )
     s.add_argument(
         "--device",
         action="append",
@@ -95,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="HTTP control port (default 8020, 0 = any free port)",
     )
 
-    r = sub.add_parser("run", help="run the station (from a config file, or on the simulator)")
+    r = sub.add_parser(
+        "run", parents=[common], help="run the station (from a config file, or on the simulator)"
+    )
     source = r.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", metavar="FILE", help="the station's TOML config file")
     source.add_argument(
@@ -104,13 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--data-dir",
         metavar="DIR",
-        help="with --sim: where the store and control socket go (default: a new "
-        "temporary directory)",
+        help="with --sim: where the store and control socket go, an existing directory "
+        "(default: a new temporary directory)",
     )
     r.add_argument(
         "--sim-transport",
         choices=("tcp", "rtu"),
-        default="tcp",
+        default=None,
         help="with --sim: Modbus TCP or RTU on a pty (default tcp)",
     )
     r.add_argument(
@@ -123,16 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--sim-control-port",
         type=_port_number,
-        default=8020,
-        help="with --sim: the simulator's HTTP control port (default 8020, 0 = any)",
+        default=None,
+        help="with --sim: the simulator's HTTP control port (default 0: any free port; "
+        "the ready line names it)",
     )
 
-    st = sub.add_parser("status", help="show the running station's state")
+    st = sub.add_parser("status", parents=[common], help="show the running station's state")
     st.add_argument("--socket", metavar="PATH", help="the station's control socket")
     st.add_argument("--config", metavar="FILE", help="take the socket path from this config")
     st.add_argument("--json", action="store_true", help="print the full state as JSON")
 
-    cf = sub.add_parser("config", help="read or change a setting (OCPP key or installer setting)")
+    cf = sub.add_parser(
+        "config", parents=[common], help="read or change a setting (OCPP key or installer setting)"
+    )
     cf.add_argument("action", choices=("get", "set", "list"), help="what to do")
     cf.add_argument(
         "key",
@@ -143,11 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("value", nargs="?", help="the new value (set)")
     _station_location(cf)
 
-    q = sub.add_parser("queue", help="transaction messages waiting, and the dead letters")
+    q = sub.add_parser(
+        "queue", parents=[common], help="transaction messages waiting, and the dead letters"
+    )
     _station_location(q)
 
-    d = sub.add_parser("demo", help="simulator + station: a full charging session, then exit")
-    d.add_argument("--seconds", type=float, default=4.0, help="how long to charge (default 4)")
+    d = sub.add_parser(
+        "demo", parents=[common], help="simulator + station: a full charging session, then exit"
+    )
+    d.add_argument("--seconds", type=_seconds, default=4.0, help="how long to charge (default 4)")
     d.add_argument(
         "--transport",
         choices=("tcp", "rtu"),
@@ -204,6 +253,20 @@ async def _run_station(args: argparse.Namespace) -> int:
     from ops.run import run_station  # noqa: PLC0415
 
     if args.config is not None:
+        given = [
+            flag
+            for flag, value in (
+                ("--data-dir", args.data_dir),
+                ("--sim-transport", args.sim_transport),
+                ("--sim-control-port", args.sim_control_port),
+            )
+            if value is not None
+        ]
+        if given:
+            raise UsageError(
+                f"{', '.join(given)}: only with --sim (the config file sets the station's "
+                "data directory and devices)"
+            )
         config = load_config(args.config)
         logging.getLogger().setLevel(
             logging.DEBUG if args.verbose else config.logging.level.upper()
@@ -231,21 +294,24 @@ async def _run_on_sim(args: argparse.Namespace) -> int:
 
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
     # Resolved once at start-up, before anything runs concurrently.
-    data_dir = Path(os.path.abspath(args.data_dir)) if args.data_dir else default_sim_dir()  # noqa: ASYNC240
+    given = Path(os.path.abspath(args.data_dir)) if args.data_dir else None  # noqa: ASYNC240
+    if given is not None:
+        _existing_dir(given)
     sim = Simulator(
         SimConfig(
             devices=[DeviceSpec("evse-din", 1), DeviceSpec("sdm630", 2)],
             tcp_port=0,
-            control_port=args.sim_control_port,
+            # Free ports unless told: next to a running `evse sim` (8020), or another
+            # `evse run --sim`.
+            control_port=args.sim_control_port or 0,
         )
     )
     code = EXIT_OK
     async with trio.open_nursery() as nursery:
-        try:
-            endpoints = await nursery.start(sim.run)
-        except OSError as exc:
-            raise UsageError(f"simulator cannot bind: {exc.strerror or exc}") from None
-        port = endpoints.tcp if args.sim_transport == "tcp" else endpoints.rtu
+        endpoints = await nursery.start(sim.run)
+        # A new directory only once the simulator serves: a port in use leaves none.
+        data_dir = given if given is not None else default_sim_dir()
+        port = endpoints.tcp if (args.sim_transport or "tcp") == "tcp" else endpoints.rtu
         config = sim_config(port, data_dir)
         print(
             json.dumps(
@@ -264,9 +330,15 @@ async def _run_on_sim(args: argparse.Namespace) -> int:
     return code
 
 
-async def _run_status(args: argparse.Namespace) -> int:
-    import os  # noqa: PLC0415
+def _existing_dir(path: os.PathLike[str] | str) -> None:
+    """--data-dir names a directory that exists (a typo must not create a store)."""
+    if not os.path.exists(path):
+        raise UsageError(f"--data-dir {path}: no such directory")
+    if not os.path.isdir(path):
+        raise UsageError(f"--data-dir {path}: not a directory")
 
+
+async def _run_status(args: argparse.Namespace) -> int:
     from ops.control import query  # noqa: PLC0415
 
     if args.socket:
@@ -281,6 +353,8 @@ async def _run_status(args: argparse.Namespace) -> int:
         view = await query(path, "GET", "/status")
     except OSError as exc:
         raise StationUnreachable(f"no station at {path} ({exc.strerror or exc})") from None
+    except trio.TooSlowError:
+        raise StationUnreachable(f"the station at {path} did not answer within 5 s") from None
     if args.json:
         print(json.dumps(view, indent=2))
         return EXIT_OK
@@ -294,13 +368,13 @@ class StationUnreachable(Exception):
 
 def _locate(args: argparse.Namespace) -> tuple[str | None, str | None]:
     """(control socket, data directory) of the station the command is about."""
-    import os  # noqa: PLC0415
-
     if args.config:
         from ops.config import load_config  # noqa: PLC0415
 
         config = load_config(args.config)
         return str(config.control.socket), str(config.station.data_dir)
+    if args.data_dir:
+        _existing_dir(args.data_dir)
     if args.socket or args.data_dir:
         socket = args.socket or os.path.join(args.data_dir, "control.sock")
         return socket, args.data_dir
@@ -308,7 +382,11 @@ def _locate(args: argparse.Namespace) -> tuple[str | None, str | None]:
 
 
 async def _ask_station(socket: str | None, method: str, path: str, body: object = None) -> object:
-    """The running station's answer, or None when no station listens there."""
+    """The running station's answer, or None when no station listens there.
+
+    A station that is there but does not answer is an error, not a reason to
+    write its store behind its back.
+    """
     from ops.control import query  # noqa: PLC0415
 
     if socket is None:
@@ -317,6 +395,8 @@ async def _ask_station(socket: str | None, method: str, path: str, body: object 
         return await query(socket, method, path, body)  # type: ignore[arg-type]
     except OSError:
         return None
+    except trio.TooSlowError:
+        raise StationUnreachable(f"the station at {socket} did not answer within 5 s") from None
 
 
 async def _run_config(args: argparse.Namespace) -> int:
@@ -384,7 +464,9 @@ def _print_config(args: argparse.Namespace, answer: object) -> int:
     if answer["status"] in ("Accepted", "RebootRequired"):
         print(answer["status"])
         return EXIT_OK
-    print(f"evse config: {answer['status']}: {answer['reason']}", file=sys.stderr)
+    print(
+        f"evse config: error: {args.key}: {answer['status']}: {answer['reason']}", file=sys.stderr
+    )
     return EXIT_USAGE
 
 
@@ -480,15 +562,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.shutdown()
             os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])  # noqa: S606
         return code
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:
+    except BaseException as exc:
+        if _interrupted(exc):
+            # Ctrl-C outside a station's run (evse run catches its signals).
+            return 130
+        if not isinstance(exc, Exception):
+            raise
         known = _explain(exc)
         if known is None:
             raise
         code, message = known
         print(f"evse {args.command}: {message}", file=sys.stderr)
         return code
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """A KeyboardInterrupt, possibly inside exception groups (from a nursery)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_interrupted(e) for e in exc.exceptions)
+    return isinstance(exc, KeyboardInterrupt)
 
 
 def _restart_code() -> int:
@@ -501,12 +593,27 @@ def _explain(exc: BaseException) -> tuple[int, str] | None:
     """Exit code and one line for an error an operator can cause; None otherwise."""
     if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         return _explain(exc.exceptions[0])
-    from ocpp16.errors import ConfigRejected  # noqa: PLC0415
+    from evse.errors import HardwareUnavailable, StoreError  # noqa: PLC0415
+    from ocpp16.errors import ConfigRejected, QueueError  # noqa: PLC0415
     from ops.config import ConfigError  # noqa: PLC0415
+    from ops.httpjson import HTTPError  # noqa: PLC0415
+    from ops.lock import LockHeld, LockUnusable  # noqa: PLC0415
+    from ops.sim.app import SimulatorError  # noqa: PLC0415
 
     if isinstance(exc, ConfigError | ConfigRejected):
         return EXIT_CONFIG, f"error: {exc}"
-    if isinstance(exc, StationUnreachable):
+    if isinstance(exc, LockHeld):
+        return EXIT_LOCKED, f"error: {exc}"
+    if isinstance(exc, LockUnusable):
+        # A lock directory that cannot be used ($EVSE_LOCK_DIR, permissions)
+        # does not fix itself: like a refused configuration.
+        return EXIT_CONFIG, f"error: {exc}"
+    if isinstance(exc, HardwareUnavailable):
+        return EXIT_HARDWARE, f"error: {exc}"
+    if isinstance(exc, HTTPError):
+        # The station's control socket refused the request (404: unknown setting).
+        return (EXIT_USAGE if exc.status in (400, 404) else EXIT_FAILED), f"error: {exc.message}"
+    if isinstance(exc, StationUnreachable | SimulatorError | StoreError | QueueError):
         return EXIT_FAILED, f"error: {exc}"
     if isinstance(exc, UsageError | ValueError | PortConfigError):
         return EXIT_USAGE, f"error: {exc}"

@@ -25,11 +25,13 @@ import trio
 
 from evse.station import Station
 from evse.supervisor import Supervisor
-from ops.httpjson import request_json
+from ops.httpjson import HTTPError, request_json
 from ops.run import Central, run_station, sim_config
 from ops.sim.app import DeviceSpec, SimConfig, Simulator
 
 DEMO_TAG = "DEMOTAG1"
+#: The demo stopped by a signal before its session ended (128 + SIGINT).
+EXIT_INTERRUPTED = 130
 CP_ID = "DEMO-CP"
 
 
@@ -69,7 +71,13 @@ class CentralSystemView:
 
     async def follow(self) -> None:
         while True:
-            answer = await self.get(f"/messages?since={self.seen}")
+            try:
+                answer = await self.get(f"/messages?since={self.seen}")
+            except (OSError, HTTPError, trio.TooSlowError):
+                # It ended (a Ctrl-C in the terminal reaches it too): the
+                # station goes on without it, and queues what it cannot send.
+                _say("central system: no longer answering")
+                return
             for m in answer["messages"]:
                 self.seen = max(self.seen, m["seq"])
                 if m["type"] != "CALL":
@@ -164,6 +172,10 @@ async def run_demo(*, seconds: float = 4.0, transport: str = "tcp") -> int:
             if csms.stdout is not None:
                 await csms.stdout.aclose()
     record = outcome.get("record")
+    if code == 0 and "record" not in outcome:
+        # SIGINT/SIGTERM: the station stopped as `evse run` does (off, Reboot).
+        _say("demo stopped before its session ended; the station switched off")
+        return EXIT_INTERRUPTED
     if code != 0 or record is None or record.meter_stop_wh is None:
         _say("demo FAILED: no finished transaction on disk")
         return 1

@@ -1,19 +1,26 @@
 """``evse run``: the station from a config file, or on the built-in simulator.
 
 Maps the validated ``ops.config.Config`` onto the supervisor's ``Plan``,
-adds the ops services (control socket, systemd readiness and watchdog),
-handles SIGTERM/SIGINT (stop the transaction with reason Reboot, switch off,
-exit 0) and turns failures into the documented exit codes.
+refuses a second station on the same data directory or board (ops/lock.py)
+before touching store or bus, adds the ops tasks around the supervisor
+(control socket; systemd READY=1 once board and meter answered, STATUS= that
+follows the station, the watchdog, and the liveness probe that aborts a
+wedged station loop), handles SIGTERM/SIGINT (the first stops the
+transaction with reason Reboot and switches off, exit 0; later ones are
+logged) and turns failures into the documented exit codes (ops/systemd.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
+import os
 import signal
 import tempfile
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,7 +28,7 @@ import trio
 
 from evse.auth import AuthStatus, AuthStep, FreeCharging, LocalTagList
 from evse.connector import StopReason
-from evse.errors import StoreError
+from evse.errors import HardwareUnavailable, StoreError
 from evse.ocpp_port import OcppPort, OnlineAuthorize
 from evse.rfid import RfidConfig as ReaderConfig
 from evse.safety import SafetySettings
@@ -32,8 +39,15 @@ from ocpp16.chargepoint import Identity
 from ocpp16.config import Configuration
 from ocpp16.errors import ConfigRejected
 from ocpp16.queue import TransactionQueue
-from ops import systemd
-from ops.config import Config, config_from_dict
+from ops import lock, systemd
+from ops.config import (
+    BOARD_RETRIES,
+    METER_RETRIES,
+    Config,
+    ConfigError,
+    config_from_dict,
+    registry_maxima,
+)
 from ops.control import control_service
 
 log = logging.getLogger(__name__)
@@ -43,9 +57,15 @@ try:
 except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a checkout
     VERSION = "0+unknown"
 
-#: The systemd watchdog's liveness probe: the station loop must answer a
-#: request within this time, or the pings stop and systemd restarts us.
+#: The liveness probe: the station loop must answer a no-op request within
+#: this time, or the run is aborted (switched off, exit 70) while the systemd
+#: watchdog (WatchdogSec=10) still has time to spare.
 PROBE_TIMEOUT = 5.0
+#: Seconds between two liveness probes.
+PROBE_INTERVAL = 1.0
+#: How often STATUS= is compared with the station's state (at most this many
+#: notifications per second: 1 / STATUS_INTERVAL).
+STATUS_INTERVAL = 0.25
 
 
 def auth_steps(config: Config) -> list[AuthStep]:
@@ -84,7 +104,7 @@ def open_central(config: Config) -> Central:
     """
     path = store_path(config)
     settings_store = Store.open(path)
-    registry = Configuration(settings_store)
+    registry = Configuration(settings_store, maxima=registry_maxima(config))
     seeds = {
         "ConnectionTimeOut": str(config.authorization.connection_timeout),
         "FallbackLimit": f"{config.limits.fallback:g}",
@@ -128,10 +148,18 @@ def plan_from_config(
     # bus past the board's staleness budget (the config checks the budget).
     return Plan(
         board=DeviceSpec(
-            config.board.kind, config.board.port.url, config.board.unit, config.board.timeout, 1
+            config.board.kind,
+            config.board.port.url,
+            config.board.unit,
+            config.board.timeout,
+            BOARD_RETRIES,
         ),
         meter=DeviceSpec(
-            config.meter.kind, config.meter.port.url, config.meter.unit, config.meter.timeout, 0
+            config.meter.kind,
+            config.meter.port.url,
+            config.meter.unit,
+            config.meter.timeout,
+            METER_RETRIES,
         ),
         store_path=config.station.data_dir / "station.sqlite",
         station=StationSettings(
@@ -164,32 +192,135 @@ def plan_from_config(
     )
 
 
-def systemd_service(notifier: systemd.Notifier) -> Service:
-    """READY=1 once serving; WATCHDOG=1 only while the station loop answers."""
+def status_text(view: Mapping[str, Any]) -> str:
+    """The one-line ``STATUS=`` of ``systemctl status``, from ``Station.view()``.
 
-    async def run(supervisor: Supervisor) -> None:
+    ``Charging 16 A, transaction 3``, ``Faulted: rcd_trip``, ``Preparing``...
+    """
+    status = str(view.get("status"))
+    if status == "Faulted":
+        faults = view.get("faults")
+        names = ", ".join(faults) if isinstance(faults, dict) and faults else None
+        text = f"Faulted: {names or view.get('error_code')}"
+    elif status == "Charging":
+        offered = view.get("offered_a")
+        amps = f"{offered:g}" if isinstance(offered, int | float) else "?"
+        text = f"Charging {amps} A"
+    else:
+        text = status
+    tx = view.get("transaction")
+    if isinstance(tx, dict):
+        text += f", transaction {tx.get('id')}"
+    return text
+
+
+def waiting_text(supervisor: Supervisor) -> str:
+    """What the start is waiting for, until board and meter have answered."""
+    station = supervisor.station
+    missing = [
+        name
+        for name, answered in (
+            ("board", station is not None and station.board_status is not None),
+            ("meter", station is not None and station.meter_reading is not None),
+        )
+        if not answered
+    ]
+    return "waiting for " + " and ".join(missing or ["board and meter"])
+
+
+@dataclass
+class RunState:
+    """What the ops tasks around one supervisor know about its run."""
+
+    #: Why the orderly stop began (a signal, a Reset, the demo), once it has.
+    stopping: str | None = None
+    #: Why the run was aborted (the liveness probe failed), if it was.
+    aborted: str | None = None
+    #: When the liveness probe now waiting for the station loop was sent.
+    probe_sent: float | None = None
+    probe_timeout: float = PROBE_TIMEOUT
+
+    def healthy(self) -> bool:
+        """For the systemd watchdog: pings go on until the probe has failed.
+
+        A probe that fails aborts the run (which switches off) at once, while
+        the watchdog still has at least half of WatchdogSec= to run; only a
+        process too stuck to abort, or to end after aborting, is left to
+        systemd's kill.
+        """
+        if self.aborted is not None:
+            return False
+        sent = self.probe_sent
+        return sent is None or trio.current_time() - sent < self.probe_timeout
+
+
+async def serve_systemd(
+    supervisor: Supervisor,
+    notifier: systemd.Notifier,
+    run: RunState,
+    *,
+    on_ready: Callable[[], None] | None = None,
+    probe_interval: float = PROBE_INTERVAL,
+    status_interval: float = STATUS_INTERVAL,
+) -> None:
+    """READY=1 once board and meter answered; STATUS= as the station changes;
+    the watchdog; the liveness probe that aborts a wedged station loop."""
+    async with trio.open_nursery() as nursery:
+        # From the start: the start is bounded by Plan.start_timeout anyway.
+        nursery.start_soon(systemd.watchdog_loop, notifier, run.healthy, name="systemd watchdog")
+        shown = ""
+        while not supervisor.hardware_ready.is_set():
+            text = waiting_text(supervisor)
+            if text != shown and run.stopping is None:
+                await notifier.status(text)
+                shown = text
+            with trio.move_on_after(status_interval):
+                await supervisor.hardware_ready.wait()
+        # The station loop serves requests (the probe needs it), in whichever
+        # order the supervisor sets the two.
         await supervisor.started.wait()
-        await notifier.ready("charging station running")
-        answered = trio.current_time()
+        station = supervisor.station
+        assert station is not None
+        if on_ready is not None:
+            on_ready()
+        shown = status_text(station.view())
+        await notifier.ready(shown)
+        nursery.start_soon(_probe, supervisor, notifier, run, probe_interval, name="liveness probe")
+        while notifier.enabled:
+            await trio.sleep(status_interval)
+            if run.stopping is not None or run.aborted is not None:
+                continue
+            text = status_text(station.view())
+            if text != shown:
+                await notifier.status(text)
+                shown = text
 
-        def healthy() -> bool:
-            return trio.current_time() - answered < 2 * PROBE_TIMEOUT
 
-        async def probe() -> None:
-            nonlocal answered
-            while True:
-                station = supervisor.station
-                if station is not None:
-                    with trio.move_on_after(PROBE_TIMEOUT):
-                        await station.call(_noop)
-                        answered = trio.current_time()
-                await trio.sleep(1.0)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(probe, name="liveness probe")
-            nursery.start_soon(systemd.watchdog_loop, notifier, healthy, name="systemd watchdog")
-
-    return Service("systemd", run)
+async def _probe(
+    supervisor: Supervisor, notifier: systemd.Notifier, run: RunState, interval: float
+) -> None:
+    """Ask the station loop for a no-op every ``interval``; abort if it does not answer."""
+    station = supervisor.station
+    assert station is not None
+    while run.stopping is None:
+        run.probe_sent = trio.current_time()
+        try:
+            with trio.move_on_after(run.probe_timeout) as scope:
+                await station.call(_noop)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # the loop has ended: so is the supervisor
+        finally:
+            run.probe_sent = None
+        if scope.cancelled_caught and run.stopping is None:
+            reason = (
+                f"the station loop did not answer its liveness probe within {run.probe_timeout:g} s"
+            )
+            log.critical("%s: switching off and exiting", reason)
+            run.aborted = reason
+            supervisor.abort(reason)
+            await notifier.status(f"aborting: {reason}")
+            return
+        await trio.sleep(interval)
 
 
 async def _noop() -> None:
@@ -202,79 +333,215 @@ class RunResult:
     supervisor: Supervisor | None = None
 
 
+def check_data_dir(config: Config) -> None:
+    """The data directory and the control socket's directory exist and are ours.
+
+    Checked before anything starts, so a missing directory is one line naming
+    the setting (exit 78) instead of a failure deep in the store.
+    """
+    source = config.source or "<configuration>"
+    data_dir = config.station.data_dir
+    if not data_dir.exists():
+        raise ConfigError(source, "station.data_dir", f"directory {data_dir} does not exist")
+    if not data_dir.is_dir():
+        raise ConfigError(source, "station.data_dir", f"{data_dir} is not a directory")
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        raise ConfigError(source, "station.data_dir", f"directory {data_dir} is not writable")
+    parent = config.control.socket.parent
+    if not parent.is_dir():
+        raise ConfigError(source, "control.socket", f"directory {parent} does not exist")
+
+
+def station_claims(config: Config, directory: Path | None = None) -> list[lock.Claim]:
+    """The locks ``evse run`` holds for its life: data directory, board, serial lines."""
+    return lock.station_claims(
+        config.station.data_dir,
+        config.board.port.url,
+        config.board.unit,
+        config.meter.port.url,
+        lock.lock_dir() if directory is None else directory,
+    )
+
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _signals_ignored_around() -> Iterator[None]:
+    """SIGTERM/SIGINT ignored while ``trio.open_signal_receiver`` is not open.
+
+    The receiver restores the handlers it found and re-raises signals still
+    queued when it closes; with SIG_IGN found, a signal that arrives in the
+    last instants of the run is dropped instead of killing the process (or
+    raising KeyboardInterrupt) after its orderly stop. The process's own
+    handlers come back when the run has ended.
+    """
+    previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
+    for signum in SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 async def run_station(
     config: Config,
     *,
     driver: Callable[[Supervisor, Central], Awaitable[None]] | None = None,
     notifier: systemd.Notifier | None = None,
     settings: Mapping[str, str] | None = None,
+    probe_timeout: float = PROBE_TIMEOUT,
 ) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code.
+
+    Refused before the store or the bus is touched, by exception: a data
+    directory that is missing (``ConfigError``), another station on the same
+    data directory or board (``ops.lock.LockHeld``). ``HardwareUnavailable``
+    (a device silent at start) is raised as itself, after the switch-off,
+    never in a group, and without READY=1.
 
     ``settings`` are installer settings given on the command line (central
     system address, charge point id): validated and stored like ``evse config
     set`` would, before anything starts; a refused one raises ConfigRejected.
     ``driver`` (the demo) runs once the station is up; when it returns, the
     station shuts down as on SIGTERM.
+
+    Signals: the receiver is open from the first line to the last, so the
+    first SIGTERM or SIGINT starts the orderly stop and every later one is
+    logged and never interrupts it (no KeyboardInterrupt in the switch-off).
     """
     notifier = notifier or systemd.Notifier()
-    socket_path = str(config.control.socket)
+    with _signals_ignored_around(), trio.open_signal_receiver(*SIGNALS) as signals:
+        try:
+            await trio.to_thread.run_sync(check_data_dir, config)
+            held = await trio.to_thread.run_sync(lock.acquire, station_claims(config))
+            try:
+                return await _run_locked(
+                    config,
+                    signals=signals,
+                    driver=driver,
+                    notifier=notifier,
+                    settings=settings,
+                    probe_timeout=probe_timeout,
+                )
+            finally:
+                held.release()
+        finally:
+            notifier.close()
+
+
+async def _run_locked(
+    config: Config,
+    *,
+    signals: AsyncIterator[int],
+    driver: Callable[[Supervisor, Central], Awaitable[None]] | None,
+    notifier: systemd.Notifier,
+    settings: Mapping[str, str] | None,
+    probe_timeout: float,
+) -> int:
     central = await trio.to_thread.run_sync(open_central, config)
-    if settings:
-        result = central.registry.change_many(dict(settings), source="command line")
-        if not result.ok:
+    try:
+        if settings:
+            result = central.registry.change_many(dict(settings), source="command line")
+            if not result.ok:
+                raise ConfigRejected(", ".join(settings), result.reason)
+        return await _supervise(
+            config,
+            central,
+            signals=signals,
+            driver=driver,
+            notifier=notifier,
+            probe_timeout=probe_timeout,
+        )
+    finally:
+        with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(central.close)
-            raise ConfigRejected(", ".join(settings), result.reason)
+
+
+async def _supervise(
+    config: Config,
+    central: Central,
+    *,
+    signals: AsyncIterator[int],
+    driver: Callable[[Supervisor, Central], Awaitable[None]] | None,
+    notifier: systemd.Notifier,
+    probe_timeout: float,
+) -> int:
+    socket_path = str(config.control.socket)
     port = central.port
     online = None if config.authorization.mode == "free" else OnlineAuthorize(port)
     plan = plan_from_config(
         config,
-        services=[
-            control_service(socket_path, central.registry, central.queue),
-            systemd_service(notifier),
-        ],
+        services=[control_service(socket_path, central.registry, central.queue)],
         registry=central.registry,
         online=online,
     )
     supervisor = Supervisor(plan, central=port)
+    run = RunState(probe_timeout=probe_timeout)
     restart = RestartRequest()
+
+    async def stop(reason: StopReason, why: str) -> None:
+        run.stopping = why
+        await notifier.stopping("stopping")
+        await supervisor.shutdown(reason)
 
     async def on_reset(hard: bool) -> None:
         # OCPP 1.6 5.15: stop transactions with SoftReset/HardReset, then restart.
         restart.requested = True
-        await supervisor.shutdown(StopReason.HARD_RESET if hard else StopReason.SOFT_RESET)
+        if run.stopping is None:
+            await stop(StopReason.HARD_RESET if hard else StopReason.SOFT_RESET, "OCPP Reset")
 
     port.on_reset = on_reset
+
+    def running() -> None:
+        log.info("station %s running; control socket %s", config.station.id, socket_path)
+
     code = systemd.EXIT_OK
     try:
         async with trio.open_nursery() as nursery:
-            station = await nursery.start(supervisor.run, name="supervisor")
-            port.attach(station)
-            central.registry.subscribe(_live_settings(station, nursery))
-            log.info("station %s running; control socket %s", config.station.id, socket_path)
-            if driver is not None:
-
-                async def drive() -> None:
-                    assert driver is not None
-                    await driver(supervisor, central)
-                    await supervisor.shutdown(StopReason.LOCAL)
-
-                nursery.start_soon(drive, name="driver")
 
             async def on_signals() -> None:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for signum in signals:
-                        log.info("%s: stopping", signal.Signals(signum).name)
-                        await notifier.stopping()
-                        await supervisor.shutdown(StopReason.REBOOT)
-                        return
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if run.stopping is None:
+                        log.info("%s: stopping", name)
+                        run.stopping = name
+                        nursery.start_soon(stop, StopReason.REBOOT, name, name="orderly stop")
+                    else:
+                        log.warning(
+                            "%s: already stopping (%s); the switch-off goes on",
+                            name,
+                            run.stopping,
+                        )
+
+            async def attach() -> None:
+                await supervisor.started.wait()
+                station = supervisor.station
+                assert station is not None
+                port.attach(station)
+                central.registry.subscribe(_live_settings(station, nursery))
+                if driver is not None:
+                    await driver(supervisor, central)
+                    if run.stopping is None:
+                        await stop(StopReason.LOCAL, "driver finished")
 
             nursery.start_soon(on_signals, name="signals")
-            # Until the supervisor ends: a signal, an OCPP Reset, or a failure.
+            nursery.start_soon(supervisor.run, name="supervisor")
+            nursery.start_soon(attach, name="attach")
+            nursery.start_soon(
+                partial(serve_systemd, supervisor, notifier, run, on_ready=running),
+                name="systemd",
+            )
+            # Until the supervisor ends: a signal, an OCPP Reset, an abort, a failure.
             await supervisor.stopped.wait()
             nursery.cancel_scope.cancel()
     except Exception as exc:
         # The supervisor has switched off already (its finally); say why we died.
+        hardware = _find(exc, HardwareUnavailable)
+        if hardware is not None:
+            raise hardware from None
         store = _find(exc, StoreError)
         if store is not None:
             log.critical("store: %s", store)
@@ -282,9 +549,8 @@ async def run_station(
         else:
             log.critical("station failed", exc_info=True)
             code = systemd.EXIT_SOFTWARE
-    finally:
-        notifier.close()
-        await trio.to_thread.run_sync(central.close)
+    if run.aborted is not None and code == systemd.EXIT_OK:
+        code = systemd.EXIT_SOFTWARE
     if restart.requested and code == systemd.EXIT_OK:
         return EXIT_RESTART
     return code

@@ -11,20 +11,32 @@ a no-op, and a failed or stuck send is logged and dropped, never raised.
 
 Exit codes of ``evse run`` (sysexits.h where one fits), so that systemd's
 ``RestartPreventExitStatus=`` and an installer reading ``systemctl status``
-can tell the causes apart:
+can tell the causes apart (the unit restarts on every code but 2 and 78):
 
 =====  ==============  ==========================================================
 code   name            meaning
 =====  ==============  ==========================================================
 0      EXIT_OK         stopped on request (SIGTERM, SIGINT)
-1      EXIT_FAILURE    failed while running (restarted by systemd)
-2      EXIT_USAGE      bad command line
-78     EXIT_CONFIG     EX_CONFIG: the configuration file is refused; not
-                       restarted, a bad file does not fix itself
-69     EXIT_HARDWARE   EX_UNAVAILABLE: a device (board, meter) could not be
-                       reached at start; restarted, it may come up later
-70     EXIT_SOFTWARE   EX_SOFTWARE: an internal error; the contactor was
-                       switched off before exiting; restarted
+1      EXIT_FAILURE    failed while running, e.g. the store; restarted
+2      EXIT_USAGE      bad command line; not restarted
+69     EXIT_HARDWARE   EX_UNAVAILABLE: a device (board, meter) did not answer at
+                       start (nothing on its TCP port, no such serial device, a
+                       silent unit); never READY=1; restarted, it may come up
+70     EXIT_SOFTWARE   EX_SOFTWARE: an internal error, or the station loop failed
+                       its liveness probe; switched off before exiting;
+                       restarted
+75     EXIT_LOCKED     EX_TEMPFAIL: another station holds the data directory or
+                       the board (the line names its pid and the lock file);
+                       refused before touching store or bus. Restarted on
+                       purpose: the holder is usually an installer's ``evse
+                       run`` by hand or a bench, and when it ends the unit
+                       takes its station back within RestartSec= without a
+                       visit; each retry costs one journal line and never
+                       touches the hardware
+78     EXIT_CONFIG     EX_CONFIG: the configuration file is refused (including
+                       a data directory that does not exist, or a lock
+                       directory that cannot be used); not restarted, a bad
+                       file does not fix itself
 =====  ==============  ==========================================================
 """
 
@@ -44,6 +56,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_HARDWARE = 69  # EX_UNAVAILABLE
 EXIT_SOFTWARE = 70  # EX_SOFTWARE
+EXIT_LOCKED = 75  # EX_TEMPFAIL
 EXIT_CONFIG = 78  # EX_CONFIG
 
 #: A notification that cannot be sent within this time is dropped.
@@ -130,9 +143,12 @@ class Notifier:
         """A one-line status shown by ``systemctl status``."""
         return await self.notify(_status_field(text))
 
-    async def stopping(self) -> bool:
+    async def stopping(self, status: str | None = None) -> bool:
         """Shutdown has begun."""
-        return await self.notify("STOPPING=1")
+        fields = ["STOPPING=1"]
+        if status is not None:
+            fields.append(_status_field(status))
+        return await self.notify(*fields)
 
     async def watchdog(self) -> bool:
         """The service is alive (resets the WatchdogSec= timer)."""
@@ -145,21 +161,16 @@ class Notifier:
         data = "\n".join(fields).encode()
         with trio.move_on_after(self.send_timeout) as scope:
             try:
-                if self._sock is None:
-                    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                    try:
-                        # Connected, so a full receive queue makes us wait
-                        # (bounded above) instead of spinning on EAGAIN.
-                        await sock.connect(self.address)
-                    except BaseException:
-                        sock.close()
-                        raise
-                    self._sock = sock
-                await self._sock.send(data)
+                sock = self._sock or await self._connect()
+                await sock.send(data)
             except OSError as exc:
                 # systemd re-executed or the socket vanished: reconnect next time.
                 self._close()
                 self._report(f"{exc.strerror or exc}")
+                return False
+            except trio.ClosedResourceError:
+                # Another task's send failed and closed the socket under ours.
+                self._report("the socket was closed after a failed send")
                 return False
         if scope.cancelled_caught:
             self._report(f"no room on the socket within {self.send_timeout:g} s")
@@ -168,6 +179,24 @@ class Notifier:
             log.info("systemd notifications are delivered again")
             self._failing = False
         return True
+
+    async def _connect(self) -> trio.socket.SocketType:
+        assert self.address is not None
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            # Connected, so a full receive queue makes us wait (bounded by
+            # send_timeout) instead of spinning on EAGAIN.
+            await sock.connect(self.address)
+        except BaseException:
+            sock.close()
+            raise
+        if self._sock is None:
+            self._sock = sock
+            return sock
+        # Another task (the watchdog, a status change) connected meanwhile:
+        # one socket, never a leaked second.
+        sock.close()
+        return self._sock
 
     def _report(self, reason: str) -> None:
         # Warn once per outage: the watchdog pings every few seconds and must

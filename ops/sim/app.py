@@ -33,6 +33,33 @@ from ops.sim.model import FAULTS, Station
 MAX_EVENTS = 100_000
 
 
+class SimulatorError(Exception):
+    """The simulator cannot serve as configured: ``str()`` names what, where and why
+    (a port in use, a host that does not resolve, a link path that cannot be made)."""
+
+
+def _oserror(exc: BaseException) -> OSError | None:
+    """The OSError in ``exc``, which may be an exception group of one."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        return _oserror(exc.exceptions[0])
+    return None
+
+
+@contextlib.contextmanager
+def _serving(what: str, host: str, port: int) -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        error = _oserror(exc)
+        if error is None:
+            raise
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        hint = f" ({error.strerror or error})"
+        raise SimulatorError(f"the simulator's {what} cannot listen on {where}{hint}") from None
+
+
 @dataclass(frozen=True)
 class DeviceSpec:
     kind: str
@@ -273,12 +300,14 @@ class Simulator:
         self.station.board.last_request = self.now()
         async with trio.open_nursery() as nursery:
             if cfg.tcp_port is not None:
-                port = await nursery.start(self.server.serve_tcp, cfg.host, cfg.tcp_port)
+                with _serving("Modbus TCP server", cfg.host, cfg.tcp_port):
+                    port = await nursery.start(self.server.serve_tcp, cfg.host, cfg.tcp_port)
                 self.endpoints.tcp = f"tcp://{cfg.host}:{port}"
             if cfg.control_port is not None:
-                port = await nursery.start(
-                    httpjson.serve, self.router(), cfg.host, cfg.control_port
-                )
+                with _serving("HTTP control interface", cfg.host, cfg.control_port):
+                    port = await nursery.start(
+                        httpjson.serve, self.router(), cfg.host, cfg.control_port
+                    )
                 self.endpoints.control = f"http://{cfg.host}:{port}"
             with contextlib.ExitStack() as stack:
                 if cfg.rtu:
@@ -308,10 +337,13 @@ def _pty(link: str | None) -> Iterator[tuple[int, str]]:
     tty.setraw(master_fd)
     tty.setraw(slave_fd)
     path = os.ttyname(slave_fd)
-    if link:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(link)
-        os.symlink(path, link)
+    try:
+        if link:
+            _make_link(path, link)
+    except BaseException:
+        for fd in (master_fd, slave_fd):
+            os.close(fd)
+        raise
     try:
         # The master fd is handed to a trio FdStream, which closes it.
         yield os.dup(master_fd), (link or path)
@@ -325,4 +357,20 @@ def _pty(link: str | None) -> Iterator[tuple[int, str]]:
                     os.unlink(link)
 
 
-__all__ = ["DeviceSpec", "Endpoints", "SimConfig", "Simulator"]
+def _make_link(target: str, link: str) -> None:
+    """Point ``link`` at the pty; a stale symlink is replaced, anything else is refused
+    (``--rtu-link`` naming an existing file must never delete it)."""
+    if os.path.lexists(link):
+        if not os.path.islink(link):
+            raise SimulatorError(f"--rtu-link {link}: exists and is not a symlink; not replaced")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(link)
+    try:
+        os.symlink(target, link)
+    except OSError as exc:
+        raise SimulatorError(
+            f"--rtu-link {link}: cannot make the link ({exc.strerror or exc})"
+        ) from None
+
+
+__all__ = ["DeviceSpec", "Endpoints", "SimConfig", "Simulator", "SimulatorError"]
