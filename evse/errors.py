@@ -48,3 +48,8 @@ class HardwareUnavailable(EvseError):
     def __init__(self, device: str, message: str) -> None:
         self.device = device
         super().__init__(f"{device}: {message}")
+
+
+class InvariantBroken(EvseError):
+    """A request failed after it had changed the station's state: its effects are
+    half done, so the station stops (and switches off) rather than go on."""

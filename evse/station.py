@@ -77,7 +77,13 @@ from evse.connector import (
     StopRequested,
     TimerExpired,
 )
-from evse.errors import EvseError, HardwareUnavailable, IllegalTransition, StoreError
+from evse.errors import (
+    EvseError,
+    HardwareUnavailable,
+    IllegalTransition,
+    InvariantBroken,
+    StoreError,
+)
 from evse.limits import Limit, LimitInputs, arbitrate, effective_fallback, failsafe_current
 from evse.safety import SafetyMonitor, SafetySettings
 from evse.store import Store, TransactionRecord
@@ -285,21 +291,23 @@ class Station:
         unless it failed after changing state (effects half done) or broke the
         machine's table: then it ends the station, which switches off."""
         handled = self._handled
+        broke: Exception | None = None
         try:
             value = await call.fn()
         except Exception as exc:
             result: outcome.Outcome[Any] = outcome.Error(exc)
-            fatal = isinstance(exc, IllegalTransition | AssertionError) or (
+            if isinstance(exc, IllegalTransition | AssertionError) or (
                 self._handled != handled and not isinstance(exc, EvseError)
-            )
+            ):
+                broke = exc
         else:
-            result, fatal = outcome.Value(value), False
+            result = outcome.Value(value)
         if call.reply is not None:
             with contextlib.suppress(trio.BrokenResourceError, trio.WouldBlock):
                 call.reply.send_nowait(result)
-        if fatal:
-            log.critical("a request broke the station's state; stopping")
-            result.unwrap()
+        if broke is not None:
+            log.critical("a request failed after changing the station's state; stopping")
+            raise InvariantBroken(f"a request failed after changing state: {broke!r}") from broke
 
     async def _startup(self) -> None:
         store = self.store

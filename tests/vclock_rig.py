@@ -63,7 +63,7 @@ import importlib
 import math
 import random
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -577,11 +577,13 @@ async def vclock_rig(
     timing: WireTiming | None = None,
     plan: Callable[[Plan], Plan] | None = None,
     seed: int | None = 0,
+    offload: Callable[..., Awaitable[Any]] | None = None,
 ) -> AsyncIterator[VRig]:
     """The station and the simulator in this trio run; see the module docstring.
 
     ``plugged``: the EV is plugged in (wanting C) before the station starts.
     ``plan`` may adjust the supervisor's plan (timeouts, off deadline).
+    ``offload`` replaces ``inline`` (e.g. a slow disk: sleep, then run).
     ``seed``: trio picks the order of tasks that become ready at the same
     instant at random; seeded, a run is the same every time (None leaves the
     generator alone, e.g. under Hypothesis, which seeds it per example).
@@ -634,7 +636,7 @@ async def vclock_rig(
             return link
 
         supervisor = Supervisor(
-            the_plan, central=central or recorder, links=make_link, offload=inline
+            the_plan, central=central or recorder, links=make_link, offload=offload or inline
         )
         async with trio.open_nursery() as station_nursery:
             station: Station = await station_nursery.start(supervisor.run)

@@ -1,0 +1,164 @@
+"""Issue 7's findings about the station, each on the virtual clock.
+
+* the trip lane does not wait for a busy loop (disk, threads, a slow request);
+* a slow start is not a silent board (the silence clocks start with the pollers);
+* the first write after a start is the off-write, before recovery;
+* requests fail loudly: a failure after a state change ends the station (which
+  switches off), a failure before one goes back to the caller;
+* a failing meter persistence is an error, and a fault after N in a row.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import trio
+import trio.testing
+
+from evse.connector import ErrorCode, Fault, LimitChanged, Status
+from evse.errors import InvariantBroken, StoreError
+from evse.station import StationSettings
+from evse.store import Store
+from tests.vclock_rig import VRig, inline, vclock_rig
+
+T = TypeVar("T")
+
+
+@pytest.mark.parametrize("board", ["evse-din", "heidelberg", "ev-cc"])
+async def test_a_fault_is_switched_off_while_the_loop_is_busy(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, board: str
+) -> None:
+    """The loop is stuck in a slow request (30 s: a wedged disk, a thread): the
+    RCD trip is still switched off within the board's bound."""
+    async with vclock_rig(tmp_path, board=board) as rig:
+        await rig.charge()
+        busy = trio.Event()
+
+        async def slow_request() -> None:
+            busy.set()
+            await trio.sleep(30)
+
+        rig.nursery.start_soon(rig.station.call, slow_request)
+        await busy.wait()
+        await rig.next_read()
+        injected = rig.fault("rcd_trip")
+        off = await rig.next_off(injected["seq"])
+        assert off["t"] - injected["t"] <= rig.off_bound()
+        # No current above 0 is written while the fault waits for the loop.
+        await trio.sleep(5)
+        assert all(w["fields"]["command"] == 0 for w in rig.board_writes(injected["seq"]))
+        assert rig.station.connector.status is Status.CHARGING  # the loop has not seen it yet
+        await trio.sleep(30)
+        await rig.status("Faulted")
+
+
+SLOW_DISK = 1.5
+
+
+async def slow_disk(fn: Callable[..., T], *args: Any) -> T:
+    """A disk on which every blocking call takes SLOW_DISK (virtual) seconds."""
+    await trio.sleep(SLOW_DISK)
+    return await inline(fn, *args)
+
+
+async def test_a_slow_start_is_not_a_silent_board(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Every blocking call at start-up takes 1.5 s (a slow disk): no BOARD_SILENT."""
+    async with vclock_rig(tmp_path, offload=slow_disk) as rig:
+        await trio.sleep(3)
+        assert all(status is not Status.FAULTED for _, status, _ in rig.statuses)
+        assert rig.station.connector.snapshot.faults == {}
+
+
+async def test_the_first_write_after_a_start_is_the_off_write(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """After a crash (a transaction left running on disk), the first bus write is
+    "off", before the recovery's disk work, not after it."""
+    db = tmp_path / "station.sqlite"
+    with Store.open(db) as store:
+        store.begin_transaction(
+            connector_id=1, id_tag="T", meter_start_wh=0.0, started_at=datetime.now(UTC)
+        )
+    async with vclock_rig(tmp_path, db=db, offload=slow_disk) as rig:
+        writes = rig.board_writes()
+        assert writes[0]["fields"] == {"command": 0.0}
+        # Opening the store is the first slow call; the recovery would be the second.
+        assert writes[0]["t"] - rig.started < 2 * SLOW_DISK
+        ((reason,),) = rig.db_rows("SELECT stop_reason FROM transactions")
+        assert reason == "PowerLoss"
+
+
+async def test_a_request_failing_before_a_change_goes_back_to_the_caller(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with vclock_rig(tmp_path) as rig:
+
+        async def bad() -> None:
+            raise ValueError("bad input")
+
+        with pytest.raises(ValueError, match="bad input"):
+            await rig.station.call(bad)
+        await trio.sleep(1)
+        assert rig.station.connector.status is Status.AVAILABLE  # still running
+
+
+async def test_a_request_failing_after_a_change_ends_the_station(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Its effects are half done: the station stops, and switches off on the way out."""
+    rigs: list[VRig] = []
+
+    async def scenario() -> None:
+        async with vclock_rig(tmp_path) as rig:
+            rigs.append(rig)
+            await rig.charge()
+            station = rig.station
+
+            async def half_done() -> None:
+                await station._handle(LimitChanged(10.0))  # a request that changes state
+                raise KeyError("bug after a change")
+
+            with pytest.raises(KeyError):
+                await station.call(half_done)
+            await trio.sleep(10)
+
+    with pytest.raises(BaseExceptionGroup) as failure:
+        await scenario()
+    assert failure.group_contains(InvariantBroken, match="KeyError")
+    (rig,) = rigs
+    assert rig.sim.station.board.command == 0.0
+    assert rig.db_rows("SELECT stop_reason FROM transactions") == [("Other",)]
+
+
+async def test_failed_meter_persistence_is_an_error_then_a_fault(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = replace(StationSettings(), persist_interval=1.0, persist_failures=3)
+    async with vclock_rig(tmp_path, settings=settings) as rig:
+        await rig.charge()
+        store = rig.station.store
+
+        def full_disk(*args: object, **kwargs: object) -> None:
+            raise StoreError("database or disk is full", path=rig.db)
+
+        original = store.record_meter
+        store.record_meter = full_disk  # type: ignore[method-assign]
+        with caplog.at_level(logging.ERROR, logger="evse.station"):
+            await trio.sleep(2.5)
+            assert "not persisted (1 in a row)" in caplog.text
+            assert rig.station.connector.status is Status.CHARGING
+            await rig.status("Faulted", within=10)
+        assert Fault.STORE in rig.station.connector.snapshot.faults
+        assert rig.station.connector.error_code is ErrorCode.INTERNAL_ERROR
+        await rig.until(lambda: rig.sim.station.board.command == 0.0, what="the off-write")
+        # The disk recovers: the fault clears on the next reading persisted (no
+        # transaction runs now, so there is none; the fault stays until then).
+        store.record_meter = original  # type: ignore[method-assign]
