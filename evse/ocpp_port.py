@@ -72,6 +72,8 @@ class OcppPort:
         self._settings_cache: tuple[ConnectionSettings | None] | None = None
         config.subscribe(self._config_changed)
         self.chargepoint.meter_values_sink = self._queue_meter_values
+        #: Messages waiting in the queue, as last counted (``describe``).
+        self.queued_messages = 0
 
     def attach(self, station: Station) -> None:
         self.station = station
@@ -213,14 +215,26 @@ class OcppPort:
             "address": self.config.get_str("CentralSystemAddress"),
             "charge_point_id": self.config.get_str("ChargePointId") or self.identity.serial,
             "security_profile": self.config.get_int("SecurityProfile"),
-            "queued_messages": self.queue.pending_count(),
+            # Counted by a task of its own: this is read from the trio thread (the
+            # status view, STATUS=), which must never wait on the SQLite lock a
+            # worker thread holds through a slow fsync.
+            "queued_messages": self.queued_messages,
         }
 
     async def run(self) -> None:
         self.chargepoint.on_link_change = self.link_changed
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._forward_link_changes, name="limit inputs")
+            nursery.start_soon(self._count_queue, name="queue count")
             await self.chargepoint.run()
+
+    async def _count_queue(self) -> None:
+        while True:
+            try:
+                self.queued_messages = await trio.to_thread.run_sync(self.queue.pending_count)
+            except OcppError as exc:
+                log.warning("queue not counted: %s", exc)
+            await trio.sleep(QUEUE_COUNT_INTERVAL)
 
     async def _forward_link_changes(self) -> None:
         async for _ in self._link_changed_receive:
@@ -356,6 +370,9 @@ class _Journal:
             conn, f"stop:{record.id}"
         )
 
+
+#: How often the status view's count of queued messages is refreshed (s).
+QUEUE_COUNT_INTERVAL = 1.0
 
 #: Configuration keys the connection settings are built from.
 CONNECTION_KEYS = frozenset(

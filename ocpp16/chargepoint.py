@@ -844,12 +844,6 @@ class ChargePoint:
             )
             await self.station.deauthorize(local_id)
 
-    def _running_real_id(self, connector_id: int) -> int | None:
-        local = self.station.running_transaction(connector_id)
-        if local is None:
-            return None
-        return self.queue.real_transaction_id(local)
-
     # -- meter values ----------------------------------------------------------------------
 
     async def _sampler(self) -> None:
