@@ -659,7 +659,10 @@ class ChargePoint:
                     # OCPP 1.6 4.2: the interval the central system gives is the
                     # heartbeat interval, even outside the key's own range; the key
                     # follows where its range allows.
-                    self.config.change("HeartbeatInterval", str(int(interval)), source="boot")
+                    # Written in a worker thread: never an fsync on the trio thread.
+                    await self.config.change_async(
+                        "HeartbeatInterval", str(int(interval)), source="boot"
+                    )
                     self._heartbeat_interval = interval
                 log.info("BootNotification accepted; heartbeat every %.0f s", interval)
                 return

@@ -565,6 +565,17 @@ SECTIONS: tuple[Section, ...] = (
                 hi=300,
                 unit="s",
             ),
+            Setting(
+                "start_timeout",
+                Kind.FLOAT,
+                "How long the board and the meter may take to answer at start. "
+                "Beyond it the station exits 69 (a device unreachable) and systemd "
+                "starts it again; it never runs without both.",
+                default=10.0,
+                lo=1,
+                hi=600,
+                unit="s",
+            ),
         ),
     ),
     Section(
@@ -692,6 +703,7 @@ class SafetyConfig:
     welded_time: float
     off_deadline: float
     persist_interval: float
+    start_timeout: float
 
 
 @dataclass(frozen=True, slots=True)

@@ -188,6 +188,7 @@ def plan_from_config(
         auth_steps=[*auth_steps(config), *([online] if online is not None else [])],
         rfid=rfid,
         off_deadline=s.off_deadline,
+        start_timeout=s.start_timeout,
         services=services,
     )
 

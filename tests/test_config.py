@@ -108,6 +108,7 @@ DEFAULTS: dict[str, Any] = {
     "safety.welded_time": 1.0,
     "safety.off_deadline": 5.0,
     "safety.persist_interval": 5.0,
+    "safety.start_timeout": 10.0,
     "control.socket": Path("/var/lib/evse/control.sock"),
     "logging.level": "info",
 }
@@ -229,6 +230,7 @@ RANGES: list[tuple[str, float, float, str, dict[str, Any]]] = [
         },
     ),
     ("safety.persist_interval", 1, 300, "s", {}),
+    ("safety.start_timeout", 1, 600, "s", {}),
 ]
 
 

@@ -440,11 +440,16 @@ def listener(tmp_path: Path) -> Iterator[Listener]:
     receiver.close()
 
 
-def write_station(tmp_path: Path, board: str, meter: str | None = None) -> Path:
+def write_station(
+    tmp_path: Path, board: str, meter: str | None = None, *, start_timeout: float | None = None
+) -> Path:
     data_dir = tmp_path / "data"
     data_dir.mkdir(exist_ok=True)
     config = tmp_path / "evse.toml"
-    config.write_text(STATION_CONFIG.format(data_dir=data_dir, board=board, meter=meter or board))
+    text = STATION_CONFIG.format(data_dir=data_dir, board=board, meter=meter or board)
+    if start_timeout is not None:
+        text += f"\n[safety]\nstart_timeout = {start_timeout}\n"
+    config.write_text(text)
     return config
 
 
@@ -527,7 +532,7 @@ def test_a_device_unreachable_at_start_exits_69_without_ready(
     else:
         board, meter, named = ready["tcp"], f"rtu://{tmp_path}/ttyUSB9", "meter"
     unreachable = board if named == "board" else meter
-    proc = start_station(write_station(tmp_path, board, meter), listener.path)
+    proc = start_station(write_station(tmp_path, board, meter, start_timeout=2), listener.path)
     try:
         _, err = proc.communicate(timeout=60)
     finally:
