@@ -234,6 +234,9 @@ class Station:
         self._off_clean = True
         self._off_acknowledged = 0
         self._off_written = trio.lowlevel.ParkingLot()
+        #: A stop_by_disable board was disabled by an off (enabled again before
+        #: the next current above 0 takes effect).
+        self._disabled_for_off = False
         #: Events handled so far: a request that fails after changing state breaks
         #: an invariant (its effects are half done) and ends the station.
         self._handled = 0
@@ -337,7 +340,11 @@ class Station:
                 self.settings.failsafe_watchdog,
                 self._failsafe_current(self.fallback),
             )
-        if board.capabilities.enable_switch:
+        if board.capabilities.stop_by_disable:
+            # Off on this board means disabled too: enabled with the first current.
+            await self._quietly("disable board", board.set_enabled, False)
+            self._disabled_for_off = True
+        elif board.capabilities.enable_switch:
             await self._quietly("enable board", board.set_enabled, True)
         await self._quietly("initialize board", board.initialize)
         latched = await self._offload(store.get_setting, LATCHED_KEY.format(cid))
@@ -474,6 +481,11 @@ class Station:
             self._off_clean = False
             try:
                 await self.board.set_current(amps, wanted=self._still_wanted(amps))
+                if self._disabled_for_off:
+                    # The current first, then the enable (never enabled at a
+                    # stale current); dropped too if an off overtook it.
+                    await self.board.set_enabled(True, wanted=self._still_wanted(amps))
+                    self._disabled_for_off = False
             except Superseded:
                 log.info("%.1f A not commanded: an off-write overtook it", amps)
             except (FieldbusError, ValueError) as exc:
@@ -535,6 +547,10 @@ class Station:
             scope.deadline = trio.current_time() + self.settings.off_deadline
             try:
                 await self.board.set_current(0)
+                if self.board.capabilities.stop_by_disable:
+                    # Current 0 is not a confirmed stop on this board: disable it too.
+                    self._disabled_for_off = True
+                    await self.board.set_enabled(False)
             except (FieldbusError, ValueError) as exc:
                 self._log_rarely("off", f"off-write failed: {exc}; retrying until it goes through")
             else:

@@ -76,6 +76,8 @@ class BoardCapabilities:
     cable_limit: bool
     offered_current: bool
     enable_switch: bool
+    #: An off must also disable the board (see BoardModel.stop_by_disable).
+    stop_by_disable: bool
     #: Smallest step of the current command, in A.
     current_step: float
     #: IEC 61851-1: 6 A is the lowest PWM duty a vehicle must accept.
@@ -121,6 +123,9 @@ class BoardModel:
     write_multiple: bool = False
     #: Pause the bus this long between requests (slow device firmware).
     request_gap: float = 0.0
+    #: Current 0 is not a confirmed stop on this model: every off also disables
+    #: it (enable switch off), and a current above 0 enables it again first.
+    stop_by_disable: bool = False
     default_unit: int = 1
     notes: str = ""
 
@@ -134,6 +139,7 @@ class BoardModel:
             cable_limit=self.cable_limit is not None,
             offered_current=self.offered is not None,
             enable_switch=self.enable is not None,
+            stop_by_disable=self.stop_by_disable and self.enable is not None,
             current_step=self.current_step,
             min_current=self.min_current,
             max_current=self.max_current,
@@ -279,21 +285,33 @@ class Board:
         )
         return value
 
-    async def set_enabled(self, enabled: bool) -> None:
+    async def set_enabled(self, enabled: bool, *, wanted: Wanted = None) -> None:
+        """Enable or disable charging. Disabling is urgent on the bus (part of an
+        off); ``wanted`` as for ``set_current``."""
         bit = self.model.enable
         if bit is None:
             raise Unsupported(f"{self.model.title} has no enable switch")
         level = enabled if bit.active_high else not enabled
         f = bit.field
         if f.table is Table.COIL:
-            await self.master.write_coil(self.unit, f.address, level)
+            await self.master.write_coil(
+                self.unit, f.address, level, urgent=not enabled, wanted=wanted
+            )
             return
         # A bit inside a holding register: read-modify-write, keep the other bits.
         current = int(
             f.decode(await self.master.read_holding_registers(self.unit, f.address, f.width)) or 0
         )
         new = current | (1 << bit.bit) if level else current & ~(1 << bit.bit)
-        await write_field(self.master, self.unit, f, new, multiple=self.model.write_multiple)
+        await write_field(
+            self.master,
+            self.unit,
+            f,
+            new,
+            multiple=self.model.write_multiple,
+            urgent=not enabled,
+            wanted=wanted,
+        )
 
     async def arm_failsafe(self, watchdog: float, current: float) -> None:
         """Arm the board's watchdog: no request for ``watchdog`` s -> apply ``current`` A.
@@ -480,8 +498,10 @@ EV_CC = BoardModel(
     # firmware (evcc detects Wallbe by a readback >= 60; the HA integration
     # writes value x 10). This table is the OEM (1 A) variant. UNCONFIRMED that
     # 0 stops charging: evcc and the HA integration never write below 6 A and
-    # stop with coil 400 off, which the station's switch-off also does.
+    # stop with coil 400 off: so every off here also writes coil 400 off
+    # (stop_by_disable), the trip lane's included, not only the switch-off.
     current_command=Field(Table.HOLDING, 528),
+    stop_by_disable=True,
     max_current=32.0,
     cable_limit=Field(Table.INPUT, 101),  # IR 101 proximity (PP) current, A
     # Coil 400 charging enable, FC05 (evcc: needs DIP switch 10 ON). Reading

@@ -52,7 +52,9 @@ async def test_a_fault_is_switched_off_while_the_loop_is_busy(
         assert off["t"] - injected["t"] <= rig.off_bound()
         # No current above 0 is written while the fault waits for the loop.
         await trio.sleep(5)
-        assert all(w["fields"]["command"] == 0 for w in rig.board_writes(injected["seq"]))
+        after = rig.board_writes(injected["seq"])
+        assert all(w["fields"].get("command", 0) == 0 for w in after)
+        assert all(w["fields"].get("enable", 0) == 0 for w in after)
         assert rig.station.connector.status is Status.CHARGING  # the loop has not seen it yet
         await trio.sleep(30)
         await rig.status("Faulted")
@@ -162,3 +164,24 @@ async def test_failed_meter_persistence_is_an_error_then_a_fault(
         # The disk recovers: the fault clears on the next reading persisted (no
         # transaction runs now, so there is none; the fault stays until then).
         store.record_meter = original  # type: ignore[method-assign]
+
+
+async def test_an_off_disables_a_board_whose_current_0_is_no_confirmed_stop(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """EV-CC: nobody confirms that 0 A on HR 528 stops charging (evcc stops with
+    coil 400 off), so every off there also disables the board, and the next
+    current is enabled again only after it is written."""
+    async with vclock_rig(tmp_path, board="ev-cc") as rig:
+        assert rig.sim.station.board.enabled is False  # off at start means disabled
+        await rig.charge()
+        writes = rig.board_writes()
+        command = next(i for i, w in enumerate(writes) if w["fields"].get("command", 0) > 0)
+        enable = next(i for i, w in enumerate(writes) if w["fields"].get("enable") == 1)
+        assert command < enable
+        await rig.next_read()
+        injected = rig.fault("rcd_trip")
+        off = await rig.next_off(injected["seq"])
+        await rig.until(lambda: rig.sim.station.board.enabled is False, what="disabled")
+        (disable,) = [w for w in rig.board_writes(off["seq"] - 1) if "enable" in w["fields"]]
+        assert disable["t"] - injected["t"] <= rig.off_bound() + rig.one_request()
