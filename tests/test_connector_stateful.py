@@ -55,7 +55,6 @@ from hypothesis.stateful import (
 
 from evse.connector import (
     CONNECTION_TIMER,
-    MIN_CURRENT,
     RESERVATION_TIMER,
     TRANSITIONS,
     Authorized,
@@ -86,7 +85,7 @@ from evse.connector import (
     StopRequested,
     TimerExpired,
 )
-from evse.limits import CentralSystem, Limit, LimitInputs, arbitrate
+from evse.limits import MIN_CURRENT, CentralSystem, Limit, LimitInputs, arbitrate
 from evse.safety import SafetyMonitor, SafetySettings
 from evse.station import BOARD_FAULTS
 from fieldbus.boards import BoardFault
