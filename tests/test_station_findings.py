@@ -185,3 +185,29 @@ async def test_an_off_disables_a_board_whose_current_0_is_no_confirmed_stop(
         await rig.until(lambda: rig.sim.station.board.enabled is False, what="disabled")
         (disable,) = [w for w in rig.board_writes(off["seq"] - 1) if "enable" in w["fields"]]
         assert disable["t"] - injected["t"] <= rig.off_bound() + rig.one_request()
+
+
+async def test_every_switch_off_step_runs_even_when_one_fails(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The board goes silent, then the station is cancelled mid-transaction: the
+    off-write and the disable run out of time (logged critically, by name), and
+    the transaction record is still ended, within the deadlines."""
+    rigs: list[VRig] = []
+    with caplog.at_level(logging.INFO, logger="evse.supervisor"):
+        async with vclock_rig(tmp_path, board="evse-din") as rig:
+            rigs.append(rig)
+            await rig.charge()
+            rig.fault("board_silent")
+            started = trio.current_time()
+            rig.nursery.cancel_scope.cancel()
+            await trio.lowlevel.checkpoint()
+        took = trio.current_time() - started
+    (rig,) = rigs
+    text = caplog.text
+    assert "switch-off: allowed current 0 A did not go through" in text
+    assert "switch-off: board disabled did not go through" in text
+    assert "switch-off: transaction record ended" in text
+    assert rig.db_rows("SELECT stop_reason FROM transactions") == [("Other",)]
+    # The bus steps share off_deadline (each at least 1 s); the record has its own.
+    assert took <= rig.supervisor.plan.off_deadline + 1.0 + 3.0 + 1.0
