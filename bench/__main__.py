@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from bench import boot_time, fault_latency, footprint, modbus_poll, ocpp_calls, offline_replay
+from bench import (
+    boot_time,
+    fault_latency,
+    footprint,
+    kill_soak,
+    modbus_poll,
+    ocpp_calls,
+    offline_replay,
+)
 from bench.results import RESULTS, Recorder
 
 
@@ -19,6 +27,7 @@ def main() -> None:
     ocpp_calls.run(rec, quick=args.quick)
     offline_replay.run(rec, quick=args.quick)
     boot_time.run(rec, quick=args.quick)
+    kill_soak.run(rec, quick=args.quick)
 
 
 if __name__ == "__main__":
