@@ -981,7 +981,18 @@ class Station:
                 if tripped:
                     self._trips -= 1
 
-        result: bool = await self.call(apply)
+        send, receive = trio.open_memory_channel[outcome.Outcome[Any]](1)
+        queued = False
+        try:
+            await self._send.send(_Call(apply, send))
+            queued = True
+        finally:
+            if tripped and not queued:
+                # Never queued (cancelled): the loop will not release the trip.
+                self._trips -= 1
+        async with receive:
+            answer = await receive.receive()
+        result: bool = answer.unwrap()
         return result
 
     async def set_availability(self, operative: bool) -> str:
