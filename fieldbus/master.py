@@ -366,6 +366,7 @@ class ModbusMaster:
         wanted: Wanted = None,
     ) -> ModbusPDU:
         await self._take(unit, code, urgent)
+        held = True
         try:
             attempt = 0
             while True:
@@ -386,10 +387,14 @@ class ModbusMaster:
                     self.stats.retries += 1
                     if not urgent and self._lock.urgent_waiting:
                         # A silent device's retries must not hold an off-write back.
+                        held = False
                         self._lock.release()
                         await self._take(unit, code, urgent)
+                        held = True
         finally:
-            self._lock.release()
+            # Not held when cancelled while waiting to take the bus back.
+            if held:
+                self._lock.release()
 
     async def _take(self, unit: int, code: int, urgent: bool) -> None:
         unit_gap = self._unit_gap.get(unit)

@@ -15,7 +15,7 @@ import pytest
 import trio
 from pymodbus.pdu import ModbusPDU
 
-from fieldbus.errors import Disconnected, Superseded
+from fieldbus.errors import Disconnected, ModbusTimeout, Superseded
 from fieldbus.master import BusLock, ModbusMaster
 from fieldbus.registers import Table
 from fieldbus.server import ModbusServer, SparseStore
@@ -213,3 +213,29 @@ async def test_a_write_no_longer_wanted_is_dropped_before_the_wire() -> None:
         with pytest.raises(Superseded):
             await bus.write_register(1, 0, 16, wanted=lambda: False)
         assert seen == [(1, 6)]
+
+
+async def test_a_retry_cancelled_while_it_waits_to_take_the_bus_back() -> None:
+    """Found by the stateful station test: a silent unit's retry that stepped aside
+    for an off-write, then was cancelled while waiting to take the bus back, must
+    not release a bus it no longer holds (RuntimeError), and the bus stays usable."""
+    async with (
+        server({2}) as (url, seen),
+        ModbusMaster.for_port(url, timeout=0.3, retries=3) as bus,
+    ):
+        async with trio.open_nursery() as nursery:
+
+            async def hold() -> None:
+                with trio.move_on_after(0.45):
+                    await bus.read_holding_registers(2, 0, 1)
+
+            async def off() -> None:
+                # Slow to finish (unit 2 is silent): it holds the bus while the
+                # read's retry waits to take it back.
+                with pytest.raises(ModbusTimeout):
+                    await bus.write_register(2, 0, 0, urgent=True)
+
+            nursery.start_soon(hold)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(off)
+        assert await bus.read_holding_registers(1, 0, 1) == [0]
