@@ -220,7 +220,7 @@ async def test_a_retry_cancelled_while_it_waits_to_take_the_bus_back() -> None:
     for an off-write, then was cancelled while waiting to take the bus back, must
     not release a bus it no longer holds (RuntimeError), and the bus stays usable."""
     async with (
-        server({2}) as (url, seen),
+        server({2}) as (url, _seen),
         ModbusMaster.for_port(url, timeout=0.3, retries=3) as bus,
     ):
         async with trio.open_nursery() as nursery:
