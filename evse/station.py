@@ -787,7 +787,8 @@ class Station:
                 self.board_status = status
                 self.monitor.board_reading(status.read_at, contactor_closed=status.contactor_closed)
                 self._safety_changed()
-                if status.pilot is not pilot:
+                pilot_changed = status.pilot is not pilot
+                if pilot_changed:
                     pilot = status.pilot
                     if pilot in (PilotState.E, PilotState.F):
                         # IEC 61851-1 A.3: E/F are faults; off before the loop hears.
@@ -801,10 +802,11 @@ class Station:
                 for fault in sorted(faults - now_faults):
                     await self._send.send(FaultCleared(fault))
                 faults = now_faults
-                if status.cable_limit_a != cable:
+                if status.cable_limit_a != cable or pilot_changed:
                     cable = status.cable_limit_a
-                    # Posted, not awaited: the loop may be writing to disk
-                    # (BeginTransaction), and the poller must keep polling.
+                    # The cable limit counts only while plugged (limit_inputs), so
+                    # a pilot change recomputes too. Posted, not awaited: the loop
+                    # may be writing to disk, and the poller must keep polling.
                     await self._send.send(_RECOMPUTE)
             next_at = max(next_at + period, trio.current_time())
             await trio.sleep_until(next_at)
