@@ -1,64 +1,125 @@
-"""Memory and CPU of ``evse run --sim`` while an EV charges.
+"""Memory and CPU of the station alone while an EV charges.
 
-``python -m ops.cli run --sim`` is started as a process of its own; the EV is
-plugged in through the simulator's HTTP control interface and authorized
-through the station's control socket, as an installer would. Once the
-connector reports Charging, the process's VmRSS (``/proc/PID/status``) is
-sampled every half second and its CPU time (``utime + stime`` from
-``/proc/PID/stat``) taken at both ends of the window. The simulator runs
-inside the same process (``evse run --sim`` starts it), so both figures
-include it. SIGTERM at the end must stop the station with exit code 0.
+Two processes, as on a real installation where the devices are hardware:
+
+* the simulator, ``python -m ops.cli sim --tcp-port 0 --control-port 0
+  --no-rtu`` (its ready JSON line on stdout names its Modbus TCP port and
+  HTTP control address);
+* the station, ``python -m ops.cli run --config FILE``: an EVSE DIN board and
+  an SDM630 meter on the simulator's Modbus TCP port, every setting at its
+  default (board polled every 0.1 s, meter every 1 s, 0.5 s timeouts, meter
+  readings persisted every 5 s), free charging (plugging in authorizes), no
+  central system.
+
+The EV is plugged in through the simulator's control interface; once the
+station's control socket reports Charging, and after a settling time, the
+station's VmRSS (``/proc/PID/status``) is sampled every half second over the
+window and its CPU time (``utime + stime`` of all its threads, from
+``/proc/PID/stat``) taken at both ends. VmHWM (the peak RSS since start) and
+the anonymous / file-backed split (``/proc/PID/smaps_rollup``) go in the
+note, and so does the simulator's own CPU over the same window. SIGTERM at
+the end must stop the station with exit code 0.
+
+Targets (issue 7): RSS <= 35 MB, CPU <= 1 % of one core.
+
+``python -m bench.footprint [--quick] [--window S]`` runs this alone (results
+go to ``$BENCH_RESULTS``, which it overwrites).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import trio
 
-from bench.results import Recorder, Result
+from bench.results import RESULTS, Recorder, Result
 from ops.control import query
 from ops.httpjson import request_json
-from ops.run import sim_config
 
 ROOT = Path(__file__).resolve().parent.parent
-TAG = "DEMOTAG1"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+RSS_TARGET_MB = 35.0
+CPU_TARGET_PERCENT = 1.0
+BOARD, METER = "evse-din", "sdm630"
+#: Charging for this long before the window opens (start-up work, first persist).
+SETTLE = 5.0
 
 
-def rss_kib(pid: int) -> int:
+def rss_kib(pid: int, key: str = "VmRSS") -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for process {pid}")
+    raise RuntimeError(f"no {key} for process {pid}")
 
 
-def cpu_seconds(pid: int) -> float:
+def smaps_kib(pid: int) -> dict[str, int]:
+    """Rss, Anonymous, ... of /proc/PID/smaps_rollup, in KiB."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == "kB":
+                out[parts[0].rstrip(":")] = int(parts[1])
+    return out
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) of every thread of ``pid``, in seconds."""
     with open(f"/proc/{pid}/stat") as f:
         stat = f.read()
     # The command name (field 2) may hold spaces; count fields after its ")".
     fields = stat[stat.rindex(")") + 2 :].split()
-    utime, stime = int(fields[11]), int(fields[12])
-    return (utime + stime) / CLOCK_TICKS
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
 
 
-async def _first_line(stream: trio.abc.ReceiveStream, within: float) -> str:
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_times(pid))
+
+
+def threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def station_toml(port: str, data_dir: Path) -> str:
+    """The station's config: the devices on the simulator, everything else default."""
+    return (
+        "[station]\n"
+        'serial = "FOOTPRINT-0001"\n'
+        f'data_dir = "{data_dir}"\n'
+        "[board]\n"
+        f'kind = "{BOARD}"\n'
+        f'port = "{port}"\n'
+        "unit = 1\n"
+        "[meter]\n"
+        f'kind = "{METER}"\n'
+        f'port = "{port}"\n'
+        "unit = 2\n"
+        "[authorization]\n"
+        'mode = "free"\n'
+    )
+
+
+async def _first_line(stream: trio.abc.ReceiveStream, within: float, what: str) -> str:
     data = b""
     with trio.fail_after(within):
         while b"\n" not in data:
             chunk = await stream.receive_some(4096)
             if not chunk:
-                raise RuntimeError("evse run --sim ended before it was ready")
+                raise RuntimeError(f"{what} ended before it was ready")
             data += chunk
     return data.split(b"\n", 1)[0].decode()
 
@@ -74,114 +135,297 @@ async def _until_charging(socket: str, within: float) -> dict[str, Any]:
     raise RuntimeError(f"not Charging within {within:g} s: {view.get('status')}")
 
 
-async def measure(window: float, data_dir: Path, stderr_path: Path) -> tuple[float, float, str]:
-    """(max RSS MiB, CPU % of one core, note) of ``evse run --sim`` charging for ``window`` s."""
-    argv = [
-        sys.executable,
-        "-m",
-        "ops.cli",
-        "run",
-        "--sim",
-        "--data-dir",
-        str(data_dir),
-        "--sim-control-port",
-        "0",
-    ]
-    with stderr_path.open("wb") as stderr:
-        proc = await trio.lowlevel.open_process(
-            argv, stdout=subprocess.PIPE, stderr=stderr, cwd=ROOT
+@dataclass
+class Footprint:
+    rss_max_mb: float
+    rss_mean_mb: float
+    hwm_mb: float
+    anon_mb: float
+    file_mb: float
+    cpu_percent: float
+    #: The user-mode part of cpu_percent (the rest is the kernel's, on our behalf).
+    user_percent: float
+    sim_cpu_percent: float
+    threads: int
+    window: float
+    power_w: Any
+
+
+async def _stop(proc: trio.Process, what: str, *, check: bool) -> None:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+        with trio.move_on_after(15.0):
+            await proc.wait()
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+        if check:
+            raise RuntimeError(f"{what} did not stop within 15 s of SIGTERM")
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{what} exited {proc.returncode} after SIGTERM")
+
+
+def sim_argv(transport: str) -> list[str]:
+    argv = [sys.executable, "-m", "ops.cli", "sim", "--control-port", "0"]
+    return [*argv, "--tcp-port", "0", "--no-rtu"] if transport == "tcp" else argv
+
+
+async def measure(
+    window: float, tmp: Path, argv_prefix: list[str] | None = None, transport: str = "tcp"
+) -> Footprint:
+    """The station's footprint over ``window`` seconds of charging."""
+    with (tmp / "sim.log").open("wb") as sim_log:
+        sim = await trio.lowlevel.open_process(
+            sim_argv(transport), stdout=subprocess.PIPE, stderr=sim_log, cwd=ROOT
         )
+    station: trio.Process | None = None
     try:
-        assert proc.stdout is not None
-        ready = json.loads(await _first_line(proc.stdout, 30.0))["ready"]
-        control = urlsplit(ready["simulator"]["control"])
-        socket = ready["control_socket"]
+        assert sim.stdout is not None
+        ready = json.loads(await _first_line(sim.stdout, 30.0, "the simulator"))["ready"]
+        control = urlsplit(ready["control"])
         assert control.hostname is not None and control.port is not None
-        # The control socket is served once the station has started.
-        with trio.fail_after(10.0):
+        data_dir = tmp / "data"
+        data_dir.mkdir()
+        config = tmp / "station.toml"
+        config.write_text(station_toml(ready[transport], data_dir))
+        argv = [*(argv_prefix or [sys.executable]), "-m", "ops.cli", "run", "--config", str(config)]
+        with (tmp / "station.log").open("wb") as station_log:
+            station = await trio.lowlevel.open_process(
+                argv, stdout=station_log, stderr=station_log, cwd=ROOT
+            )
+        socket = str(data_dir / "control.sock")
+        with trio.fail_after(30.0):
             while True:
+                if station.returncode is not None:
+                    raise RuntimeError(f"the station exited {station.returncode}")
                 try:
                     await query(socket, "GET", "/status")
                     break
                 except OSError:
                     await trio.sleep(0.05)
         await request_json(control.hostname, control.port, "POST", "/plug", {})
-        answer = await query(socket, "POST", "/authorize", {"id_tag": TAG})
-        if answer.get("status") != "Accepted":
-            raise RuntimeError(f"authorization of {TAG}: {answer}")
         await _until_charging(socket, 10.0)
+        await trio.sleep(SETTLE)
 
-        pid = proc.pid
-        rss_max = rss_kib(pid)
-        wall0, cpu0 = time.monotonic(), cpu_seconds(pid)
+        pid = station.pid
+        rss = [rss_kib(pid)]
+        wall0, cpu0, sim0 = time.monotonic(), cpu_times(pid), cpu_seconds(sim.pid)
         end = trio.current_time() + window
         while trio.current_time() < end:
             await trio.sleep(min(0.5, max(0.0, end - trio.current_time())))
-            rss_max = max(rss_max, rss_kib(pid))
-        cpu1, wall1 = cpu_seconds(pid), time.monotonic()
+            rss.append(rss_kib(pid))
+        cpu1, sim1, wall1 = cpu_times(pid), cpu_seconds(sim.pid), time.monotonic()
+        smaps = smaps_kib(pid)
+        hwm = rss_kib(pid, "VmHWM")
+        count = threads(pid)
         view = await query(socket, "GET", "/status")
         if view.get("status") != "Charging":
             raise RuntimeError(f"stopped charging during the window: {view.get('status')}")
-
-        proc.send_signal(signal.SIGTERM)
-        with trio.fail_after(15.0):
-            code = await proc.wait()
-        if code != 0:
-            raise RuntimeError(f"evse run --sim exited {code} after SIGTERM")
+        await _stop(station, "the station", check=argv_prefix is None)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        if proc.stdout is not None:
-            await proc.stdout.aclose()
-    cpu_pct = (cpu1 - cpu0) / (wall1 - wall0) * 100.0
-    power = view.get("power_w")
-    note = f"{window:g} s window while Charging ({power} W), SIGTERM -> exit 0"
-    return rss_max / 1024.0, cpu_pct, note
+        if station is not None:
+            await _stop(station, "the station", check=False)
+        await _stop(sim, "the simulator", check=False)
+        if sim.stdout is not None:
+            await sim.stdout.aclose()
+    elapsed = wall1 - wall0
+    anon = smaps.get("Anonymous", 0)
+    return Footprint(
+        rss_max_mb=max(rss) / 1024.0,
+        rss_mean_mb=sum(rss) / len(rss) / 1024.0,
+        hwm_mb=hwm / 1024.0,
+        anon_mb=anon / 1024.0,
+        file_mb=(smaps.get("Rss", 0) - anon) / 1024.0,
+        cpu_percent=(sum(cpu1) - sum(cpu0)) / elapsed * 100.0,
+        user_percent=(cpu1[0] - cpu0[0]) / elapsed * 100.0,
+        sim_cpu_percent=(sim1 - sim0) / elapsed * 100.0,
+        threads=count,
+        window=elapsed,
+        power_w=view.get("power_w"),
+    )
 
 
-def run(rec: Recorder, *, quick: bool = False) -> None:
-    window = 10.0 if quick else 30.0
-    with tempfile.TemporaryDirectory(prefix="evse-footprint-") as tmp:
-        data_dir = Path(tmp) / "data"
+async def profile(window: float, tmp: Path, top: int) -> str:
+    """cProfile of the station over ``window`` s of charging, in this process.
+
+    The same setup as ``measure`` (the simulator in its own process, the same
+    config) but the station runs here, through ``ops.run.run_station`` with a
+    driver that plugs in, waits for Charging and the settling time, and
+    profiles only the window; then the station stops as on SIGTERM.
+    """
+    import cProfile  # noqa: PLC0415
+    import io  # noqa: PLC0415
+    import pstats  # noqa: PLC0415
+
+    from ops.config import load_config  # noqa: PLC0415
+    from ops.run import run_station  # noqa: PLC0415
+
+    with (tmp / "sim.log").open("wb") as sim_log:
+        sim = await trio.lowlevel.open_process(
+            sim_argv("tcp"), stdout=subprocess.PIPE, stderr=sim_log, cwd=ROOT
+        )
+    profiler = cProfile.Profile()
+    try:
+        assert sim.stdout is not None
+        ready = json.loads(await _first_line(sim.stdout, 30.0, "the simulator"))["ready"]
+        control = urlsplit(ready["control"])
+        assert control.hostname is not None and control.port is not None
+        data_dir = tmp / "data"
         data_dir.mkdir()
-        stderr_path = Path(tmp) / "stderr.log"
+        path = tmp / "station.toml"
+        path.write_text(station_toml(ready["tcp"], data_dir))
+        socket = str(data_dir / "control.sock")
+
+        async def driver(*_: object) -> None:
+            assert control.hostname is not None and control.port is not None
+            await request_json(control.hostname, control.port, "POST", "/plug", {})
+            await _until_charging(socket, 10.0)
+            await trio.sleep(SETTLE)
+            profiler.enable()
+            await trio.sleep(window)
+            profiler.disable()
+
+        await run_station(load_config(path), driver=driver)
+    finally:
+        await _stop(sim, "the simulator", check=False)
+        if sim.stdout is not None:
+            await sim.stdout.aclose()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    return out.getvalue()
+
+
+#: Where the resident memory goes: what importing each group adds to a fresh
+#: interpreter's VmRSS, in the order the station imports them.
+IMPORT_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("ssl (trio imports it)", ("ssl",)),
+    ("trio", ("trio",)),
+    ("pymodbus", ("pymodbus",)),
+    ("station core (evse, fieldbus, sqlite3)", ("evse.supervisor",)),
+    (
+        "OCPP stack, loaded with no central system configured (jsonschema, ocpp.v16, "
+        "ocpp16, evse.ocpp_port)",
+        ("jsonschema", "ocpp16.schemas", "ocpp16.chargepoint", "evse.ocpp_port"),
+    ),
+    ("ops (run, config, control, probe, cli)", ("ops.run", "ops.cli")),
+)
+
+_BREAKDOWN = """
+import gc, importlib, json, sys
+def rss():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+out = [["python interpreter", rss()]]
+for name, modules in json.loads(sys.argv[1]):
+    before = rss()
+    for m in modules:
+        importlib.import_module(m)
+    gc.collect()
+    out.append([name, rss() - before])
+print(json.dumps(out))
+"""
+
+
+def import_breakdown() -> list[tuple[str, float]]:
+    """(group, MiB) of IMPORT_GROUPS in a fresh interpreter."""
+    groups = json.dumps([[name, list(modules)] for name, modules in IMPORT_GROUPS])
+    done = subprocess.run(
+        [sys.executable, "-c", _BREAKDOWN, groups],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [(str(name), float(mb)) for name, mb in json.loads(done.stdout)]
+
+
+def _measure_logged(span: float, transport: str) -> Footprint:
+    with tempfile.TemporaryDirectory(prefix="evse-footprint-") as tmp:
         try:
-            rss, cpu, note = trio.run(measure, window, data_dir, stderr_path)
+            return trio.run(partial(measure, span, Path(tmp), transport=transport))
         except Exception:
-            sys.stderr.write(stderr_path.read_text()[-4000:])
+            for log in ("station.log", "sim.log"):
+                path = Path(tmp) / log
+                if path.exists():
+                    sys.stderr.write(f"--- {log}\n{path.read_text()[-4000:]}\n")
             raise
-    config = sim_config("tcp://127.0.0.1:502", data_dir)
+
+
+def run(rec: Recorder, *, quick: bool = False, window: float | None = None) -> None:
+    span = window or (15.0 if quick else 60.0)
+    parts = import_breakdown()
+    where = ", ".join(f"{name} {mb:.1f}" for name, mb in parts)
+    for transport in ("tcp",) if quick else ("tcp", "rtu"):
+        _emit(rec, _measure_logged(span, transport), transport, where)
+
+
+def _emit(rec: Recorder, fp: Footprint, transport: str, where: str) -> None:
+    suffix = "" if transport == "tcp" else "_rtu_pty"
+    link = (
+        "Modbus TCP on loopback"
+        if transport == "tcp"
+        else "Modbus RTU on the simulator's pseudo-terminal (an extra: real stations are on RS-485)"
+    )
     setup = (
-        f"`evse run --sim` (simulator in the same process, so the figures include it): "
-        f"{config.board.kind} board polled every {config.board.poll_interval:g} s, "
-        f"{config.meter.kind} meter every {config.meter.poll_interval:g} s over Modbus TCP "
-        f"on loopback, meter reading persisted every {config.safety.persist_interval:g} s; "
-        f"{note}"
+        f"the station alone (`python -m ops.cli run --config FILE`; the simulator, "
+        f"`python -m ops.cli sim`, in its own process): {BOARD} board and {METER} meter over "
+        f"{link}, every setting default (board polled every 0.1 s, meter every "
+        f"1 s, readings persisted every 5 s), free charging, no central system; window "
+        f"{fp.window:.0f} s while Charging ({fp.power_w} W) after {SETTLE:g} s of settling; "
+        f"SIGTERM -> exit 0"
     )
     rec.emit(
         Result(
-            "footprint_rss_mb",
-            rss,
+            f"footprint_station_rss_mb{suffix}",
+            fp.rss_max_mb,
             "MB",
             None,
             None,
-            "<= 40 MB",
-            f"max VmRSS over the window, MiB; {setup}",
+            f"<= {RSS_TARGET_MB:g} MB",
+            f"max VmRSS over the window, MiB (mean {fp.rss_mean_mb:.1f}, VmHWM {fp.hwm_mb:.1f}; "
+            f"anonymous {fp.anon_mb:.1f}, file-backed {fp.file_mb:.1f}; {fp.threads} threads); "
+            f"{setup}. What importing adds to a fresh interpreter's VmRSS, MiB: {where}",
         )
     )
     rec.emit(
         Result(
-            "footprint_cpu_percent",
-            cpu,
+            f"footprint_station_cpu_percent{suffix}",
+            fp.cpu_percent,
             "%",
             None,
             None,
-            "<= 3%",
-            f"(utime + stime) / wall time, % of one core; {setup}",
+            f"<= {CPU_TARGET_PERCENT:g}%",
+            f"(utime + stime of every thread) / wall time, % of one core (user "
+            f"{fp.user_percent:.2f}%, kernel {fp.cpu_percent - fp.user_percent:.2f}%; clock "
+            f"ticks of {1000 / CLOCK_TICKS:g} ms: +-{2 / CLOCK_TICKS / fp.window * 100:.2f}% over "
+            f"the window; the simulator process used {fp.sim_cpu_percent:.2f}% meanwhile); "
+            f"{setup}",
         )
     )
 
 
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.footprint")
+    parser.add_argument("--quick", action="store_true", help="a 15 s window")
+    parser.add_argument("--window", type=float, help="seconds of charging measured (60)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead: cProfile the station in this process over the window (stderr)",
+    )
+    args = parser.parse_args()
+    if args.profile:
+        logging.disable(logging.WARNING)
+        with tempfile.TemporaryDirectory(prefix="evse-footprint-") as tmp:
+            report = trio.run(profile, args.window or 60.0, Path(tmp), 40)
+        sys.stderr.write(report)
+        return
+    run(Recorder(RESULTS), quick=args.quick, window=args.window)
+
+
 if __name__ == "__main__":
-    run(Recorder(), quick="--quick" in sys.argv[1:])
+    main()
