@@ -510,6 +510,20 @@ async def _outage(rig: VRig, rng: random.Random, samples: VSamples) -> None:
 
 # -- one case ---------------------------------------------------------------------------
 
+#: What the rig's logs keep between two injections (see ``_trim``).
+KEEP = 100
+
+
+def _trim(rig: VRig) -> None:
+    """Forget the rig's logs of injections done: the waits scan them from the start,
+    which over a thousand injections makes a case quadratic. Nothing an injection
+    looks at is older than its own start (the last entries stay for the rig's
+    "latest reading" checks)."""
+    for log in (rig.requests, rig.meter_readings, rig.board_readings, rig.statuses):
+        del log[:-KEEP]
+    del rig.central.reports[:-KEEP]
+    del rig.sim.events[:-KEEP]
+
 
 async def run_case(case: VCase, n: int, seed: int) -> VSamples:
     samples = VSamples(case, n=n)
@@ -549,6 +563,7 @@ async def run_case(case: VCase, n: int, seed: int) -> VSamples:
                         flood.stop()
                     samples.cycle = samples.cycle or _cycle(rig)
                     await _back_to_available(rig, latched=case.kind == "welded")
+                    _trim(rig)
                 nursery.cancel_scope.cancel()
             samples.virtual = trio.current_time() - begun
             if flood is not None:

@@ -122,8 +122,9 @@ START_RETRY = 0.5
 #: Between two attempts of an off-write that did not go through.
 OFF_RETRY = 0.2
 
-#: The most a transaction's end may take to be written (off acknowledged, meter
-#: read, one commit), shielded from cancellation.
+#: The most a transaction's end may wait (off acknowledged, meter read) before
+#: its record is written anyway, with the last reading (shielded; the commit
+#: itself is never abandoned).
 END_DEADLINE = 5.0
 
 AVAILABILITY_KEY = "connector.{}.operative"
@@ -650,17 +651,25 @@ class Station:
         done: trio.Event,
     ) -> None:
         try:
-            with trio.CancelScope(shield=True) as scope:
-                scope.deadline = trio.current_time() + END_DEADLINE
-                # Read once the off-write the connector emitted first is
-                # acknowledged: the energy that flowed until then belongs to
-                # this transaction. A board silent for longer is a fault already.
-                if not await self._wait_off_acknowledged(self.settings.safety.board_timeout):
+            with trio.CancelScope(shield=True):
+                reading: MeterReading | None = None
+                acknowledged = False
+                # Waiting is bounded; the commit after it never is (an end
+                # abandoned half-way would leave the transaction running).
+                with trio.move_on_after(END_DEADLINE):
+                    # Read once the off-write the connector emitted first is
+                    # acknowledged: the energy that flowed until then belongs to
+                    # this transaction. A board silent for longer is a fault already.
+                    acknowledged = await self._wait_off_acknowledged(
+                        self.settings.safety.board_timeout
+                    )
+                    reading = await self._read_meter_now()
+                if not acknowledged:
                     log.error("transaction %d: off not acknowledged; ending it anyway", tx.id)
                 # The store raises the stop to the last persisted reading if this
                 # one is older (a wall clock stepped back, a stale fallback), so
                 # the record never goes backwards.
-                reading = await self._read_meter_now() or self.meter_reading
+                reading = reading or self.meter_reading
                 if reading is not None and reading.energy_import_wh is not None:
                     meter_stop = max(meter_stop, reading.energy_import_wh)
                 stopped_at = datetime.now(UTC) if reading is None else reading.timestamp
@@ -681,9 +690,6 @@ class Station:
                     # It stays "running" on disk: the next start ends it as PowerLoss.
                     log.critical("transaction %d end not written: %s", tx.id, exc)
                     return
-            if scope.cancelled_caught:
-                log.critical("transaction %d end not written within %.0f s", tx.id, END_DEADLINE)
-                return
             log.info(
                 "transaction %d ended (%s) at %.1f Wh", tx.id, reason.value, record.meter_stop_wh
             )

@@ -1311,3 +1311,22 @@ def test_found_cable_limit_ignored_after_a_pilot_error(
         Wait(1.0),
     ]
     run_example(tmp_path_factory, "evse-din", "tcp", steps, 0)
+
+
+def test_found_transaction_end_abandoned_after_a_board_silence(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The board goes silent while charging (EV-CC or Heidelberg over RTU): the
+    transaction's end is never written, and once the board answers again every
+    later session fails (Faulted, InternalError: "transaction 1 is still running
+    there") until a restart; its StopTransaction is queued only at shutdown.
+
+    ``_write_end`` waits up to ``board_timeout`` for the off acknowledgement, then
+    for a fresh meter reading, all under one ``END_DEADLINE`` (5 s) scope. The
+    trip lane's urgent off-writes to the silent board (two 0.5 s attempts, a
+    0.2 s pause, again) and the board poller's timeouts leave the meter's
+    requests a slot now and then, the reading does not complete in time, and
+    the scope's deadline cancels the store commit along with it.
+    """
+    steps: list[Step] = [Charge(20.0, 0.5), Inject("board_silent"), Wait(9.0)]
+    run_example(tmp_path_factory, "ev-cc", "rtu", steps, 0)
