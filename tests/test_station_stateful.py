@@ -1,84 +1,99 @@
 """The whole station, stateful: random sequences of what the world does, checked on a virtual clock.
 
-Hypothesis draws a list of steps (plug in with a cable, unplug, the EV's
-state, a tag accepted or unknown, every fault of the simulator and its
-clearing, bus drops, a bus refused or unreachable for a while, slow replies,
-a central-system stop, availability, virtual time passing, SIGTERM) and one
-trio run plays them against the rig of ``tests/vclock_rig.py`` (supervisor,
-station, drivers, simulator physics and register maps, real SQLite file,
-in-memory Modbus link with the wire's timing) under
-``MockClock(autojump_threshold=0)``.
+Hypothesis draws a list of steps and one trio run plays them against the rig
+of ``tests/vclock_rig.py`` (supervisor, station, drivers, the simulator's
+physics and register maps, a real SQLite file, the in-memory Modbus link with
+the wire's timing) under ``MockClock(autojump_threshold=0)``; every example
+ends with SIGTERM (``supervisor.shutdown()``). The steps: plug in (wanting
+B/C/D, with a 13/20/32 A cable), unplug, the EV's state (wants, phases, max
+current), a tag (accepted, unknown), ``Charge`` (plug in wanting C, the
+accepted tag, a wait: the primitives in the order that charges, so that
+faults meet charging often), every fault of the simulator (RCD trip, pilot E
+and F, board silent, meter silent, welded, overdraw with amps) and its
+clearing, a bus drop, the bus refused or unreachable for a while, slow
+replies (one of them slower than the request timeout), a central-system stop,
+availability, virtual time passing. Each example enables one or two kinds of
+fault and up to three other kinds of step (swarm testing), and draws the
+installer maximum (32, 25, 10 A) and the seed of trio's scheduler.
 
 Why a list and one ``trio.run`` per example, not ``RuleBasedStateMachine``:
 the station is a tree of trio tasks that must live across steps, and under an
 autojump clock any moment the test body is not running trio code is idle time
-that the clock jumps over. Rules run between trio steps (a guest run, a
-thread portal) would let the clock run away while Hypothesis picks the next
-rule. A list drawn up front and played inside one run keeps virtual time
-exactly where the steps put it; Hypothesis still shrinks it like a state
-machine's steps (deleting steps, simplifying each), and the run is
-deterministic (the scheduler's generator is seeded by a drawn integer), so a
+the clock jumps over. Rules run between trio steps (a guest run, a thread
+portal) would let the clock run away while Hypothesis picks the next rule. A
+list drawn up front and played inside one run keeps virtual time exactly where
+the steps put it; Hypothesis still shrinks it as it would a state machine's
+steps (deleting steps, simplifying each: an unneeded step becomes
+``Wait(0.01)``), and the run is deterministic (the scheduler is seeded), so a
 shrunk example replays exactly.
 
-What is checked. Nothing is sampled on a timer: the checker looks at every
-change of anything it judges (every write and log entry of the simulator,
-every request the simulator serves, every event the connector handles,
-every transaction written to the store) and after every step, and keeps for
-each condition below the instant it became true. A condition may last only
-as long as its allowance; a violation names the condition, its start, its
-allowance and the trace of the run so far.
+What is checked. Nothing is sampled on a timer: the checker (``Watch``) looks
+at every change of anything it judges (every write and log entry of the
+simulator, every request it serves, every event the connector handles, every
+transaction the store commits, every fresh meter read), wrapping those as
+instance attributes only, and after every step; for each condition below it
+keeps the instant it became true, and a condition may last only as long as its
+allowance. A violation ends the example at once and names the condition, its
+start, its allowance, the steps and the trace (steps, commands, statuses,
+transactions, the station's log lines, in virtual time).
 
-* ``command without transaction``: the board holds a current above 0 (so the
-  contactor may close) only while a transaction is running on disk (the
-  store's commits, cross-checked against the real file after every step);
-* ``contactor``: the contactor is closed only while a transaction is running
-  on disk, the pilot is C or D, no RCD trip or pilot error is active, and the
-  offer is within every limit (installer maximum, board maximum, the cable
-  once the board could have reported it); a welded contactor is exempt, and
-  is checked below;
-* after a fault, the off-write (the board's command back at 0: a write of 0
-  in the simulator's log, or the command already 0) within the allowance:
-  ``board fault`` (RCD trip, pilot E/F: from the injection), ``over-current``
-  (from the first reading that can show it, plus ``overcurrent_time``),
-  ``meter silent`` (from the last good meter reading plus ``meter_timeout``),
-  ``welded`` (current flowing while off: the WELDED fault raised
-  ``max(welded_time, overcurrent_time)`` after the acknowledged off, at the
-  next meter reading; then no current above 0 is ever commanded again),
-  ``unplugged`` (the EV gone), ``remote stop`` (request_stop), ``not in a
-  transaction`` (the connector left its transaction: stop, fault, unplug);
-* ``the board applies the station's command``: what the board applies (its
-  command, while enabled) is what the station believes it commands, within
-  the allowance of an off-write plus one request (a charge that silently
-  never gets its current is a failure too);
-* ``board silent``: whenever the board gives no good reading for longer than
-  ``board_timeout``, Faulted has been reported to the central system by then
-  (+ 10 ms);
+* ``command without transaction``: the board holds a current above 0 only
+  while a transaction is running on disk (the store's commits; every current
+  above 0 that reaches the board is checked against the real file, and the
+  file against the commits after every step);
+* the contactor: closed only in pilot C or D with no RCD trip or pilot error
+  (a welded contactor is checked below), never by the board's hardware
+  failsafe when no transaction was running; the offer never above the
+  installer maximum or the board's maximum, within the cable's capacity once
+  the board could have reported it, never between 0 and 6 A;
+* the off-write after a fault (the board's command back at 0: a write of 0 in
+  the simulator's log, or already 0) within its allowance, and the command
+  kept at 0 while the fault lasts: ``board fault`` (RCD trip, pilot E/F: from
+  the injection), ``over-current`` (from the first reading that can show it,
+  plus ``overcurrent_time``), ``meter silent`` (the last good reading plus
+  ``meter_timeout``), ``unplugged``, ``remote stop`` (request_stop), ``outside
+  a transaction`` (the connector ended it: stop, fault, unplug);
+* welded: with current flowing while the board is off, the safety monitor
+  judges a weld at the first meter reading ``max(welded_time,
+  overcurrent_time)`` after the off it judges from was acknowledged, the
+  connector raises WELDED within an off-write's allowance after that, and then
+  no current above 0 is ever commanded; no WELDED without a weld;
+* ``the board applies the station's command``: the board's command (while
+  enabled) is what the station believes it commands, within an off-write's
+  allowance plus one request (a charge that silently never gets its current);
+* whenever the board gives no good reading for longer than ``board_timeout``
+  (counted from the safety monitor's start), Faulted has been reported to the
+  central system by then (+ 10 ms);
 * the store: at most one transaction running, meter_stop >= meter_start,
-  stopped_at >= started_at, a transaction the connector ended is ended on
-  disk within the station's END_DEADLINE;
-* SIGTERM: the first command the board gets afterwards is the off-write, in
-  time; once the supervisor stopped the board is off (and disabled where it
-  can be) and no transaction is running on disk.
+  stopped_at >= started_at, a transaction the connector ended is ended on disk
+  within the station's END_DEADLINE (+ a meter exchange that was on the wire);
+* SIGTERM: the first current command *sent* afterwards is the off, in time;
+  once the supervisor stopped the board is off (and disabled where it can be)
+  and no transaction is running on disk.
 
-The allowance of an off-write is ``test_station_vclock.py``'s: the issue's
-target (poll interval + one request + 10 ms) or, where the wire and the
-board's gaps cannot meet it, what they allow + the meter's exchange already
-on the wire + 10 ms (``strict``). Disturbances the example itself made add
-what they cost on the wire, no more: slow replies are added to the wire
-timing; a silent meter holds the shared bus for its request timeout; a drop
-costs a retry and a reconnect; a board that cannot be reached (silent,
-refused, unreachable, replies slower than the request timeout) cannot be
-switched off at all, so the allowance then counts from the moment it can be
-reached again, plus one failed request with its retry, the trip lane's retry
-pause, the meter's exchange and the stale replies still on the way
-(``outage_slack``). Over-current and welded verdicts need meter readings: after
-meter trouble the meter poller's back-off is allowed for.
+Allowances. An off-write's is ``test_station_vclock.py``'s: the issue's target
+(poll interval + one request + 10 ms) or, where the wire and the board's gaps
+cannot meet it, what they allow + the meter's exchange already on the wire +
+10 ms (``Watch.strict``). What the example did to the bus adds what it costs on
+the wire, no more: slow replies are added to the wire timing; a silent meter
+holds the shared bus for its request timeout; a drop costs a retry and a
+reconnect; a fresh meter reading (a transaction's start or stop) and every
+other write the station makes meanwhile cost their requests. A board that
+cannot be reached (silent, refused, unreachable, replies slower than the
+request timeout) cannot be switched off at all: the allowance then counts from
+the moment it can be reached again, plus one failed request with its retry,
+the trip lane's pause, the meter's exchange and the late replies still on the
+way (``Watch.outage_slack``). Verdicts from meter readings allow for the meter
+poller's back-off after any failed reading.
 
-Reproducing: runs are derandomized (the same examples every run). To explore
-other sequences set ``EVSE_STATEFUL_SEED=<n>`` (and ``EVSE_STATEFUL_EXAMPLES``
-for more of them); a failure prints the shrunk steps (paste them into
-``EVERY_KIND`` below to debug) and the trace. EVSE_STATEFUL_ALL=1 adds the
-board and transport combinations left out of the default run.
+Running it: the examples are derandomized (the same ones every run, so a
+failure reproduces). ``EVSE_STATEFUL_SEED=<n>`` explores others,
+``EVSE_STATEFUL_EXAMPLES=<n>`` sets how many, ``EVSE_STATEFUL_ALL=1`` adds the
+board and transport combinations left out by default. A failure prints the
+shrunk steps (paste them into ``EVERY_KIND`` or a test of their own to debug)
+and the trace. The ``test_found_*`` tests at the end are what this test found,
+shrunk: the fixed ones stay as regression tests; the open ones (``KNOWN_OPEN``)
+are strict xfails, and the property runs tolerate them meanwhile.
 """
 
 from __future__ import annotations
@@ -101,7 +116,7 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
-from evse.connector import Event, Fault, FaultRaised, Status, StopReason
+from evse.connector import Event, Fault, FaultCleared, FaultRaised, Status, StopReason
 from evse.safety import CURRENT_NOISE
 from evse.station import END_DEADLINE, OFF_RETRY, StationSettings
 from evse.store import TransactionRecord
@@ -298,13 +313,15 @@ def step_lists(draw: st.DrawFn, min_steps: int = 5, max_steps: int = 30) -> list
 # -- bounds -------------------------------------------------------------------------------
 
 
+def _port_gap(rig: VRig) -> float:
+    return rig.port.frame_gap if isinstance(rig.port, RtuPort) else 0.0
+
+
 def meter_exchanges(rig: VRig, timing: WireTiming) -> list[float]:
     """Each request of one meter reading on the shared line (t3.5 included on RTU)."""
-    blocks = rig.station.meter._reader.blocks
-    silence = rig.port.frame_gap if isinstance(rig.port, RtuPort) else 0.0
     return [
-        silence + timing.exchange_time(*pdu_sizes(_READ_FUNCTIONS[b.table], b.count))
-        for b in blocks
+        _port_gap(rig) + timing.exchange_time(*pdu_sizes(_READ_FUNCTIONS[b.table], b.count))
+        for b in rig.station.meter._reader.blocks
     ]
 
 
@@ -342,10 +359,6 @@ class History:
         return max(ends) if ends else None
 
 
-def _port_gap(rig: VRig) -> float:
-    return rig.port.frame_gap if isinstance(rig.port, RtuPort) else 0.0
-
-
 # -- the checker --------------------------------------------------------------------------
 
 #: A condition: is it true now, and until when may it last (given its start, now)?
@@ -355,7 +368,7 @@ NEVER = -math.inf
 
 
 class Violation(AssertionError):
-    pass
+    """An invariant broken: what, when, the steps and the trace."""
 
 
 class Watch:
@@ -395,10 +408,13 @@ class Watch:
         self.unplugged_at = -math.inf
         self.stops: list[tuple[float, int]] = []
         self.welded_raised_at: float | None = None
+        self.welded_verdict_at: float | None = None
         self.welded_spans: list[Span] = []
         self.tx_at_outage_start: int | None = None
-        #: The last time the station was seen commanding a current above 0.
+        #: The last time the station was seen commanding a current above 0, and
+        #: the board's hardware failsafe seen tripped.
         self.commanded_on = -math.inf
+        self.failsafe_at = -math.inf
         self.board_checked_for = -math.inf
         self.last_status: tuple[Status, Any] | None = None
         rows = rig.db_rows("SELECT id FROM transactions WHERE stop_reason IS NULL")
@@ -465,13 +481,42 @@ class Watch:
         async def fresh_read() -> Any:
             # A transaction's start and stop read the meter afresh (not the last
             # poll): one more meter reading on the shared bus.
-            started = trio.current_time()
+            span = Span(trio.current_time())  # open (end inf) while it reads
+            self.history.spans["fresh_meter"].append(span)
             try:
                 return await read_now()
             finally:
-                self.history.spans["fresh_meter"].append(Span(started, trio.current_time()))
+                spans = self.history.spans["fresh_meter"]
+                spans[spans.index(span)] = replace(span, end=trio.current_time())
 
         station._read_meter_now = fresh_read  # type: ignore[method-assign]
+        begin_tx = station._begin
+
+        async def begin_on_loop(id_tag: str, meter_start: float) -> bool:
+            # The station loop inside a transaction's start: it waits there for
+            # the previous transaction's end and for a fresh meter reading.
+            span = Span(trio.current_time())
+            self.history.spans["begin"].append(span)
+            try:
+                return await begin_tx(id_tag, meter_start)
+            finally:
+                spans = self.history.spans["begin"]
+                spans[spans.index(span)] = replace(span, end=trio.current_time())
+
+        station._begin = begin_on_loop  # type: ignore[method-assign]
+        monitor = station.monitor
+        assert monitor is not None
+        check = monitor.check
+
+        def checked(now: float) -> list[FaultRaised | FaultCleared]:
+            # When the safety monitor itself judged a weld (the connector hears of
+            # it through the loop, later).
+            changes = check(now)
+            if any(isinstance(c, FaultRaised) and c.fault is Fault.WELDED for c in changes):
+                self.welded_verdict_at = now
+            return changes
+
+        monitor.check = checked  # type: ignore[method-assign]
 
     def _on_event(self, event: dict[str, Any]) -> None:
         if event.get("event") == "write" and "command" in event.get("fields", {}):
@@ -500,7 +545,11 @@ class Watch:
                 self.welded_raised_at = now
             recently = [s for s in self.welded_spans if s.end >= now - 10.0]
             if not self.sim.station.faults.welded and not recently:
-                self.fail(f"WELDED raised ({event.info}) but the contactor never welded")
+                if FALSE_WELD in TOLERATED and now - self.failsafe_at <= 10.0:
+                    # The failsafe's current after the station's off (KNOWN_OPEN).
+                    self.note(f"tolerated: {FALSE_WELD} ({event.info})")
+                else:
+                    self.fail(f"WELDED raised ({event.info}) but the contactor never welded")
         self.sample("handled")
 
     # -- recording ----------------------------------------------------------------------
@@ -644,6 +693,12 @@ class Watch:
             return self.deadline(last + self.safety.meter_timeout, now) + self.meter_hold
 
         def welded(since: float, now: float) -> float:
+            verdict = self.welded_verdict_at
+            if verdict is not None and verdict >= since - self.safety.welded_time:
+                # The monitor has judged; the connector hears it through the loop.
+                if FAULTED_LATE in TOLERATED and self.history.overlapping("begin", verdict, now):
+                    return math.inf  # the loop waits in _begin (KNOWN_OPEN)
+                return verdict + self.strict(verdict, now)
             acked = self.off_acknowledged(since)
             if math.isinf(acked):
                 return math.inf  # no off acknowledged yet: nothing to judge from
@@ -665,7 +720,9 @@ class Watch:
             return self.deadline(since, now)
 
         def end_on_disk(since: float, now: float) -> float:
-            return since + END_DEADLINE + TARGET_SLACK
+            # The end's waits are bounded by END_DEADLINE; a meter exchange on the
+            # wire then is finished, not aborted, before the commit.
+            return since + END_DEADLINE + self.meter_hold + TARGET_SLACK
 
         def follows(since: float, now: float) -> float:
             # A command and, on a board that is disabled with every off, the enable.
@@ -758,6 +815,8 @@ class Watch:
         rig._adopt()
         if self.station.commanded > 0:
             self.commanded_on = now
+        if s.board.failsafe_tripped:
+            self.failsafe_at = now
         link = rig.link
         # Replies slower than the request timeout are no replies at all.
         bus_out = link.refuse or link.unreachable or link.reply_delay >= DEAD_DELAY
@@ -805,11 +864,8 @@ class Watch:
             if now > allowed + 1e-9:
                 if name in TOLERATED:
                     continue  # a known open finding (KNOWN_OPEN): its own test shows it
-                lasted = "never" if math.isinf(allowed) else f"{(allowed - since) * 1000:.1f} ms"
-                self.fail(
-                    f"{name}: since {since:.4f} (allowed: {lasted}, until {allowed:.4f}); "
-                    f"{self.describe()}"
-                )
+                until = "never allowed" if math.isinf(allowed) else f"allowed until {allowed:.4f}"
+                self.fail(f"{name}: since {since:.4f}, {until}; {self.describe()}")
                 return
 
         # Faulted reported within board_timeout of the board's last good reading.
@@ -818,13 +874,17 @@ class Watch:
         if now > due and last > self.board_checked_for and not self.stopping:
             self.board_checked_for = last
             reported = [st for t, st, _ in rig.central.statuses() if t <= due]
-            if (not reported or reported[-1] is not Status.FAULTED) and (
-                FAULTED_LATE not in TOLERATED
-            ):
-                self.fail(
-                    f"no good board reading since {last:.4f}, yet not reported Faulted "
-                    f"by {due:.4f} (reported: {reported[-1:]}); {self.describe()}"
-                )
+            if not reported or reported[-1] is not Status.FAULTED:
+                # The known cause (KNOWN_OPEN): the loop is inside a transaction's
+                # start meanwhile, waiting for the previous end or the meter.
+                waiting = self.history.overlapping("begin", last, due)
+                if FAULTED_LATE in TOLERATED and waiting:
+                    self.note(f"tolerated: {FAULTED_LATE} (the loop waits in _begin)")
+                else:
+                    self.fail(
+                        f"no good board reading since {last:.4f}, yet not reported Faulted "
+                        f"by {due:.4f} (reported: {reported[-1:]}); {self.describe()}"
+                    )
 
     def check_step(self, step: Step) -> None:
         """After every step: the samples' conditions, and the store's real file."""
@@ -1045,8 +1105,12 @@ async def _sigterm(rig: VRig, watch: Watch) -> None:
 #: Hypothesis meets them; each has a ``test_found_...`` below that shows it
 #: deterministically and is marked xfail(strict=True) until it is fixed.
 FAILSAFE_WITHOUT_TX = "failsafe closes the contactor with no transaction"
+#: Tolerated only while the loop was inside a transaction's start (_begin).
 FAULTED_LATE = "Faulted reported late"
-KNOWN_OPEN: frozenset[str] = frozenset({FAILSAFE_WITHOUT_TX, FAULTED_LATE})
+#: The failsafe's current flowing after the station's acknowledged off is taken
+#: for a welded contactor (tolerated only while the failsafe was tripped).
+FALSE_WELD = "WELDED raised without a weld"
+KNOWN_OPEN: frozenset[str] = frozenset({FAILSAFE_WITHOUT_TX, FAULTED_LATE, FALSE_WELD})
 TOLERATED: frozenset[str] = KNOWN_OPEN
 
 
@@ -1232,19 +1296,20 @@ def test_steps_cover_every_fault() -> None:
     assert {s.fault for s in EVERY_KIND if isinstance(s, Clear)} == set(FAULTS)
 
 
-# -- what the stateful test found (shrunk; each fails until the firmware is fixed) -----------
+# -- what the stateful test found, shrunk: the fixed ones stay as regression tests, the open
+# -- ones (KNOWN_OPEN) are strict xfails until they are fixed --------------------------------
 
 
 def test_found_bus_lock_released_twice(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """SIGTERM while the board is silent and the bus refused: the station dies of
-    ``RuntimeError: the bus is not held``.
+    """SIGTERM while the board was silent and the bus refused: the station died of
+    ``RuntimeError: the bus is not held`` (fixed in 8cdb765).
 
-    ``ModbusMaster._transact``: a request that failed steps aside for an urgent
-    one in its retry path (``release()``, then ``_take()``); when it is cancelled
-    while waiting to take the bus again, its ``finally`` releases the bus a
-    second time, which hands the bus away from its real holder (the trip lane's
-    off-write) to the next waiter (two requests hold the bus), and the holder's
-    own release then raises.
+    ``ModbusMaster._transact``: a request that failed stepped aside for an urgent
+    one in its retry path (``release()``, then ``_take()``); cancelled while
+    waiting to take the bus again, its ``finally`` released the bus a second
+    time, which handed the bus away from its real holder (the trip lane's
+    off-write) to the next waiter (two requests held the bus), and the holder's
+    own release then raised.
     """
     steps: list[Step] = [Inject("board_silent"), LinkDown("refuse", 5.0)]
     run_example(tmp_path_factory, "ev-cc", "rtu", steps, 0)
@@ -1270,8 +1335,29 @@ def test_found_failsafe_offers_current_without_transaction(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="open: the loop waits in _begin for the start's fresh meter reading on a dead"
-    " bus (the off-write went out; the Faulted status is late)",
+    reason="open: the failsafe current (above) flows after the station's acknowledged off,"
+    " which the safety monitor takes for a welded contactor",
+)
+def test_found_failsafe_current_latches_a_false_weld(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The same failsafe, on an idle Heidelberg with an EV plugged in: about 4 s after
+    the failsafe's 6 A start flowing (the board silent for ``failsafe_watchdog``),
+    the safety monitor, which has the off acknowledged since the start, judges
+    the current a weld and raises WELDED: PowerSwitchFailure, latched and
+    persisted across restarts, so the station stays Faulted until an installer
+    resets it, although no contactor welded.
+    """
+    steps: list[Step] = [Plug("C"), Inject("board_silent"), Wait(16.0)]
+    tolerate = frozenset({FAILSAFE_WITHOUT_TX})
+    run_example(tmp_path_factory, "heidelberg", "tcp", steps, 0, tolerate=tolerate)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: the loop waits in _begin for the previous transaction's end and for the"
+    " start's fresh meter reading, on a dead bus (the off-write went out; the Faulted"
+    " status is late)",
 )
 def test_found_faulted_reported_late_while_a_start_waits_for_the_meter(
     tmp_path_factory: pytest.TempPathFactory,
@@ -1281,7 +1367,10 @@ def test_found_faulted_reported_late_while_a_start_waits_for_the_meter(
     reading, on the bus, so the BOARD_SILENT verdict (whose off-write the trip
     lane did send) is reported as Faulted only once that read gives up: up to
     2.7 s after the board's last answer on RTU instead of ``board_timeout``
-    (1 s); the transaction's own status waits as long.
+    (1 s); the transaction's own status waits as long. ``_begin`` also waits, on
+    the loop, for the previous transaction's end, which waits up to
+    ``board_timeout`` for a silent board's off acknowledgement: a tag right after
+    a stop does the same (``test_found_faulted_reported_late_after_a_quick_restart``).
     """
     steps: list[Step] = [Plug("C"), Wait(1.0), SlowReplies(DEAD_DELAY), Tag(TAG), Wait(3.0)]
     run_example(tmp_path_factory, "evse-din", "rtu", steps, 0, tolerate=frozenset())
@@ -1290,16 +1379,17 @@ def test_found_faulted_reported_late_while_a_start_waits_for_the_meter(
 def test_found_cable_limit_ignored_after_a_pilot_error(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    """A 20 A cable plugged in while the pilot reads E: once the pilot error
-    clears, the transaction is offered 32 A, for the whole session.
+    """A 20 A cable plugged in while the pilot read E: once the pilot error
+    cleared, the transaction was offered 32 A, for the whole session (fixed in
+    73d2733: a pilot change recomputes the offer).
 
-    The board poller asks for a new limit only when the cable value changes, and
-    ``limit_inputs`` takes the cable only while the connector counts as plugged
-    (pilot B/C/D). The cable was first seen with the pilot at E, so it was
-    ignored, and the pilot's later change to B asks for no new limit. A socket
-    outlet reads the cable's PP before the car is connected (pilot A), so the
-    ordinary plug-in order may do the same (the simulator reports the cable only
-    with the EV, hence the pilot error here).
+    The board poller asked for a new limit only when the cable value changed,
+    and ``limit_inputs`` takes the cable only while the connector counts as
+    plugged (pilot B/C/D). The cable was first seen with the pilot at E, so it
+    was ignored, and the pilot's later change to B asked for no new limit. A
+    socket outlet reads the cable's PP before the car is connected (pilot A), so
+    the ordinary plug-in order could do the same (the simulator reports the
+    cable only with the EV, hence the pilot error here).
     """
     steps: list[Step] = [
         Inject("pilot_E"),
@@ -1316,17 +1406,37 @@ def test_found_cable_limit_ignored_after_a_pilot_error(
 def test_found_transaction_end_abandoned_after_a_board_silence(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    """The board goes silent while charging (EV-CC or Heidelberg over RTU): the
-    transaction's end is never written, and once the board answers again every
-    later session fails (Faulted, InternalError: "transaction 1 is still running
-    there") until a restart; its StopTransaction is queued only at shutdown.
+    """The board went silent while charging (EV-CC or Heidelberg over RTU): the
+    transaction's end was never written, and once the board answered again
+    every later session failed (Faulted, InternalError: "transaction 1 is still
+    running there") until a restart; its StopTransaction was queued only at
+    shutdown (fixed in 3ef70d8: only the waits are bounded, not the commit).
 
-    ``_write_end`` waits up to ``board_timeout`` for the off acknowledgement, then
-    for a fresh meter reading, all under one ``END_DEADLINE`` (5 s) scope. The
-    trip lane's urgent off-writes to the silent board (two 0.5 s attempts, a
-    0.2 s pause, again) and the board poller's timeouts leave the meter's
-    requests a slot now and then, the reading does not complete in time, and
-    the scope's deadline cancels the store commit along with it.
+    ``_write_end`` waited up to ``board_timeout`` for the off acknowledgement,
+    then for a fresh meter reading, all under one ``END_DEADLINE`` (5 s) scope.
+    The trip lane's urgent off-writes to the silent board (two 0.5 s attempts, a
+    0.2 s pause, again) and the board poller's timeouts left the meter's
+    requests a slot now and then, the reading did not complete in time, and the
+    scope's deadline cancelled the store commit along with it.
     """
     steps: list[Step] = [Charge(20.0, 0.5), Inject("board_silent"), Wait(9.0)]
     run_example(tmp_path_factory, "ev-cc", "rtu", steps, 0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: the loop waits in _begin for the previous transaction's end, which waits"
+    " for the silent board's off acknowledgement (the Faulted status is late)",
+)
+def test_found_faulted_reported_late_after_a_quick_restart(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The board goes silent while charging; the card ends the session and, at once,
+    starts the next: ``_begin`` waits on the station loop for the first
+    transaction's end, which waits ``board_timeout`` for the off acknowledgement
+    that cannot come, so BOARD_SILENT is reported as Faulted late (and the
+    connector shows Charging meanwhile).
+    """
+    steps: list[Step] = [Charge(13.0, 0.5), Inject("board_silent"), Tag(TAG), Wait(0.01), Tag(TAG)]
+    steps += [Wait(1.0)]
+    run_example(tmp_path_factory, "ev-cc", "tcp", steps, 0, tolerate=frozenset())
