@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import json
 import logging
 import os
 import random
@@ -513,22 +514,33 @@ class Selection:
         )
 
 
-def _run_safely(case: fv.VCase, n: int) -> fv.VSamples | str:
-    """One case; a failure is reported (and the run goes on), not raised."""
+def _run_safely(case: fv.VCase, n: int, keep: Path | None) -> fv.VSamples | str:
+    """One case; a failure is reported (and the run goes on), not raised. With
+    ``keep``, a case already done (its samples saved there) is not run again."""
+    saved = keep / f"{case.key}-{n}.json" if keep is not None else None
+    if saved is not None and saved.exists():
+        return fv.VSamples.from_json(json.loads(saved.read_text()))
     try:
-        return fv.run_vcase(case, n)
+        samples = fv.run_vcase(case, n)
     except Exception as exc:
         return f"{case.key}: {type(exc).__name__}: {str(exc)[:2000]}"
+    if saved is not None:
+        part = saved.with_suffix(".part")
+        part.write_text(json.dumps(samples.to_json()))
+        part.replace(saved)
+    return samples
 
 
-def _run_pool(work: list[tuple[fv.VCase, int]], jobs: int) -> Iterable[fv.VSamples | str]:
+def _run_pool(
+    work: list[tuple[fv.VCase, int]], jobs: int, keep: Path | None
+) -> Iterable[fv.VSamples | str]:
     if jobs <= 1:
         with quiet_station():
             for case, n in work:
-                yield _run_safely(case, n)
+                yield _run_safely(case, n, keep)
         return
     with ProcessPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(_run_safely, case, n) for case, n in work]
+        futures = [pool.submit(_run_safely, case, n, keep) for case, n in work]
         for future in futures:
             yield future.result()
 
@@ -544,6 +556,7 @@ def run(
     parts: tuple[str, ...] = PARTS,
     selection: Selection | None = None,
     summary: list[tuple[str, str]] | None = None,
+    keep: Path | None = None,
 ) -> None:
     sel = selection or Selection()
     n_matrix = n or (N_MATRIX_QUICK if quick else N_MATRIX)
@@ -564,7 +577,9 @@ def run(
             ]
     twins: dict[str, fv.VSamples] = {}
     failed: list[str] = []
-    for samples in _run_pool(work, jobs):
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+    for samples in _run_pool(work, jobs, keep):
         if isinstance(samples, str):
             failed.append(samples)
             print(f"FAILED {samples}", file=sys.stderr, flush=True)
@@ -611,6 +626,11 @@ def main() -> None:
     parser.add_argument(
         "--jobs", type=int, default=JOBS, help=f"processes for the rig cases ({JOBS})"
     )
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="save each rig case's samples in this directory, and reuse them (resume a run)",
+    )
     parser.add_argument("--part", action="append", choices=PARTS)
     parser.add_argument("--kind", action="append", choices=fv.KINDS)
     parser.add_argument("--board", action="append", choices=fv.BOARDS)
@@ -636,6 +656,7 @@ def main() -> None:
             parts=tuple(args.part or PARTS),
             selection=selection,
             summary=summary,
+            keep=args.keep,
         )
     finally:
         _print_summary(summary, begun)
