@@ -39,58 +39,13 @@ from types import MappingProxyType
 
 from evse.errors import IllegalTransition
 from evse.limits import MIN_CURRENT
-from fieldbus.boards import PilotState
+from fieldbus.signals import PilotState
 
-
-class Status(StrEnum):
-    """OCPP 1.6 ChargePointStatus (section 7.7)."""
-
-    AVAILABLE = "Available"
-    PREPARING = "Preparing"
-    CHARGING = "Charging"
-    SUSPENDED_EV = "SuspendedEV"
-    SUSPENDED_EVSE = "SuspendedEVSE"
-    FINISHING = "Finishing"
-    RESERVED = "Reserved"
-    UNAVAILABLE = "Unavailable"
-    FAULTED = "Faulted"
-
-
-class ErrorCode(StrEnum):
-    """OCPP 1.6 ChargePointErrorCode (section 7.6)."""
-
-    NO_ERROR = "NoError"
-    CONNECTOR_LOCK_FAILURE = "ConnectorLockFailure"
-    EV_COMMUNICATION_ERROR = "EVCommunicationError"
-    GROUND_FAILURE = "GroundFailure"
-    HIGH_TEMPERATURE = "HighTemperature"
-    INTERNAL_ERROR = "InternalError"
-    LOCAL_LIST_CONFLICT = "LocalListConflict"
-    OTHER_ERROR = "OtherError"
-    OVER_CURRENT_FAILURE = "OverCurrentFailure"
-    OVER_VOLTAGE = "OverVoltage"
-    POWER_METER_FAILURE = "PowerMeterFailure"
-    POWER_SWITCH_FAILURE = "PowerSwitchFailure"
-    READER_FAILURE = "ReaderFailure"
-    RESET_FAILURE = "ResetFailure"
-    UNDER_VOLTAGE = "UnderVoltage"
-    WEAK_SIGNAL = "WeakSignal"
-
-
-class StopReason(StrEnum):
-    """OCPP 1.6 Reason for StopTransaction (section 7.33)."""
-
-    EMERGENCY_STOP = "EmergencyStop"
-    EV_DISCONNECTED = "EVDisconnected"
-    HARD_RESET = "HardReset"
-    LOCAL = "Local"
-    OTHER = "Other"
-    POWER_LOSS = "PowerLoss"
-    REBOOT = "Reboot"
-    REMOTE = "Remote"
-    SOFT_RESET = "SoftReset"
-    UNLOCK_COMMAND = "UnlockCommand"
-    DE_AUTHORIZED = "DeAuthorized"
+# Re-exported: the OCPP vocabulary is declared once, in ocpp16.vocabulary
+# (stdlib only), and imported from here by the rest of evse/.
+from ocpp16.vocabulary import ErrorCode as ErrorCode  # noqa: PLC0414
+from ocpp16.vocabulary import Status as Status  # noqa: PLC0414
+from ocpp16.vocabulary import StopReason as StopReason  # noqa: PLC0414
 
 
 class Fault(StrEnum):

@@ -47,23 +47,10 @@ from typing import Final, Protocol, Self
 
 from evse.errors import StoreError
 from ocpp16.sqlite import SqliteAccess
+from ocpp16.vocabulary import StopReason
 
 #: OCPP 1.6 Reason (StopTransaction.req ``reason``): why a transaction stopped.
-STOP_REASONS: Final = frozenset(
-    {
-        "DeAuthorized",
-        "EmergencyStop",
-        "EVDisconnected",
-        "HardReset",
-        "Local",
-        "Other",
-        "PowerLoss",
-        "Reboot",
-        "Remote",
-        "SoftReset",
-        "UnlockCommand",
-    }
-)
+STOP_REASONS: Final[frozenset[str]] = frozenset(StopReason)
 
 # Schema migrations: MIGRATIONS[n] takes user_version n to n + 1, in one
 # transaction. Append only; never edit a migration that has been released,
@@ -444,10 +431,10 @@ class Store(SqliteAccess):
                 energy, at = _raised(record, energy, at)
                 text = self._time(what, at)
                 conn.execute(
-                    "UPDATE transactions SET stop_reason = 'PowerLoss', meter_stop_wh = ?,"
+                    "UPDATE transactions SET stop_reason = ?, meter_stop_wh = ?,"
                     " stopped_at = ?, stop_id_tag = NULL, last_meter_wh = ?, last_meter_at = ?"
                     " WHERE id = ?",
-                    (energy, text, energy, text, record.id),
+                    (StopReason.POWER_LOSS.value, energy, text, energy, text, record.id),
                 )
                 done = self._get(conn, record.id)
                 if journal is not None:

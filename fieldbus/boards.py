@@ -22,7 +22,6 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
@@ -33,26 +32,10 @@ from fieldbus.errors import DeviceDataError, Unsupported
 from fieldbus.master import ModbusMaster, Wanted
 from fieldbus.registers import DType, Field, Table
 
-
-class PilotState(StrEnum):
-    """Control-pilot states, IEC 61851-1 table A.3 (raw, as the board reports)."""
-
-    A = "A"  # +12 V: no vehicle
-    B = "B"  # +9 V: vehicle connected, not ready
-    C = "C"  # +6 V: vehicle ready, charging
-    D = "D"  # +3 V: ready, ventilation required
-    E = "E"  # 0 V: short to PE / pilot error, or EVSE not available
-    F = "F"  # -12 V: EVSE not available / fault
-
-
-class BoardFault(StrEnum):
-    RCD_TRIP = "rcd_trip"
-    RCD_SELFTEST = "rcd_selftest_failed"
-    DIODE = "diode_check_failed"
-    VENTILATION = "ventilation_required"
-    PILOT = "pilot_error"
-    OVERTEMPERATURE = "overtemperature"
-    DEVICE = "device_error"
+# Re-exported: the pilot state and fault flags live in fieldbus.signals (no
+# trio, no pymodbus) so the sans-I/O charging core can import them.
+from fieldbus.signals import BoardFault as BoardFault  # noqa: PLC0414
+from fieldbus.signals import PilotState as PilotState  # noqa: PLC0414
 
 
 @dataclass(frozen=True, slots=True)

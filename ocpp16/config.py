@@ -653,11 +653,15 @@ KEYS: Final[tuple[Key, ...]] = (
         installer="security.access_key",
     ),
     # -- OCPP 1.6 §9.1 keys station-spec §2 asks for where the reference is silent --
+    # Not a declared fact: the OCPP session answers GetConfiguration with exactly
+    # the feature profiles registered with it (ocpp16.profiles), so a profile
+    # that would answer NotSupported is never advertised. This default is what
+    # is read without a session (evse config get): the one profile always there.
     Key(
         "SupportedFeatureProfiles",
         Kind.STR,
-        "Core,LocalAuthListManagement,SmartCharging,RemoteTrigger,Reservation,FirmwareManagement",
-        "Feature profiles the station offers.",
+        "Core",
+        "Feature profiles the station offers (the OCPP session reports the ones it runs).",
         access=_R,
     ),
     Key(

@@ -20,8 +20,10 @@ import pytest
 import trio
 import trio.testing
 
-from ocpp16.chargepoint import CALL_TIMEOUT, DEFAULT_BOOT_RETRY
+from ocpp16.channel import CALL_TIMEOUT
+from ocpp16.chargepoint import DEFAULT_BOOT_RETRY
 from ocpp16.metering import format_time
+from ocpp16.profiles import Handler, Task
 from ocpp16.rpc import CallErrorReceived, CallResultReceived, IncomingCall
 from tests.chargepoint_rig import (
     EPOCH,
@@ -941,6 +943,147 @@ async def test_change_configuration_answers(tmp_path: Path, clock: trio.testing.
         for payload, status in cases:
             assert await cs.result("ChangeConfiguration", payload) == {"status": status}
         assert rig.config.get_int("MeterValueSampleInterval") == 30
+
+
+# ------------------------------------------------------------ feature profiles
+
+#: The central system's calls of each OCPP 1.6 feature profile (section 3.1).
+PROFILE_CALLS: dict[str, tuple[str, ...]] = {
+    "Core": (
+        "ChangeAvailability",
+        "ChangeConfiguration",
+        "ClearCache",
+        "DataTransfer",
+        "GetConfiguration",
+        "RemoteStartTransaction",
+        "RemoteStopTransaction",
+        "Reset",
+        "UnlockConnector",
+    ),
+    "FirmwareManagement": ("GetDiagnostics", "UpdateFirmware"),
+    "LocalAuthListManagement": ("GetLocalListVersion", "SendLocalList"),
+    "Reservation": ("CancelReservation", "ReserveNow"),
+    "SmartCharging": ("ClearChargingProfile", "GetCompositeSchedule", "SetChargingProfile"),
+    "RemoteTrigger": ("TriggerMessage",),
+}
+#: One valid call of each profile but Core.
+PROFILE_SAMPLE_CALL: dict[str, tuple[str, dict[str, Any]]] = {
+    "FirmwareManagement": ("GetDiagnostics", {"location": "ftp://example.com/logs/"}),
+    "LocalAuthListManagement": ("GetLocalListVersion", {}),
+    "Reservation": ("CancelReservation", {"reservationId": 1}),
+    "SmartCharging": ("ClearChargingProfile", {}),
+    "RemoteTrigger": ("TriggerMessage", {"requestedMessage": "Heartbeat"}),
+}
+
+
+async def supported_profiles(cs: CentralSystem) -> list[str]:
+    got = await cs.result("GetConfiguration", {"key": ["SupportedFeatureProfiles"]})
+    (entry,) = got["configurationKey"]
+    assert entry["readonly"] is True
+    value: str = entry["value"]
+    return value.split(",")
+
+
+def task_names() -> set[str]:
+    """The names of every task running now."""
+    names: set[str] = set()
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    stack = [root]
+    while stack:
+        task = stack.pop()
+        names.add(task.name)
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return names
+
+
+async def test_supported_feature_profiles_never_lists_a_profile_that_is_not_registered(
+    tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    async with open_rig(tmp_path, clock) as rig:
+        cs = await registered(rig)
+        advertised = await supported_profiles(cs)
+        assert advertised == ["Core"]  # the only profile registered today
+        assert advertised == list(rig.cp.profiles.names)
+        # An advertised profile answers every call of its own; one not advertised
+        # answers none (NotSupported), so the list names no NotSupported profile.
+        for profile, actions in PROFILE_CALLS.items():
+            handled = [a for a in actions if rig.cp.profiles.handler(a) is not None]
+            assert handled == (list(actions) if profile in advertised else []), profile
+        for profile, (action, payload) in PROFILE_SAMPLE_CALL.items():
+            if profile not in advertised:
+                assert await error_code(cs, action, payload) == "NotSupported", profile
+        # The full list says the same.
+        everything = await cs.result("GetConfiguration", {})
+        (entry,) = [
+            k for k in everything["configurationKey"] if k["key"] == "SupportedFeatureProfiles"
+        ]
+        assert entry["value"] == ",".join(advertised)
+
+
+class ReservationStub:
+    """A feature profile as a later module registers one: a name, handlers, a task."""
+
+    name = "Reservation"
+
+    def __init__(self) -> None:
+        self.reserved: list[dict[str, Any]] = []
+        self.task_started: list[float] = []
+        self.handlers: dict[str, Handler] = {
+            "ReserveNow": self.reserve_now,
+            "CancelReservation": self.cancel_reservation,
+        }
+
+    def tasks(self) -> tuple[Task, ...]:
+        return (Task("reservation expiry", self.expire),)
+
+    async def expire(self) -> None:
+        self.task_started.append(trio.current_time())
+        await trio.sleep_forever()
+
+    async def reserve_now(self, payload: dict[str, Any]) -> dict[str, Any]:
+        self.reserved.append(payload)
+        return {"status": "Accepted"}
+
+    async def cancel_reservation(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return {"status": "Rejected"}
+
+
+async def test_a_registered_profile_answers_its_calls_runs_its_task_and_is_advertised(
+    tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    async with open_rig(tmp_path, clock) as rig:
+        reservation = ReservationStub()
+        rig.cp.register(reservation)
+        with pytest.raises(ValueError, match="registered twice"):
+            rig.cp.register(ReservationStub())
+        cs = await registered(rig)
+        assert await supported_profiles(cs) == ["Core", "Reservation"]
+        reserve = {
+            "connectorId": 1,
+            "expiryDate": "2030-01-01T00:00:00Z",
+            "idTag": "TAG1",
+            "reservationId": 1,
+        }
+        assert await cs.result("ReserveNow", reserve) == {"status": "Accepted"}
+        assert reservation.reserved == [reserve]
+        assert await cs.result("CancelReservation", {"reservationId": 1}) == {"status": "Rejected"}
+        # Its task started with the session, once registered, by its name, with
+        # the session's own.
+        assert reservation.task_started == [0.0]
+        assert {
+            "ocpp reader",
+            "ocpp answerer",
+            "ocpp call timer",
+            "heartbeat",
+            "status notifications",
+            "transaction queue",
+            "reservation expiry",
+        } <= task_names()
+        # Another profile's calls stay NotSupported.
+        trigger = {"requestedMessage": "Heartbeat"}
+        assert await error_code(cs, "TriggerMessage", trigger) == "NotSupported"
 
 
 # ---------------------------------------------------------------------- robustness

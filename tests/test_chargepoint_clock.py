@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from evse.store import Store
-from ocpp16.chargepoint import BOOT_ID, UNSYNCED, ChargePoint, Identity
+from ocpp16.chargepoint import ChargePoint, Identity
+from ocpp16.clock import BOOT_ID, UNSYNCED
 from ocpp16.config import Configuration
 from ocpp16.metering import format_time
 from ocpp16.queue import TransactionQueue

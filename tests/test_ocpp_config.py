@@ -116,7 +116,7 @@ SPEC_2: list[tuple[str, str, str, tuple[str, ...], tuple[str, ...]]] = [
     # OCPP 1.6 keys the spec adds where the reference is silent.
     (
         "SupportedFeatureProfiles",
-        "Core,LocalAuthListManagement,SmartCharging,RemoteTrigger,Reservation,FirmwareManagement",
+        "Core",
         "R",
         (),
         ("Core",),
