@@ -28,10 +28,16 @@ judges only what the hardware says against what was commanded.
   A relay *drive* bit (the EVSE DIN's 1007 b0, ``BoardStatus.relay_on``) is
   not feedback and is never passed here as ``contactor_closed``: the drive
   drops whether or not the contacts open (docs/device-maps.md).
+
+  Neither check judges while the board, silent for (nearly) its watchdog
+  period, may be applying its hardware failsafe current (``failsafe``): that
+  current flows by design. Once the board answers again, the clock of the
+  current check restarts, so the EV gets its allowance to stop drawing.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,6 +45,11 @@ from evse.connector import Fault, FaultCleared, FaultRaised
 
 #: Below this a meter's phase current is noise, not a load (A).
 CURRENT_NOISE = 0.5
+
+#: A board's hardware failsafe may have tripped once it has been silent for this
+#: share of its watchdog period: the board's own timer started at the last
+#: request it heard, which may be a little before the last reading completed.
+FAILSAFE_SLACK = 0.9
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +77,13 @@ class SafetyMonitor:
         self._write_failed_at: float | None = None
         self._over_since: float | None = None
         self._active: dict[Fault, str] = {}
+        #: The board's hardware failsafe: its watchdog period and the most it may
+        #: apply on its own (0: none or armed with 0; inf: not known yet).
+        self._failsafe_watchdog = math.inf
+        self._failsafe_amps = 0.0
+        #: When the board answered again after a silence in which its failsafe
+        #: may have applied current (the weld clock restarts there).
+        self._failsafe_left = -math.inf
 
     # -- what the pollers and the station report --------------------------------
 
@@ -75,6 +93,10 @@ class SafetyMonitor:
         ``contactor_closed`` is auxiliary-contact feedback, None where the board
         has none (a relay drive state is not feedback: pass None for it).
         """
+        if self.failsafe_possible(now):
+            # The board hears requests again and leaves its failsafe: judge the
+            # contactor from here, once the EV has had its allowance to stop.
+            self._failsafe_left = now
         self.board_seen = now
         self.contactor_closed = contactor_closed
         self.contactor_at = now
@@ -89,6 +111,20 @@ class SafetyMonitor:
                 self._over_since = now
         else:
             self._over_since = None
+
+    def failsafe(self, *, watchdog: float, at_most: float) -> None:
+        """The board's hardware failsafe: after ``watchdog`` s without a request it
+        applies up to ``at_most`` A of its own accord (0: it switches off)."""
+        self._failsafe_watchdog = watchdog
+        self._failsafe_amps = at_most
+
+    def failsafe_possible(self, now: float) -> bool:
+        """Whether the board, silent this long, may be applying its failsafe current:
+        current then flows by design, so it says nothing about the contactor."""
+        return (
+            self._failsafe_amps > 0
+            and now - self.board_seen >= self._failsafe_watchdog * FAILSAFE_SLACK
+        )
 
     def command(self, now: float, amps: float) -> None:
         """The station is about to command ``amps``.
@@ -142,7 +178,8 @@ class SafetyMonitor:
         # Welded: only once the board has acknowledged the off (an off still in
         # flight, or refused, proves nothing about the contactor).
         off_since = self.written_at if self.commanded == 0 else None
-        if off_since is not None:
+        if off_since is not None and not self.failsafe_possible(now):
+            off_since = max(off_since, self._failsafe_left)
             # Current is judged on every board, feedback or not: an EV may take
             # the allowance to stop drawing, after that any current means the
             # contacts did not open. The reading must itself be fresh; a stale

@@ -90,6 +90,7 @@ from evse.store import Store, TransactionRecord
 from fieldbus.boards import Board, BoardFault, BoardStatus, PilotState
 from fieldbus.errors import FieldbusError, Superseded
 from fieldbus.meters import Meter, MeterReading
+from ocpp16.vocabulary import TRANSACTION_STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +174,30 @@ class _Recompute:
     """Recompute the offer (a limit input changed)."""
 
 
+@dataclass(eq=False)
+class _Begin:
+    """A transaction's start, written by a task of its own: the loop goes on
+    (status, faults) while it waits for the previous end, the meter and the disk."""
+
+    id_tag: str
+    done: trio.Event = field(default_factory=trio.Event)
+    #: Set once the record is on disk; None with ``error`` when it could not be.
+    record: TransactionRecord | None = None
+    error: str | None = None
+    #: The connector ended the transaction before its start was written.
+    ended: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Begun:
+    """A transaction's start is written (or failed): tell the loop."""
+
+    begin: _Begin
+
+
 _RECOMPUTE = _Recompute()
 
-_Item = Event | _Call | _Tripped | _Recompute
+_Item = Event | _Call | _Tripped | _Recompute | _Begun
 
 
 class Station:
@@ -249,6 +271,27 @@ class Station:
         #: Set once the last transaction's end is written (or given up).
         self._ending = trio.Event()
         self._ending.set()
+        #: A transaction's start being written, and the current above 0 that
+        #: waits for it (written once the record is on disk).
+        self._beginning: _Begin | None = None
+        self._held_current: float | None = None
+        self._held_status: Callable[[], Awaitable[None]] | None = None
+        #: The board's hardware failsafe current: the fallback while a transaction
+        #: runs on disk (``_failsafe_for``: ids), else 0, so that an EV with no
+        #: transaction is never charged by it. ``_failsafe_at_most`` is the most
+        #: the board may hold (inf until the first write goes through).
+        self._failsafe_for: set[int] = set()
+        self._failsafe_written: float | None = None
+        #: The watchdog period has been written since the start.
+        self._failsafe_armed = False
+        self._failsafe_at_most = math.inf if board.capabilities.failsafe else 0.0
+        self._failsafe_wakeup = trio.Event()
+        self._failsafe_settled = trio.lowlevel.ParkingLot()
+        #: Waits of transaction ends kept open while the board is silent; the
+        #: station's exit cancels them (the end is then written with what it has).
+        self._end_waits: set[trio.CancelScope] = set()
+        self._end_kept_open: int | None = None
+        self._stopping = False
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -260,11 +303,14 @@ class Station:
             self.monitor = SafetyMonitor(self.settings.safety, now=trio.current_time())
             nursery.start_soon(self._off_lane, name="trip lane")
             nursery.start_soon(self._on_lane, name="current commands")
+            if self.board.capabilities.failsafe:
+                nursery.start_soon(self._failsafe_lane, name="hardware failsafe")
             nursery.start_soon(self._tell_central, name="central-system notices")
             await nursery.start(self._run_loop, name="station loop")
             # The silence clocks start with the pollers, not before: a slow
             # start-up (disk, bus) is not a silent device.
             self.monitor = SafetyMonitor(self.settings.safety, now=trio.current_time())
+            self._tell_monitor_failsafe()
             nursery.start_soon(self._poll_board, name="board poller")
             nursery.start_soon(self._poll_meter, name="meter poller")
             nursery.start_soon(self._watch_safety, name="safety monitor")
@@ -273,22 +319,33 @@ class Station:
             task_status.started()
 
     async def _run_loop(self, *, task_status: trio.TaskStatus[None]) -> None:
-        await self._startup()
-        task_status.started()
-        async for item in self._receive:
-            self.loop_alive = trio.current_time()
-            match item:
-                case _Call():
-                    await self._run_call(item)
-                case _Tripped(event=event):
-                    try:
-                        await self._handle(event)
-                    finally:
-                        self._trips -= 1
-                case _Recompute():
-                    await self._recompute_limit()
-                case _:
-                    await self._handle(item)
+        try:
+            await self._startup()
+            task_status.started()
+            async for item in self._receive:
+                self.loop_alive = trio.current_time()
+                match item:
+                    case _Call():
+                        await self._run_call(item)
+                    case _Tripped(event=event):
+                        try:
+                            await self._handle(event)
+                        finally:
+                            self._trips -= 1
+                    case _Recompute():
+                        await self._recompute_limit()
+                    case _Begun(begin=begin):
+                        await self._begun(begin)
+                    case _:
+                        await self._handle(item)
+        finally:
+            # The station stops: an end kept open for a silent board is written now,
+            # with the last reading (the supervisor has switched off or is about to).
+            self._stopping = True
+            for scope in self._end_waits:
+                scope.cancel()
+            # The failsafe lane stops too; the supervisor's switch-off arms 0.
+            self._failsafe_settled.unpark_all()
 
     async def _run_call(self, call: _Call) -> None:
         """A request's failure goes back to whoever asked, and the loop carries on,
@@ -333,14 +390,8 @@ class Station:
             await self._recover(reading)
         self._take_meter(reading)
         await self._execute(self.connector.start())
-        if board.capabilities.failsafe:
-            # A dead firmware ends at the fallback limit (or off): station-spec 3.
-            await self._quietly(
-                "arm failsafe",
-                board.arm_failsafe,
-                self.settings.failsafe_watchdog,
-                self._failsafe_current(self.fallback),
-            )
+        # No transaction runs now (recovery ended any): the failsafe is armed with 0.
+        self._want_failsafe()
         if board.capabilities.stop_by_disable:
             # Off on this board means disabled too: enabled with the first current.
             await self._quietly("disable board", board.set_enabled, False)
@@ -415,12 +466,14 @@ class Station:
         for effect in effects:
             match effect:
                 case SetCurrent(amps=amps):
-                    await self._set_current(amps)
+                    if amps > 0 and self._beginning is not None:
+                        # Written once its transaction is on disk (latest wins).
+                        self._held_current = amps
+                    else:
+                        self._held_current = None
+                        await self._set_current(amps)
                 case BeginTransaction(id_tag=id_tag, meter_start_wh=meter_start):
-                    if not await self._begin(id_tag, meter_start):
-                        # Not on disk: the current that would follow must not
-                        # be sent. The fault switches off and ends the attempt.
-                        return
+                    self._start_begin(id_tag, meter_start)
                 case EndTransaction(reason=reason, meter_stop_wh=meter_stop, id_tag=id_tag):
                     await self._end(reason, meter_stop, id_tag)
                 case StatusChanged(status=status, error_code=code, info=info):
@@ -432,15 +485,20 @@ class Station:
                         code.value,
                         info,
                     )
-                    self._notify(
-                        partial(
-                            self.central.status_changed,
-                            self.settings.connector_id,
-                            status,
-                            code,
-                            info,
-                        )
+                    notice = partial(
+                        self.central.status_changed,
+                        self.settings.connector_id,
+                        status,
+                        code,
+                        info,
                     )
+                    if self._beginning is not None and status in TRANSACTION_STATUSES:
+                        # A transaction's status follows its StartTransaction (OCPP
+                        # 1.6 4.8/4.9 order); any other status goes out at once.
+                        self._held_status = notice
+                    else:
+                        self._held_status = None
+                        self._notify(notice)
                 case StartTimer(name=name, deadline=deadline):
                     self._timers[name] = deadline
                     self._timers_changed.set()
@@ -595,35 +653,74 @@ class Station:
             self.monitor.meter_reading(reading.read_at, list(reading.current))
             self._safety_changed()
 
-    async def _begin(self, id_tag: str, meter_start: float) -> bool:
-        # The previous transaction's end first (the store allows one running).
-        await self._ending.wait()
-        reading = await self._read_meter_now()
-        if reading is not None and reading.energy_import_wh is not None:
-            meter_start, started_at = reading.energy_import_wh, reading.timestamp
-        else:
-            started_at = datetime.now(UTC)
-        journal = self.central.journal()
+    def _start_begin(self, id_tag: str, meter_start: float) -> None:
+        """The connector started a transaction: its record is written by a task of
+        its own; the current that follows waits for it (``_held_current``)."""
+        begin = _Begin(id_tag)
+        self._beginning = begin
+        # The previous end first (the store allows one running transaction).
+        previous = self._ending
+        assert self._nursery is not None
+        self._nursery.start_soon(
+            self._begin, begin, meter_start, previous, name=f"start for {id_tag}"
+        )
+
+    async def _begin(self, begin: _Begin, meter_start: float, previous: trio.Event) -> None:
         try:
-            record = await self._offload(
-                partial(
-                    self.store.begin_transaction,
-                    connector_id=self.settings.connector_id,
-                    id_tag=id_tag,
-                    meter_start_wh=meter_start,
-                    started_at=started_at,
-                    journal=journal,
+            await previous.wait()
+            reading = await self._read_meter_now()
+            if reading is not None and reading.energy_import_wh is not None:
+                meter_start, started_at = reading.energy_import_wh, reading.timestamp
+            else:
+                started_at = datetime.now(UTC)
+            journal = self.central.journal()
+            try:
+                record = await self._offload(
+                    partial(
+                        self.store.begin_transaction,
+                        connector_id=self.settings.connector_id,
+                        id_tag=begin.id_tag,
+                        meter_start_wh=meter_start,
+                        started_at=started_at,
+                        journal=journal,
+                    )
                 )
-            )
-        except (StoreError, EvseError) as exc:
-            log.error("transaction not started: %s", exc)
-            await self._handle(FaultRaised(Fault.INTERNAL, f"store: {exc}"))
-            return False
-        self.tx = record
-        self._last_persist = trio.current_time()
-        log.info("transaction %d started for %s at %.1f Wh", record.id, id_tag, meter_start)
-        self._notify(partial(self.central.transaction_started, record))
-        return True
+            except (StoreError, EvseError) as exc:
+                log.error("transaction not started: %s", exc)
+                begin.error = str(exc)
+            else:
+                begin.record = record
+                # On disk: a dead firmware may now leave the board at the fallback.
+                self._failsafe_for.add(record.id)
+                self._want_failsafe()
+                log.info(
+                    "transaction %d started for %s at %.1f Wh", record.id, begin.id_tag, meter_start
+                )
+                self._notify(partial(self.central.transaction_started, record))
+        finally:
+            begin.done.set()
+        await self._send.send(_Begun(begin))
+
+    async def _begun(self, begin: _Begin) -> None:
+        """On the loop: the start is written; the held current may go out."""
+        held, self._held_current = self._held_current, None
+        status, self._held_status = self._held_status, None
+        if status is not None and begin.record is not None:
+            self._notify(status)
+        if begin.record is not None:
+            self._beginning = None
+            if not begin.ended:
+                self.tx = begin.record
+                self._last_persist = trio.current_time()
+                if held is not None:
+                    await self._set_current(held)
+            return
+        try:
+            # Not on disk: no current. The fault switches off and ends the attempt
+            # (``_end`` sees the failed start and has nothing to write).
+            await self._handle(FaultRaised(Fault.INTERNAL, f"store: {begin.error}"))
+        finally:
+            self._beginning = None
 
     async def _end(self, reason: StopReason, meter_stop: float, id_tag: str | None) -> None:
         """The transaction is over for the connector at once (its off-write has been
@@ -631,20 +728,30 @@ class Station:
         neither the loop (status, faults) nor a shutdown waits on a silent board,
         the meter or the disk, and a cancellation cannot lose the end."""
         tx, self.tx = self.tx, None
-        if tx is None:
-            log.error("transaction end (%s) without a transaction on record", reason.value)
-            return
+        source: TransactionRecord | _Begin
+        if tx is not None:
+            source = tx
+        else:
+            begin = self._beginning
+            if begin is None:
+                log.error("transaction end (%s) without a transaction on record", reason.value)
+                return
+            if begin.done.is_set() and begin.record is None:
+                return  # its start was never written: nothing to end
+            # Ended before its start was written: the end follows the start.
+            begin.ended = True
+            source = begin
         done = trio.Event()
         self._ending = done
         assert self._nursery is not None
         self._nursery.start_soon(
-            self._write_end, tx, reason, meter_stop, id_tag, done, name=f"end of {tx.id}"
+            self._write_end, source, reason, meter_stop, id_tag, done, name=f"end ({reason.value})"
         )
         await trio.lowlevel.checkpoint()
 
     async def _write_end(
         self,
-        tx: TransactionRecord,
+        source: TransactionRecord | _Begin,
         reason: StopReason,
         meter_stop: float,
         id_tag: str | None,
@@ -652,17 +759,25 @@ class Station:
     ) -> None:
         try:
             with trio.CancelScope(shield=True):
+                if isinstance(source, _Begin):
+                    await source.done.wait()
+                    if source.record is None:
+                        return
+                    tx = source.record
+                else:
+                    tx = source
                 reading: MeterReading | None = None
-                acknowledged = False
-                # Waiting is bounded; the commit after it never is (an end
+                # Waiting is bounded (END_DEADLINE from here, or from when a board
+                # kept silent answers again); the commit after it never is (an end
                 # abandoned half-way would leave the transaction running).
-                with trio.move_on_after(END_DEADLINE):
-                    # Read once the off-write the connector emitted first is
-                    # acknowledged: the energy that flowed until then belongs to
-                    # this transaction. A board silent for longer is a fault already.
-                    acknowledged = await self._wait_off_acknowledged(
-                        self.settings.safety.board_timeout
-                    )
+                read_until = trio.current_time() + END_DEADLINE
+                acknowledged = await self._end_switched_off(tx)
+                if self._end_kept_open == tx.id:
+                    read_until = trio.current_time() + END_DEADLINE
+                # Read once the off-write the connector emitted first is
+                # acknowledged: the energy that flowed until then belongs to this
+                # transaction.
+                with trio.move_on_at(read_until):
                     reading = await self._read_meter_now()
                 if not acknowledged:
                     log.error("transaction %d: off not acknowledged; ending it anyway", tx.id)
@@ -700,6 +815,106 @@ class Station:
                 log.exception("central-system port failed")
         finally:
             done.set()
+
+    async def _end_switched_off(self, tx: TransactionRecord) -> bool:
+        """Wait for the end's off acknowledgement and, where the board has a hardware
+        failsafe, for the failsafe current back at 0; True when both went through.
+
+        Bounded (``board_timeout``), except while the board's failsafe may apply
+        a current of its own: the transaction then stays open until the board
+        answers (or the station stops), so that the energy a silent board's
+        failsafe delivers belongs to it, never to no transaction.
+        """
+        self._failsafe_for.discard(tx.id)
+        self._want_failsafe()
+        kept_open = self._failsafe_at_most > 0
+        with trio.move_on_after(self.settings.safety.board_timeout):
+            await self._wait_off_acknowledged(math.inf)
+            await self._wait_failsafe_off()
+            return True
+        if not kept_open or self._stopping:
+            return False
+        self._end_kept_open = tx.id
+        log.error(
+            "transaction %d kept open: the board does not answer, and its failsafe"
+            " may apply %.1f A until it does",
+            tx.id,
+            self._failsafe_at_most,
+        )
+        # Only this wait is cut short by the station's exit (see _run_loop).
+        with trio.CancelScope() as waits:
+            self._end_waits.add(waits)
+            try:
+                await self._wait_off_acknowledged(math.inf)
+                await self._wait_failsafe_off()
+                log.info("transaction %d: the board answers again; ending it", tx.id)
+                return True
+            finally:
+                self._end_waits.discard(waits)
+        return False
+
+    # -- the hardware failsafe -----------------------------------------------------------
+
+    def _want_failsafe(self) -> None:
+        """The failsafe current for what runs now: the fallback (clamped) while a
+        transaction is on disk, else 0 (station-spec 3: the failsafe is the
+        fallback limit's hardware twin, and the fallback is a transaction's)."""
+        if self.board.capabilities.failsafe:
+            self._failsafe_wakeup.set()
+
+    def _failsafe_target(self) -> float:
+        return self._failsafe_current(self.fallback) if self._failsafe_for else 0.0
+
+    def _tell_monitor_failsafe(self) -> None:
+        if self.monitor is not None and self.board.capabilities.failsafe:
+            self.monitor.failsafe(
+                watchdog=self.settings.failsafe_watchdog, at_most=self._failsafe_at_most
+            )
+            self._safety_changed()
+
+    async def _failsafe_lane(self) -> None:
+        """Keeps the board's failsafe current at its target (latest wins, retried)."""
+        while True:
+            await self._failsafe_wakeup.wait()
+            self._failsafe_wakeup = trio.Event()
+            want = self._failsafe_target()
+            if want == self._failsafe_written:
+                self._failsafe_settled.unpark_all()
+                continue
+            if self.commanded == 0:
+                # An off that is wanted reaches the board first (a board that
+                # answers again after a silence gets the off-write first).
+                await self._wait_off_acknowledged(math.inf)
+            # While it is written, the board may hold either value.
+            self._failsafe_at_most = max(self._failsafe_at_most, want)
+            self._tell_monitor_failsafe()
+            try:
+                with trio.fail_after(self.settings.off_deadline):
+                    if self._failsafe_armed:
+                        # The watchdog is armed: the current alone (one request).
+                        await self.board.set_failsafe_current(want)
+                    else:
+                        await self.board.arm_failsafe(self.settings.failsafe_watchdog, want)
+                        self._failsafe_armed = True
+            except (FieldbusError, ValueError, trio.TooSlowError) as exc:
+                self._failsafe_written = None
+                why = str(exc) or f"no answer within {self.settings.off_deadline:g} s"
+                self._log_rarely("failsafe", f"failsafe not armed with {want:g} A: {why}")
+                await trio.sleep(OFF_RETRY)
+                self._failsafe_wakeup.set()
+                continue
+            self._failsafe_written = want
+            self._failsafe_at_most = want
+            self._tell_monitor_failsafe()
+            self._failsafe_settled.unpark_all()
+            if self._failsafe_target() != want:
+                self._failsafe_wakeup.set()
+
+    async def _wait_failsafe_off(self) -> None:
+        """Until the board's failsafe holds 0 (at once on a board without one, and
+        once the station stops: the supervisor's switch-off arms it with 0)."""
+        while self._failsafe_at_most > 0 and not self._stopping:
+            await self._failsafe_settled.park()
 
     def _persist_latched(self) -> None:
         """Written by a task of its own (in order), not on the loop."""
@@ -1074,15 +1289,8 @@ class Station:
         await self.call(apply)
 
     async def set_fallback(self, amps: float) -> None:
-        """A new fallback limit: re-arm the board's failsafe with it (here, on the
-        caller's time, not the loop's), then recompute the offer."""
-        if self.board.capabilities.failsafe:
-            await self._quietly(
-                "re-arm failsafe",
-                self.board.arm_failsafe,
-                self.settings.failsafe_watchdog,
-                self._failsafe_current(amps),
-            )
+        """A new fallback limit: the offer is recomputed, and the board's failsafe
+        re-armed with it while a transaction runs (by its own task)."""
 
         async def apply() -> None:
             self.fallback = effective_fallback(
@@ -1090,6 +1298,7 @@ class Station:
                 installer_max=self.settings.installer_max,
                 hardware_max=self.board.capabilities.max_current,
             )
+            self._want_failsafe()
             await self._recompute_limit()
 
         await self.call(apply)

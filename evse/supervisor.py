@@ -268,7 +268,8 @@ class Supervisor:
     async def switch_off(self, board: Board, store: Store) -> None:
         """The one switch-off sequence, the last word on every way out (fault,
         exception, cancellation, SIGTERM, a wedged loop): current 0, then the
-        board disabled, then the transaction record ended.
+        board disabled, then its hardware failsafe armed with 0, then the
+        transaction record ended.
 
         Each step runs shielded (a cancellation cannot skip it) under a deadline
         (a dead bus cannot hang the shutdown; systemd would kill us anyway), and
@@ -282,6 +283,18 @@ class Supervisor:
         await self._step("allowed current 0 A", off_by, board.set_current, 0)
         if board.capabilities.enable_switch:
             await self._step("board disabled", off_by, board.set_enabled, False)
+        if board.capabilities.failsafe:
+            # A board left with its failsafe at the fallback would charge an EV
+            # at it, on no transaction, once its watchdog expires. Its own
+            # deadline: not part of the off's budget (evse.budget), the watchdog
+            # leaves seconds for it.
+            await self._step(
+                "failsafe current 0 A",
+                trio.current_time() + self.plan.off_deadline,
+                board.arm_failsafe,
+                self.plan.station.failsafe_watchdog,
+                0.0,
+            )
         await self._step(
             "transaction record ended",
             trio.current_time() + ORPHAN_DEADLINE,

@@ -312,6 +312,16 @@ class Board:
         await write_field(self.master, self.unit, m.failsafe_current, amps, multiple=mp)
         await write_field(self.master, self.unit, m.failsafe_timeout, watchdog, multiple=mp)
 
+    async def set_failsafe_current(self, current: float) -> None:
+        """Change the failsafe current of a watchdog already armed: one write."""
+        m = self.model
+        if m.failsafe_current is None:
+            raise Unsupported(f"{m.title} has no hardware failsafe")
+        amps = self.command_value(current)
+        await write_field(
+            self.master, self.unit, m.failsafe_current, amps, multiple=m.write_multiple
+        )
+
 
 # --- EVSE DIN / EVSE-WB / SimpleEVSE (evracing) -----------------------------
 # Holding registers 1000..1009, read with function 03 and written with 16

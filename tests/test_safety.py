@@ -214,3 +214,38 @@ def test_next_deadline_is_the_earliest_verdict_due() -> None:
     assert m.next_deadline() == pytest.approx(7.5)
     assert not m.check(m.next_deadline() - 0.01)
     assert raised(m.check(m.next_deadline())) == {Fault.OVER_CURRENT}
+
+
+def test_no_weld_verdict_while_a_silent_boards_failsafe_may_apply_current() -> None:
+    """A board silent for its watchdog period may apply its failsafe current by
+    design: that current is no weld. Once it answers again, the EV gets its
+    allowance to stop drawing before any current is judged (issue 7, found by
+    the stateful test: a latched false WELDED on a Heidelberg)."""
+    m = SafetyMonitor(S, now=0)
+    m.failsafe(watchdog=10.0, at_most=6.0)
+    m.command(0, 0)
+    m.command_written(0, 0)
+    m.board_reading(1, contactor_closed=None)
+    for t in (12, 15, 20):  # silent since 1 s: failsafe from ~10 s on
+        m.meter_reading(t, [6.0, 6.0, 6.0])
+        m.check(t)
+        assert m.active == {Fault.BOARD_SILENT}
+    m.board_reading(21, contactor_closed=None)  # back: the failsafe ends
+    m.meter_reading(21, [6.0, 0.0, 0.0])
+    assert Fault.WELDED not in raised(m.check(21))
+    m.meter_reading(25.9, [6.0, 0.0, 0.0])
+    m.board_reading(25.9, contactor_closed=None)
+    assert Fault.WELDED not in raised(m.check(25.9))
+    m.meter_reading(26, [6.0, 0.0, 0.0])
+    m.board_reading(26, contactor_closed=None)
+    assert raised(m.check(26)) == {Fault.WELDED}  # still flowing 5 s after: a weld
+
+
+def test_a_failsafe_armed_with_0_hides_nothing() -> None:
+    m = SafetyMonitor(S, now=0)
+    m.failsafe(watchdog=10.0, at_most=0.0)
+    m.command(0, 0)
+    m.command_written(0, 0)
+    m.board_reading(1, contactor_closed=None)
+    m.meter_reading(12, [6.0, 0.0, 0.0])
+    assert Fault.WELDED in raised(m.check(12))

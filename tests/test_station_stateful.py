@@ -92,8 +92,9 @@ failure reproduces). ``EVSE_STATEFUL_SEED=<n>`` explores others,
 board and transport combinations left out by default. A failure prints the
 shrunk steps (paste them into ``EVERY_KIND`` or a test of their own to debug)
 and the trace. The ``test_found_*`` tests at the end are what this test found,
-shrunk: the fixed ones stay as regression tests; the open ones (``KNOWN_OPEN``)
-are strict xfails, and the property runs tolerate them meanwhile.
+shrunk, kept as regression tests. A finding not fixed yet goes into
+``KNOWN_OPEN`` (the property runs tolerate it) with a strict-xfail test; none is
+open now.
 """
 
 from __future__ import annotations
@@ -492,18 +493,18 @@ class Watch:
         station._read_meter_now = fresh_read  # type: ignore[method-assign]
         begin_tx = station._begin
 
-        async def begin_on_loop(id_tag: str, meter_start: float) -> bool:
-            # The station loop inside a transaction's start: it waits there for
-            # the previous transaction's end and for a fresh meter reading.
+        async def begin_on_loop(*args: Any) -> None:
+            # A transaction's start (its own task since the fix of FAULTED_LATE):
+            # it waits for the previous transaction's end and a fresh meter reading.
             span = Span(trio.current_time())
             self.history.spans["begin"].append(span)
             try:
-                return await begin_tx(id_tag, meter_start)
+                await begin_tx(*args)
             finally:
                 spans = self.history.spans["begin"]
                 spans[spans.index(span)] = replace(span, end=trio.current_time())
 
-        station._begin = begin_on_loop  # type: ignore[method-assign]
+        station._begin = begin_on_loop  # type: ignore[method-assign, assignment]
         monitor = station.monitor
         assert monitor is not None
         check = monitor.check
@@ -1100,17 +1101,21 @@ async def _sigterm(rig: VRig, watch: Watch) -> None:
     watch.note(f"stopped: {watch.describe()}")
 
 
-#: Findings of this test that are not fixed yet (issue 7 stays open for them).
-#: The property runs tolerate them, so that a run stays green whether or not
-#: Hypothesis meets them; each has a ``test_found_...`` below that shows it
-#: deterministically and is marked xfail(strict=True) until it is fixed.
+#: Findings of this test that are not fixed yet. The property runs tolerate them,
+#: so that a run stays green whether or not Hypothesis meets them; each has a
+#: ``test_found_...`` below that shows it deterministically, marked
+#: xfail(strict=True) until it is fixed.
 FAILSAFE_WITHOUT_TX = "failsafe closes the contactor with no transaction"
 #: Tolerated only while the loop was inside a transaction's start (_begin).
 FAULTED_LATE = "Faulted reported late"
 #: The failsafe's current flowing after the station's acknowledged off is taken
 #: for a welded contactor (tolerated only while the failsafe was tripped).
 FALSE_WELD = "WELDED raised without a weld"
-KNOWN_OPEN: frozenset[str] = frozenset({FAILSAFE_WITHOUT_TX, FAULTED_LATE, FALSE_WELD})
+#: All three were fixed: the failsafe is armed with 0 outside a transaction (and a
+#: transaction stays open while a silent board's failsafe may deliver current),
+#: the monitor does not judge a weld while the failsafe may apply current, and a
+#: transaction's start is written by a task of its own, not on the loop.
+KNOWN_OPEN: frozenset[str] = frozenset()
 TOLERATED: frozenset[str] = KNOWN_OPEN
 
 
@@ -1296,8 +1301,8 @@ def test_steps_cover_every_fault() -> None:
     assert {s.fault for s in EVERY_KIND if isinstance(s, Clear)} == set(FAULTS)
 
 
-# -- what the stateful test found, shrunk: the fixed ones stay as regression tests, the open
-# -- ones (KNOWN_OPEN) are strict xfails until they are fixed --------------------------------
+# -- what the stateful test found, shrunk: regression tests (an open one would be a strict
+# -- xfail, listed in KNOWN_OPEN) ---------------------------------------------------------------
 
 
 def test_found_bus_lock_released_twice(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -1315,12 +1320,6 @@ def test_found_bus_lock_released_twice(tmp_path_factory: pytest.TempPathFactory)
     run_example(tmp_path_factory, "ev-cc", "rtu", steps, 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: the Heidelberg failsafe is armed with the fallback limit whatever the"
-    " station does (arm it with 0 outside a transaction; keep the transaction while the"
-    " board is silent)",
-)
 def test_found_failsafe_offers_current_without_transaction(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
@@ -1333,11 +1332,6 @@ def test_found_failsafe_offers_current_without_transaction(
     run_example(tmp_path_factory, "heidelberg", "tcp", steps, 0, tolerate=frozenset())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: the failsafe current (above) flows after the station's acknowledged off,"
-    " which the safety monitor takes for a welded contactor",
-)
 def test_found_failsafe_current_latches_a_false_weld(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
@@ -1353,12 +1347,6 @@ def test_found_failsafe_current_latches_a_false_weld(
     run_example(tmp_path_factory, "heidelberg", "tcp", steps, 0, tolerate=tolerate)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: the loop waits in _begin for the previous transaction's end and for the"
-    " start's fresh meter reading, on a dead bus (the off-write went out; the Faulted"
-    " status is late)",
-)
 def test_found_faulted_reported_late_while_a_start_waits_for_the_meter(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
@@ -1423,11 +1411,6 @@ def test_found_transaction_end_abandoned_after_a_board_silence(
     run_example(tmp_path_factory, "ev-cc", "rtu", steps, 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: the loop waits in _begin for the previous transaction's end, which waits"
-    " for the silent board's off acknowledgement (the Faulted status is late)",
-)
 def test_found_faulted_reported_late_after_a_quick_restart(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
