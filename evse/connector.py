@@ -131,11 +131,17 @@ class Reservation:
     deadline: float
 
     def claimed_by(self, event: Authorized) -> bool:
-        """The reserved tag, or a tag with the reservation's parent (OCPP 1.6 5.13)."""
-        if event.id_tag == self.id_tag:
+        """The reserved tag, or a tag with the reservation's parent (OCPP 1.6 5.13).
+
+        Id tags are CiString20Type: compared case-insensitively."""
+        if _same_tag(event.id_tag, self.id_tag):
             return True
         parent = self.parent_id_tag
-        return parent is not None and event.parent_id_tag == parent
+        return parent is not None and _same_tag(event.parent_id_tag, parent)
+
+
+def _same_tag(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and a.strip().upper() == b.strip().upper()
 
 
 # -- events -------------------------------------------------------------------
@@ -211,6 +217,16 @@ class TimerExpired:
 
 
 @dataclass(frozen=True, slots=True)
+class PowerLossRecovered:
+    """At start: a transaction the power loss interrupted was ended (PowerLoss);
+    ``pilot`` is the board's first reading. With the EV still plugged in, the
+    connector is Finishing, not Preparing (OCPP 1.6 4.9: a stopped transaction
+    with the cable in is Finishing until unplugged or a new authorization)."""
+
+    pilot: PilotState
+
+
+@dataclass(frozen=True, slots=True)
 class MeterSample:
     """The latest meter reading: the start and stop values of transactions."""
 
@@ -230,6 +246,7 @@ Event = (
     | AvailabilityChanged
     | TimerExpired
     | MeterSample
+    | PowerLossRecovered
 )
 
 
@@ -247,6 +264,8 @@ class SetCurrent:
 class BeginTransaction:
     id_tag: str
     meter_start_wh: float
+    #: The reservation this transaction uses (StartTransaction.req reservationId).
+    reservation_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +314,10 @@ class Snapshot:
     #: The current last commanded to the board.
     commanded: float = 0.0
     reservation: Reservation | None = None
+    #: The reservation the authorized id tag claimed (state AUTHORIZED only): its
+    #: id goes into the transaction's start, and it holds the connector again if
+    #: the authorization lapses before the reservation expires.
+    claimed: Reservation | None = None
 
     @property
     def plugged(self) -> bool:
@@ -344,6 +367,11 @@ class Connector:
         if transition is None:
             raise IllegalTransition(self.snapshot.state.value, type(event).__name__)
         new = transition(self, self.snapshot, event, now)
+        if new.claimed is not None and new.state is not State.AUTHORIZED:
+            # A claimed reservation lives only as long as the authorization that
+            # claimed it: a transaction took it (``_begin``), or a fault or
+            # unavailability ended it (OCPP 1.6 5.13).
+            new = replace(new, claimed=None)
         self.snapshot = new
         self._report(new)
         return self._take()
@@ -447,8 +475,9 @@ def _begin(c: Connector, s: Snapshot, id_tag: str, now: float) -> Snapshot:
             c._emit(StartTimer(CONNECTION_TIMER, now + c.connection_timeout))
         return replace(s, state=State.AUTHORIZED, id_tag=id_tag)
     c._emit(CancelTimer(CONNECTION_TIMER))
-    c._emit(BeginTransaction(id_tag, s.energy_wh))
-    s = replace(s, id_tag=id_tag)
+    claimed = s.claimed.reservation_id if s.claimed is not None else None
+    c._emit(BeginTransaction(id_tag, s.energy_wh, claimed))
+    s = replace(s, id_tag=id_tag, claimed=None)
     s = replace(s, state=_tx_state(s))
     return c._command(s, _offer(s))
 
@@ -464,6 +493,14 @@ def _idle_authorize(c: Connector, s: Snapshot, e: object, now: float) -> Snapsho
     assert isinstance(e, Authorized)
     c._emit(StartTimer(CONNECTION_TIMER, now + c.connection_timeout))
     return replace(s, state=State.AUTHORIZED, id_tag=e.id_tag)
+
+
+def _idle_recovered(c: Connector, s: Snapshot, e: object, now: float) -> Snapshot:
+    assert isinstance(e, PowerLossRecovered)
+    s = _note_pilot(c, s, PilotChanged(e.pilot), now)
+    if s.state is State.IDLE and s.plugged:
+        return replace(s, state=State.FINISHING)
+    return s
 
 
 def _idle_pilot(c: Connector, s: Snapshot, e: object, now: float) -> Snapshot:
@@ -683,6 +720,8 @@ def _finishing_availability(c: Connector, s: Snapshot, e: object, now: float) ->
 
 
 _COMMON: dict[type, Transition] = {
+    # Only a fresh start can follow a power loss; anywhere else it changes nothing.
+    PowerLossRecovered: _keep,
     MeterSample: _note_meter,
     LimitChanged: _note_limit,
     FaultRaised: _raise,
@@ -705,6 +744,7 @@ TRANSITIONS: Mapping[State, Mapping[type, Transition]] = MappingProxyType(
         State.IDLE: {
             **_COMMON,
             PilotChanged: _idle_pilot,
+            PowerLossRecovered: _idle_recovered,
             Authorized: _idle_authorize,
             ReservationMade: _idle_reserve,
             StopRequested: _keep,

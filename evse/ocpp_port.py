@@ -253,9 +253,9 @@ class OcppPort:
         if station is None:
             return ("Unavailable", "NoError", "starting")
         if connector_id == 0:
-            # The charge point as a whole: unavailable only if its one connector is.
-            operative = station.connector.snapshot.operative
-            return ("Available" if operative else "Unavailable", "NoError", "")
+            # The charge point itself: its own availability and station-wide faults.
+            status, code, info = station.station_status()
+            return (status.value, code.value, info)
         c = station.connector
         info = ", ".join(f.value for f in c.snapshot.faults)
         return (c.status.value, c.error_code.value, info)
@@ -289,7 +289,7 @@ class OcppPort:
         return await station.request_stop(StopReason.REMOTE)
 
     async def change_availability(self, connector_id: int, operative: bool) -> str:
-        return await self._station().set_availability(operative)
+        return await self._station().set_availability(operative, connector_id)
 
     async def unlock(self, connector_id: int) -> str:
         """Socket version: stop any transaction (UnlockCommand); no lock actuator to drive."""

@@ -59,6 +59,7 @@ from evse.connector import (
     Connector,
     Effect,
     EndTransaction,
+    ErrorCode,
     Event,
     Fault,
     FaultCleared,
@@ -66,12 +67,14 @@ from evse.connector import (
     LimitChanged,
     MeterSample,
     PilotChanged,
+    PowerLossRecovered,
     ReservationCancelled,
     ReservationMade,
     ResetFaults,
     SetCurrent,
     StartTimer,
     State,
+    Status,
     StatusChanged,
     StopReason,
     StopRequested,
@@ -110,6 +113,9 @@ BOARD_FAULTS: dict[BoardFault, Fault] = {
     BoardFault.DEVICE: Fault.BOARD_ERROR,
 }
 
+#: Faults of the charge point as a whole, not of its connector: connector 0 reports them.
+STATION_FAULTS = frozenset({Fault.STORE, Fault.INTERNAL})
+
 #: When no deadline is ahead (verdicts given), the safety monitor looks again after this.
 SAFETY_RECHECK = 0.25
 
@@ -129,6 +135,8 @@ OFF_RETRY = 0.2
 END_DEADLINE = 5.0
 
 AVAILABILITY_KEY = "connector.{}.operative"
+#: Connector 0, the charge point itself (OCPP 1.6 5.2): its own availability.
+STATION_AVAILABILITY_KEY = "chargepoint.operative"
 LATCHED_KEY = "connector.{}.latched_faults"
 
 
@@ -292,6 +300,9 @@ class Station:
         self._end_waits: set[trio.CancelScope] = set()
         self._end_kept_open: int | None = None
         self._stopping = False
+        #: ChangeAvailability: the connector's own and the charge point's (connector 0).
+        self.connector_operative = True
+        self.station_operative = True
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -390,6 +401,8 @@ class Station:
             await self._recover(reading)
         self._take_meter(reading)
         await self._execute(self.connector.start())
+        if self.recovered:
+            await self._handle(PowerLossRecovered(status.pilot))
         # No transaction runs now (recovery ended any): the failsafe is armed with 0.
         self._want_failsafe()
         if board.capabilities.stop_by_disable:
@@ -403,7 +416,10 @@ class Station:
         for name in filter(None, (latched or "").split(",")):
             await self._handle(FaultRaised(Fault(name), "latched before the restart"))
         operative = await self._offload(store.get_setting, AVAILABILITY_KEY.format(cid))
-        if operative == "0":
+        self.connector_operative = operative != "0"
+        whole = await self._offload(store.get_setting, STATION_AVAILABILITY_KEY)
+        self.station_operative = whole != "0"
+        if not (self.connector_operative and self.station_operative):
             await self._handle(AvailabilityChanged(False))
         await self._recompute_limit()
 
@@ -1218,18 +1234,31 @@ class Station:
         result: bool = answer.unwrap()
         return result
 
-    async def set_availability(self, operative: bool) -> str:
+    async def set_availability(self, operative: bool, connector_id: int | None = None) -> str:
         """OCPP ChangeAvailability semantics: Accepted, or Scheduled during a transaction.
 
-        The setting is persisted here, by the caller, not on the loop.
+        Connector 0 is the charge point (OCPP 1.6 5.2): its change applies to it
+        and to every connector; a connector's own change leaves connector 0 as it
+        is. A connector is operative only while both say so. The settings are
+        persisted here, by the caller, not on the loop.
         """
-        key = AVAILABILITY_KEY.format(self.settings.connector_id)
+        whole = connector_id == 0
+        keys = [AVAILABILITY_KEY.format(self.settings.connector_id)]
+        if whole:
+            keys.append(STATION_AVAILABILITY_KEY)
         async with self._settings_lock:
-            await self._offload(self.store.set_setting, key, "1" if operative else "0")
+            for key in keys:
+                await self._offload(self.store.set_setting, key, "1" if operative else "0")
 
         async def apply() -> str:
-            scheduled = self.connector.snapshot.in_transaction and not operative
-            await self._handle(AvailabilityChanged(operative))
+            if whole and self.station_operative != operative:
+                self.station_operative = operative
+                self._notify(partial(self.central.status_changed, 0, *self.station_status()))
+            self.connector_operative = operative
+            effective = self.connector_operative and self.station_operative
+            scheduled = self.connector.snapshot.in_transaction and not effective
+            if effective != self.connector.snapshot.operative:
+                await self._handle(AvailabilityChanged(effective))
             return "Scheduled" if scheduled else "Accepted"
 
         result: str = await self.call(apply)
@@ -1308,6 +1337,18 @@ class Station:
         await self._send.send(_RECOMPUTE)
 
     # -- what operators see -------------------------------------------------------------
+
+    def station_status(self) -> tuple[Status, ErrorCode, str]:
+        """Connector 0's status: the charge point itself (OCPP 1.6 4.9, 5.2). It
+        follows its own availability and the faults of the station as a whole
+        (the store, the firmware), never one connector's state."""
+        whole = [f for f in self.connector.snapshot.faults if f in STATION_FAULTS]
+        if whole:
+            info = ", ".join(f.value for f in whole)
+            return (Status.FAULTED, ErrorCode.INTERNAL_ERROR, info)
+        if not self.station_operative:
+            return (Status.UNAVAILABLE, ErrorCode.NO_ERROR, "")
+        return (Status.AVAILABLE, ErrorCode.NO_ERROR, "")
 
     def view(self) -> dict[str, Any]:
         snap = self.connector.snapshot

@@ -211,6 +211,45 @@ def test_tc_013_change_availability_inoperative_is_persisted(csms: Csms, tmp_pat
         st.wait_status("Available")
 
 
+def test_change_availability_of_connector_1_leaves_connector_0_available(
+    csms: Csms, tmp_path: Path
+) -> None:
+    """Connector 0 is the charge point: it follows only a ChangeAvailability on
+    connector 0 (and station-wide faults), also after a Hard Reset (OCPP 1.6 5.2)."""
+    with station(csms, tmp_path) as st:
+        booted(csms)
+        answer = call_result(
+            csms, CP, "ChangeAvailability", {"connectorId": 1, "type": "Inoperative"}
+        )
+        assert answer == {"status": "Accepted"}
+        until(lambda: statuses(csms)[-1:] == ["Unavailable"], 10, "connector 1 Unavailable")
+        assert call_result(csms, CP, "Reset", {"type": "Hard"}) == {"status": "Accepted"}
+        # The firmware re-executes itself (ops.cli) and registers again.
+        booted(csms, 2)
+        until(lambda: statuses(csms)[-1:] == ["Unavailable"], 10, "still Unavailable")
+        assert "Unavailable" not in statuses(csms, connector=0)
+        assert statuses(csms, connector=0)[-1] == "Available"
+
+
+def test_tc_013_change_availability_of_connector_0_applies_to_every_connector(
+    csms: Csms, tmp_path: Path
+) -> None:
+    with station(csms, tmp_path) as st:
+        booted(csms)
+        answer = call_result(
+            csms, CP, "ChangeAvailability", {"connectorId": 0, "type": "Inoperative"}
+        )
+        assert answer == {"status": "Accepted"}
+        until(lambda: statuses(csms, connector=0)[-1:] == ["Unavailable"], 10, "0 Unavailable")
+        until(lambda: statuses(csms)[-1:] == ["Unavailable"], 10, "1 Unavailable")
+        answer = call_result(
+            csms, CP, "ChangeAvailability", {"connectorId": 0, "type": "Operative"}
+        )
+        assert answer == {"status": "Accepted"}
+        until(lambda: statuses(csms, connector=0)[-1:] == ["Available"], 10, "0 Available")
+        until(lambda: statuses(csms)[-1:] == ["Available"], 10, "1 Available")
+
+
 def test_change_availability_during_a_transaction_is_scheduled(csms: Csms, tmp_path: Path) -> None:
     with station(csms, tmp_path) as st:
         booted(csms)
