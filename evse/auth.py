@@ -49,12 +49,14 @@ from typing import Protocol, TypeVar
 
 import trio
 
+# The one id tag rule (OCPP 1.6 section 7, CiString20Type) is declared in ocpp16
+# (stdlib only) for both sides, and re-exported from here.
+from ocpp16.idtag import ID_TAG_MAX_LENGTH as ID_TAG_MAX_LENGTH  # noqa: PLC0414
+from ocpp16.idtag import normalize_id_tag as normalize_id_tag  # noqa: PLC0414
+
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-
-#: OCPP 1.6 IdToken (section 7): CiString20Type.
-ID_TAG_MAX_LENGTH = 20
 
 #: Source of the answer when no step decided.
 NO_SOURCE = "none"
@@ -115,31 +117,6 @@ class AuthStep(Protocol):
     name: str
 
     async def authorize(self, id_tag: str, now: datetime) -> AuthResult | None: ...
-
-
-def normalize_id_tag(raw: str) -> str:
-    """The canonical form of an identifier: stripped and upper-cased.
-
-    OCPP 1.6 (section 7) makes IdToken a CiString20Type, case-insensitive and at
-    most 20 characters, so "04a2b3c4" and "04A2B3C4 " are one card. Only
-    printable ASCII is accepted: upper-casing other text can change its
-    length ("ß" -> "SS"), so a 20-character tag could become 21, and
-    readers and central systems use ASCII identifiers.
-
-    Raises ``ValueError`` naming the value if it is empty, longer than 20
-    characters or holds a character outside printable ASCII.
-    """
-    tag = raw.strip()
-    if not tag:
-        raise ValueError(f"id tag {raw!r} is empty")
-    if len(tag) > ID_TAG_MAX_LENGTH:
-        raise ValueError(
-            f"id tag {raw!r} has {len(tag)} characters; OCPP allows at most {ID_TAG_MAX_LENGTH}"
-        )
-    bad = next((ch for ch in tag if not " " <= ch <= "~"), None)
-    if bad is not None:
-        raise ValueError(f"id tag {raw!r} holds {bad!r}, which is not printable ASCII")
-    return tag.upper()
 
 
 def _lookup_key(id_tag: str) -> str | None:
@@ -233,6 +210,31 @@ class AuthChain:
 
     def timeout_for(self, step: AuthStep) -> float:
         return self._step_timeouts.get(step.name, self._step_timeout)
+
+    def parent_of(self, id_tag: str) -> str | None:
+        """The parentIdTag (normalized) the first step holding one gives ``id_tag``.
+
+        Asks the steps that keep tables and have a ``parent_of(id_tag)`` (the
+        installer's tags, the local list, the cache), in chain order, whatever
+        the entry's status and the link state: it says which group a tag
+        belongs to, e.g. whether it may stop a transaction another tag of the
+        group started (OCPP 1.6 IdTagInfo.parentIdTag). None if none knows one.
+        A step that raises is logged and skipped.
+        """
+        for step in self._steps:
+            lookup = getattr(step, "parent_of", None)
+            if lookup is None:
+                continue
+            try:
+                parent: object = lookup(id_tag)
+            except Exception:
+                log.exception("authorization step %s: parent of %r failed", step.name, id_tag)
+                continue
+            if isinstance(parent, str):
+                key = _lookup_key(parent)
+                if key is not None:
+                    return key
+        return None
 
     async def authorize(self, id_tag: str, now: datetime) -> AuthResult:
         """The first answer of the steps, with expiry applied; Invalid if none decides.
@@ -336,6 +338,11 @@ class LocalTagList:
 
     def __len__(self) -> int:
         return len(self._statuses)
+
+    def parent_of(self, id_tag: str) -> str | None:
+        """The parent configured for ``id_tag`` (``AuthChain.parent_of``)."""
+        key = _lookup_key(id_tag)
+        return None if key is None else self._parents.get(key)
 
     async def authorize(self, id_tag: str, now: datetime) -> AuthResult | None:
         await trio.lowlevel.checkpoint()

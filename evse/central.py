@@ -29,6 +29,11 @@ class CentralSystemPort(Protocol):
         """The smart-charging limit in A now, or None when no schedule applies."""
         ...
 
+    def tx_profile_in_effect(self) -> bool:
+        """The smart-charging limit includes a TxProfile of the running transaction:
+        offline it stands instead of the fallback limit (evse/limits.py)."""
+        ...
+
     def journal(
         self, *, ending: int | None = None, stopped_at: datetime | None = None
     ) -> Journal | None:
@@ -63,6 +68,9 @@ class Standalone:
 
     def smart_charging_limit(self) -> float | None:
         return None
+
+    def tx_profile_in_effect(self) -> bool:
+        return False
 
     def journal(
         self, *, ending: int | None = None, stopped_at: datetime | None = None

@@ -10,8 +10,26 @@ changes.
 * the installer maximum (the supply the station is wired for);
 * the smart-charging limit from the central system (OCPP 1.6 section 3.13),
   when a schedule is active;
-* the fallback limit while the central system is unreachable and no schedule
-  gives a limit (station-spec section 3, "fallback limit").
+* the fallback limit while the central system is unreachable, unless a
+  TxProfile of the running transaction is in effect (station-spec section 3,
+  "fallback limit"; the precedence below).
+
+Offline: smart charging and the fallback limit
+----------------------------------------------
+The fallback limit is what applies when the central system cannot be
+reached "and no limit can be obtained". Only a TxProfile is a limit obtained
+for *this* transaction: the central system planned it knowing the
+transaction, so it keeps applying offline for the rest of the transaction
+and the fallback limit does not (``tx_profile``). A ChargePointMaxProfile or
+TxDefaultProfile is a standing policy set before the link was lost, while
+the central system could still adjust it (load management): offline it can
+no longer, so the fallback limit applies as well and the lower of the two
+wins. A stored profile never lifts the offer above the fallback limit
+offline; it may lower it. Online, or standalone (no central system
+configured: no fallback), the smart-charging limit is one input like the
+others. In short, offline the offer is the lowest of the hardware, installer
+and cable limits, the smart-charging limit, and the fallback limit unless
+``tx_profile``.
 
 IEC 61851-1 (table A.8): the PWM duty cycle cannot offer less than 6 A, so
 any result below 6 A is 0 A: charging pauses (SuspendedEVSE), it is not
@@ -56,6 +74,9 @@ class LimitInputs:
     cable: float | None = None
     smart_charging: float | None = None
     central_system: CentralSystem = CentralSystem.NOT_CONFIGURED
+    #: ``smart_charging`` includes a TxProfile of the running transaction: offline
+    #: it stands instead of the fallback limit (see the module docstring).
+    tx_profile: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +97,8 @@ def arbitrate(inputs: LimitInputs) -> Limit:
         candidates.append((inputs.cable, "cable"))
     if inputs.smart_charging is not None:
         candidates.append((inputs.smart_charging, "smart_charging"))
-    elif inputs.central_system is CentralSystem.OFFLINE:
+    planned = inputs.tx_profile and inputs.smart_charging is not None
+    if inputs.central_system is CentralSystem.OFFLINE and not planned:
         candidates.append((inputs.fallback, "fallback"))
     candidates = [(0.0 if math.isnan(a) else a, name) for a, name in candidates]
     amps, bound_by = min(candidates, key=lambda c: c[0])

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from evse.auth import AuthResult, AuthStatus
+from evse.auth import AuthResult, AuthStatus, AuthStep
 from evse.connector import ErrorCode, Status, StopReason
 from evse.errors import StoreError
 from evse.limits import CentralSystem
@@ -29,10 +29,14 @@ from evse.store import Journal, TransactionRecord
 from ocpp16.chargepoint import ChargePoint, Identity
 from ocpp16.config import Configuration
 from ocpp16.errors import OcppError
+from ocpp16.local_auth import CacheStep, ClearCacheStatus, LocalAnswer, LocalAuth, LocalListStep
 from ocpp16.metering import MeterSnapshot
+from ocpp16.profiles.remote_trigger import RemoteTriggerProfile
+from ocpp16.profiles.reservation import ReservationProfile
 from ocpp16.queue import TransactionQueue
 
 if TYPE_CHECKING:
+    from ocpp16.profile_store import ProfileStore
     from ocpp16.transport import ConnectionSettings
 
 log = logging.getLogger(__name__)
@@ -46,12 +50,17 @@ class OcppPort:
         queue: TransactionQueue,
         identity: Identity,
         connector: str = "socket",
+        local_auth: LocalAuth | None = None,
+        charging_profiles: ProfileStore | None = None,
     ) -> None:
         self.config = config
         self.queue = queue
+        #: The local authorization list and the authorization cache (None: neither).
+        self.local_auth = local_auth
         self.identity = identity
         self.connector_kind = connector
         self.station: Station | None = None
+        self._trio_token: trio.lowlevel.TrioToken | None = None
         self.connector_ids: tuple[int, ...] = (1,)
         self.on_reset: Callable[[bool], Awaitable[None]] | None = None
         #: Why the configured connection cannot be made (shown in status).
@@ -64,7 +73,14 @@ class OcppPort:
             # The charge point (its own task, not the station loop) reads the
             # files afresh before each connection attempt.
             connection_settings=self.refresh_connection_settings,
+            local_auth=local_auth,
+            charging_profiles=charging_profiles,
         )
+        smart = self.chargepoint.smart_charging
+        if smart is not None:
+            # A new limit reaches the station's arbitration as a link change does.
+            smart.limits_changed = self.link_changed
+            smart.local_limit = self._local_limit
         self._link_changed_send, self._link_changed_receive = trio.open_memory_channel[None](1)
         #: The connection the configuration asks for, built once and again only
         #: when a key it depends on changes: ``link`` is read on the station
@@ -72,15 +88,31 @@ class OcppPort:
         self._settings_cache: tuple[ConnectionSettings | None] | None = None
         config.subscribe(self._config_changed)
         self.chargepoint.meter_values_sink = self._queue_meter_values
+        #: ReserveNow / CancelReservation on the connector's Reserved state; the
+        #: parent of a tag from the local list or cache, else an Authorize.req.
+        self.reservations = ReservationProfile(
+            self.chargepoint,
+            self,
+            local_parent=local_auth.parent_of if local_auth is not None else None,
+        )
+        self.chargepoint.register(self.reservations)
+        self.chargepoint.register(RemoteTriggerProfile(self.chargepoint))
         #: Messages waiting in the queue, as last counted (``describe``).
         self.queued_messages = 0
 
     def attach(self, station: Station) -> None:
         self.station = station
+        station.parent_lookup = self.reservations.parent_of
+        self._trio_token = trio.lowlevel.current_trio_token()
+        station.stop_on_ev_disconnect(self.config.get_bool("StopTransactionOnEVSideDisconnect"))
 
     def _config_changed(self, name: str, value: object) -> None:
         if name in CONNECTION_KEYS:
             self._settings_cache = None
+        station, token = self.station, self._trio_token
+        if name == "StopTransactionOnEVSideDisconnect" and station is not None and token:
+            # Listeners run in whichever thread changed the value: hand it to trio.
+            token.run_sync_soon(station.stop_on_ev_disconnect, value is True)
 
     # -- configuration -> connection ----------------------------------------------------
 
@@ -150,8 +182,26 @@ class OcppPort:
             return CentralSystem.NOT_CONFIGURED
         return CentralSystem.ONLINE if self.chargepoint.online else CentralSystem.OFFLINE
 
+    def _connector_id(self) -> int:
+        return self.station.settings.connector_id if self.station is not None else 1
+
     def smart_charging_limit(self) -> float | None:
-        return None
+        smart = self.chargepoint.smart_charging
+        return None if smart is None else smart.limit(self._connector_id())
+
+    def tx_profile_in_effect(self) -> bool:
+        smart = self.chargepoint.smart_charging
+        return smart is not None and smart.tx_profile_in_effect(self._connector_id())
+
+    def _local_limit(self, connector_id: int) -> float:
+        """The station's own maximum (GetCompositeSchedule's local limits): board,
+        installer, the cable while one is plugged."""
+        if self.station is None:
+            return 0.0
+        inputs = self.station.limit_inputs()
+        return min(
+            a for a in (inputs.hardware_max, inputs.installer_max, inputs.cable) if a is not None
+        )
 
     def journal(self, *, ending: int | None = None, stopped_at: datetime | None = None) -> Journal:
         samples: list[dict[str, Any]] = []
@@ -173,6 +223,7 @@ class OcppPort:
             local_id=record.id,
             timestamp=record.started_at,
             begin=self.meter_snapshot(record.connector_id),
+            connector_id=record.connector_id,
         )
         await trio.lowlevel.checkpoint()
 
@@ -292,13 +343,14 @@ class OcppPort:
         return await self._station().set_availability(operative, connector_id)
 
     async def unlock(self, connector_id: int) -> str:
-        """Socket version: stop any transaction (UnlockCommand); no lock actuator to drive."""
+        """UnlockConnector (OCPP 1.6 5.18). The cable version has no lock:
+        NotSupported. The socket version: the station stops a running transaction
+        (UnlockCommand), then releases the lock and answers from the board's lock
+        detection (Unlocked / UnlockFailed); NotSupported on a board that drives
+        no lock (``Station.unlock_connector``)."""
         if self.connector_kind == "cable":
             return "NotSupported"
-        station = self._station()
-        if station.tx is not None:
-            await station.request_stop(StopReason.UNLOCK_COMMAND)
-        return "Unlocked"
+        return await self._station().unlock_connector()
 
     async def reset(self, hard: bool) -> None:
         if self.on_reset is None:
@@ -307,15 +359,52 @@ class OcppPort:
         await self.on_reset(hard)
 
     async def deauthorize(self, local_tx_id: int) -> None:
-        station = self._station()
-        if station.tx is not None and station.tx.id == local_tx_id:
-            await station.request_stop(StopReason.DE_AUTHORIZED)
+        """StopTransactionOnInvalidId true: the transaction stops with DeAuthorized."""
+        await self._station().deauthorize(local_tx_id, stop=True)
+
+    async def suspend_transaction(self, local_tx_id: int) -> None:
+        """StopTransactionOnInvalidId false: no energy for the rest of the transaction."""
+        await self._station().deauthorize(local_tx_id, stop=False)
+
+    async def reserve(
+        self,
+        connector_id: int,
+        reservation_id: int,
+        id_tag: str,
+        expiry: datetime,
+        parent_id_tag: str | None,
+    ) -> str:
+        """ReserveNow (the profile checked the connector; 0 is the one connector)."""
+        return await self._station().reserve(reservation_id, id_tag, expiry, parent_id_tag)
+
+    async def cancel_reservation(self, reservation_id: int) -> bool:
+        return await self._station().cancel_reservation(reservation_id)
 
     async def clear_cache(self) -> bool:
-        # No authorization cache yet (it comes with the Local Auth List profile).
-        return True
+        # Asked only without ``local_auth``: the charge point clears that cache itself.
+        if self.local_auth is None:
+            return True
+        status = await trio.to_thread.run_sync(self.local_auth.clear_cache)
+        return status is ClearCacheStatus.ACCEPTED
+
+    def auth_steps(self) -> list[AuthStep]:
+        """The chain's steps on the central system's side, after the installer's tags
+        (OCPP 1.6 3.5): the local list, the cache, Authorize.req, and offline the
+        unknown-id step. The policy keys are read at every request."""
+
+        def online() -> bool:
+            return self.chargepoint.online
+
+        steps: list[AuthStep] = []
+        if self.local_auth is not None:
+            steps += [
+                LocalListStep(self.local_auth, online=online, result=local_result),
+                CacheStep(self.local_auth, online=online, result=local_result),
+            ]
+        return [*steps, OnlineAuthorize(self), UnknownIdOffline(self)]
 
     def link_changed(self) -> None:
+        """Online/offline or the smart-charging limit changed: the station recomputes."""
         # One recomputation pending is enough.
         with contextlib.suppress(trio.WouldBlock):
             self._link_changed_send.send_nowait(None)
@@ -336,6 +425,7 @@ class _Journal:
             id_tag=record.id_tag,
             meter_start_wh=record.meter_start_wh,
             timestamp=record.started_at,
+            reservation_id=record.reservation_id,
         )
         self.port.queue.enqueue_on(
             conn,
@@ -394,8 +484,9 @@ CONNECTION_KEYS = frozenset(
 class OnlineAuthorize:
     """The chain's online step: Authorize.req while the central system is reachable.
 
-    Offline it has no opinion, unless AllowOfflineTxForUnknownId lets an
-    unknown tag charge (OCPP 1.6 9.1.1); the local list comes before it.
+    Offline it has no opinion (the unknown-id step after it decides); the
+    installer's tags, the local list and the cache come before it. Its answer
+    is cached by the charge point (``ChargePoint.authorize``).
     """
 
     name = "online"
@@ -405,21 +496,54 @@ class OnlineAuthorize:
 
     async def authorize(self, id_tag: str, now: datetime) -> AuthResult | None:
         cp = self.port.chargepoint
-        if cp.online:
-            info = await cp.authorize(id_tag)
-            if info is not None:
-                expiry = info.get("expiryDate")
-                return AuthResult(
-                    id_tag=id_tag,
-                    status=AuthStatus(info.get("status", "Invalid")),
-                    source="central system",
-                    parent_id_tag=info.get("parentIdTag"),
-                    expiry=datetime.fromisoformat(expiry.replace("Z", "+00:00"))
-                    if isinstance(expiry, str)
-                    else None,
-                )
+        if not cp.online:
+            await trio.lowlevel.checkpoint()
+            return None
+        info = await cp.authorize(id_tag)
+        if info is None:
+            return None
+        expiry = info.get("expiryDate")
+        return AuthResult(
+            id_tag=id_tag,
+            status=AuthStatus(info.get("status", "Invalid")),
+            source="central system",
+            parent_id_tag=info.get("parentIdTag"),
+            expiry=datetime.fromisoformat(expiry.replace("Z", "+00:00"))
+            if isinstance(expiry, str)
+            else None,
+        )
+
+
+class UnknownIdOffline:
+    """The chain's last step: offline, AllowOfflineTxForUnknownId lets an id tag that
+    no step before it decided on charge (OCPP 1.6 3.5.4, 9.1.1).
+
+    "Offline" is a configured central system that is not reachable; without
+    one configured the station is standalone and this step has no opinion. A
+    tag the list or the cache holds as Blocked, Expired or Invalid never gets
+    here: those steps refuse it offline (it is not unknown).
+    """
+
+    name = "offline unknown id"
+
+    def __init__(self, port: OcppPort) -> None:
+        self.port = port
+
+    async def authorize(self, id_tag: str, now: datetime) -> AuthResult | None:
+        await trio.lowlevel.checkpoint()
         if self.port.link is CentralSystem.OFFLINE and self.port.config.get_bool(
             "AllowOfflineTxForUnknownId"
         ):
             return AuthResult(id_tag=id_tag, status=AuthStatus.ACCEPTED, source="offline")
         return None
+
+
+def local_result(answer: LocalAnswer) -> AuthResult:
+    """A local list or cache step's answer as the chain's ``AuthResult``."""
+    return AuthResult(
+        answer.id_tag,
+        AuthStatus(answer.status.value),
+        answer.source,
+        parent_id_tag=answer.parent_id_tag,
+        expiry=answer.expiry,
+    )

@@ -37,25 +37,27 @@ pollers and the safety monitor's silence clocks start.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
 import outcome
 import trio
 
-from evse.auth import AuthChain, AuthResult
+from evse.auth import NO_SOURCE, AuthChain, AuthResult, AuthStatus
 from evse.central import CentralSystemPort, Standalone
 from evse.connector import (
-    TRANSITIONS,
+    FAULT_ERROR_CODES,
     Authorized,
     AvailabilityChanged,
     BeginTransaction,
     CancelTimer,
+    ConnectionTimeOutChanged,
     Connector,
     Effect,
     EndTransaction,
@@ -65,20 +67,25 @@ from evse.connector import (
     FaultCleared,
     FaultRaised,
     LimitChanged,
+    LockChecked,
     MeterSample,
     PilotChanged,
     PowerLossRecovered,
+    Reservation,
     ReservationCancelled,
     ReservationMade,
     ResetFaults,
     SetCurrent,
+    SetLock,
     StartTimer,
     State,
     Status,
     StatusChanged,
+    StopOnEvDisconnect,
     StopReason,
     StopRequested,
     TimerExpired,
+    UnlockRequested,
 )
 from evse.errors import (
     EvseError,
@@ -88,11 +95,12 @@ from evse.errors import (
     StoreError,
 )
 from evse.limits import Limit, LimitInputs, arbitrate, effective_fallback, failsafe_current
-from evse.safety import SafetyMonitor, SafetySettings
+from evse.safety import CURRENT_NOISE, SafetyMonitor, SafetySettings
 from evse.store import Store, TransactionRecord
-from fieldbus.boards import Board, BoardFault, BoardStatus, PilotState
+from fieldbus.boards import NOT_LOCKED, Board, BoardFault, BoardStatus, LockError, PilotState
 from fieldbus.errors import FieldbusError, Superseded
 from fieldbus.meters import Meter, MeterReading
+from ocpp16.idtag import same_id_tag
 from ocpp16.vocabulary import TRANSACTION_STATUSES
 
 log = logging.getLogger(__name__)
@@ -114,7 +122,7 @@ BOARD_FAULTS: dict[BoardFault, Fault] = {
 }
 
 #: Faults of the charge point as a whole, not of its connector: connector 0 reports them.
-STATION_FAULTS = frozenset({Fault.STORE, Fault.INTERNAL})
+STATION_FAULTS = frozenset({Fault.STORE, Fault.INTERNAL, Fault.MAINS_LOST})
 
 #: When no deadline is ahead (verdicts given), the safety monitor looks again after this.
 SAFETY_RECHECK = 0.25
@@ -133,11 +141,21 @@ OFF_RETRY = 0.2
 #: its record is written anyway, with the last reading (shielded; the commit
 #: itself is never abandoned).
 END_DEADLINE = 5.0
+#: The longest UnlockConnector waits for the lock's verdict before it answers
+#: UnlockFailed: the stop's off acknowledged, a meter reading without current,
+#: the write and ``lock_timeout`` (about 3.5 s on a healthy bus).
+UNLOCK_ANSWER_WITHIN = 10.0
+#: The source of the answer for the tag that started the running transaction,
+#: presented again: it stops it without asking the chain.
+STARTED_IT = "started the transaction"
 
 AVAILABILITY_KEY = "connector.{}.operative"
 #: Connector 0, the charge point itself (OCPP 1.6 5.2): its own availability.
 STATION_AVAILABILITY_KEY = "chargepoint.operative"
 LATCHED_KEY = "connector.{}.latched_faults"
+#: The reservation the connector holds (OCPP 1.6 ReserveNow), kept until it ends
+#: so that it survives a restart until its expiry (``_persist_reservation``).
+RESERVATION_KEY = "connector.{}.reservation"
 
 
 @dataclass(frozen=True)
@@ -160,6 +178,15 @@ class StationSettings:
     #: Meter readings of a transaction that fail to persist in a row before it is
     #: a fault (a full or failing disk must not go unnoticed).
     persist_failures: int = 3
+    #: Mains is lost when the meter reads less than this on every phase (0: unused).
+    mains_lost_voltage: float = 0.0
+    #: "socket" (a socket outlet: its lock is driven where the board has one) or
+    #: "cable" (a fixed cable: no lock), as ``station.connector`` in the config.
+    connector: str = "socket"
+    #: The socket's lock is confirmed (released) by the first board reading this
+    #: long after its command was acknowledged without a locking (unlocking)
+    #: error: the actuator's time to move and the board's to judge it.
+    lock_timeout: float = 2.0
 
 
 @dataclass
@@ -194,6 +221,8 @@ class _Begin:
     error: str | None = None
     #: The connector ended the transaction before its start was written.
     ended: bool = False
+    #: The reservation the transaction uses (its StartTransaction says so).
+    reservation_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,8 +258,13 @@ class Station:
         self.auth = auth
         self.settings = settings
         self.central: CentralSystemPort = central or Standalone()
+        #: The socket version on a board that drives a lock with feedback: every
+        #: transaction waits for the lock (``_lock_lane``); UnlockConnector is real.
+        self.lock_in_use = settings.connector == "socket" and board.capabilities.lock
         self.connector = Connector(
-            connection_timeout=settings.connection_timeout, connector_id=settings.connector_id
+            connection_timeout=settings.connection_timeout,
+            connector_id=settings.connector_id,
+            lock=self.lock_in_use,
         )
         self._send, self._receive = trio.open_memory_channel[_Item](512)
         self._persist_send, self._persist_receive = trio.open_memory_channel[
@@ -300,9 +334,26 @@ class Station:
         self._end_waits: set[trio.CancelScope] = set()
         self._end_kept_open: int | None = None
         self._stopping = False
+        #: The running transaction whose id tag the central system refused while
+        #: StopTransactionOnInvalidId is false: offered 0 A until it ends.
+        self._deauthorized: int | None = None
+        #: The parentIdTag of an id tag, for a reservation made for a parent when the
+        #: authorization gave none (OCPP 1.6 5.13: the local list or cache, else an
+        #: Authorize.req); set by the central-system port. None: only the chain's.
+        self.parent_lookup: Callable[[str], Awaitable[str | None]] | None = None
         #: ChangeAvailability: the connector's own and the charge point's (connector 0).
         self.connector_operative = True
         self.station_operative = True
+        self._mains_lost = False
+        self._mains_by_meter = False
+        #: The socket's lock: the connector's latest command (``SetLock``), counted,
+        #: and the lock lane's latest verdict (command number, locked, ok).
+        self._lock_target: bool | None = None
+        self._lock_command = 0
+        self._lock_wakeup = trio.Event()
+        self._lock_verdict: tuple[int, bool, bool] | None = None
+        self._lock_decided = trio.lowlevel.ParkingLot()
+        self._lock_write_time: float | None = None
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -327,6 +378,8 @@ class Station:
             nursery.start_soon(self._watch_safety, name="safety monitor")
             nursery.start_soon(self._run_timers, name="timers")
             nursery.start_soon(self._persist_readings, name="meter persistence")
+            if self.lock_in_use:
+                nursery.start_soon(self._lock_lane, name="socket lock")
             task_status.started()
 
     async def _run_loop(self, *, task_status: trio.TaskStatus[None]) -> None:
@@ -421,6 +474,7 @@ class Station:
         self.station_operative = whole != "0"
         if not (self.connector_operative and self.station_operative):
             await self._handle(AvailabilityChanged(False))
+        await self._restore_reservation()
         await self._recompute_limit()
 
     async def _until_answered(
@@ -465,11 +519,14 @@ class Station:
 
     async def _handle(self, event: Event) -> None:
         now = trio.current_time()
+        reservation = self._held_reservation()
         effects = self.connector.handle(event, now)
         self._handled += 1
         await self._execute(effects)
         if isinstance(event, FaultRaised) and event.fault is Fault.WELDED:
             self._persist_latched()
+        if self._held_reservation() != reservation:
+            self._persist_reservation_later()
         if (
             isinstance(event, PilotChanged)
             and self.settings.free_id_tag
@@ -488,8 +545,10 @@ class Station:
                     else:
                         self._held_current = None
                         await self._set_current(amps)
-                case BeginTransaction(id_tag=id_tag, meter_start_wh=meter_start):
-                    self._start_begin(id_tag, meter_start)
+                case BeginTransaction(
+                    id_tag=id_tag, meter_start_wh=meter_start, reservation_id=reservation
+                ):
+                    self._start_begin(id_tag, meter_start, reservation)
                 case EndTransaction(reason=reason, meter_stop_wh=meter_stop, id_tag=id_tag):
                     await self._end(reason, meter_stop, id_tag)
                 case StatusChanged(status=status, error_code=code, info=info):
@@ -521,6 +580,8 @@ class Station:
                 case CancelTimer(name=name):
                     self._timers.pop(name, None)
                     self._timers_changed.set()
+                case SetLock(locked=locked):
+                    self._want_lock(locked)
 
     async def _set_current(self, amps: float) -> None:
         """Hand a current command to the lanes that write it; never waits for the bus
@@ -621,8 +682,16 @@ class Station:
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + self.settings.off_deadline
             try:
-                await self.board.set_current(0)
-                if self.board.capabilities.stop_by_disable:
+                by_disable = self.board.capabilities.stop_by_disable
+                try:
+                    await self.board.set_current(0)
+                except (FieldbusError, ValueError) as exc:
+                    if not by_disable:
+                        raise
+                    # The disable is this board's stop: a refused 0 A (a register
+                    # documented as 6..63 A) must not keep it from being written.
+                    self._log_rarely("off-current", f"current 0 A not written: {exc}")
+                if by_disable:
                     # Current 0 is not a confirmed stop on this board: disable it too.
                     self._disabled_for_off = True
                     await self.board.set_enabled(False)
@@ -665,14 +734,17 @@ class Station:
         ):
             return
         self.meter_reading = reading
+        self._check_mains(reading)
         if self.monitor is not None:
             self.monitor.meter_reading(reading.read_at, list(reading.current))
             self._safety_changed()
 
-    def _start_begin(self, id_tag: str, meter_start: float) -> None:
+    def _start_begin(
+        self, id_tag: str, meter_start: float, reservation_id: int | None = None
+    ) -> None:
         """The connector started a transaction: its record is written by a task of
         its own; the current that follows waits for it (``_held_current``)."""
-        begin = _Begin(id_tag)
+        begin = _Begin(id_tag, reservation_id=reservation_id)
         self._beginning = begin
         # The previous end first (the store allows one running transaction).
         previous = self._ending
@@ -699,6 +771,7 @@ class Station:
                         meter_start_wh=meter_start,
                         started_at=started_at,
                         journal=journal,
+                        reservation_id=begin.reservation_id,
                     )
                 )
             except (StoreError, EvseError) as exc:
@@ -744,6 +817,11 @@ class Station:
         neither the loop (status, faults) nor a shutdown waits on a silent board,
         the meter or the disk, and a cancellation cannot lose the end."""
         tx, self.tx = self.tx, None
+        if self._deauthorized is not None:
+            # Its 0 A ends with it: the offer is arbitrated again (by the loop).
+            self._deauthorized = None
+            assert self._nursery is not None
+            self._nursery.start_soon(self.inputs_changed, name="offer after deauthorization")
         source: TransactionRecord | _Begin
         if tx is not None:
             source = tx
@@ -869,6 +947,165 @@ class Station:
                 self._end_waits.discard(waits)
         return False
 
+    # -- the socket's lock ------------------------------------------------------------------
+
+    def _want_lock(self, locked: bool) -> None:
+        """The connector commanded the socket's lock (``SetLock``): the lock lane
+        carries it out (latest wins) and answers with LockChecked."""
+        self._lock_target = locked
+        self._lock_command += 1
+        self._lock_wakeup.set()
+
+    async def _lock_tick(self, *, idle: bool = False) -> None:
+        """Until the next lock command, or (unless ``idle``) one board poll interval:
+        the lane judges from the readings the pollers leave (``board_status``,
+        ``meter_reading``)."""
+        if idle:
+            await self._lock_wakeup.wait()
+        else:
+            with trio.move_on_after(self.settings.board_poll):
+                await self._lock_wakeup.wait()
+        if self._lock_wakeup.is_set():
+            self._lock_wakeup = trio.Event()
+
+    async def _lock_lane(self) -> None:
+        """Carries out the connector's lock commands, one at a time, latest wins.
+
+        The writes are ordinary bus requests (never urgent), each within the time
+        the board's poller leaves to other requests (``Board.line``), and only
+        while no off-write waits or is on its way: an off never waits for them.
+        A release is written only once every off asked for is acknowledged, two
+        meter readings completed since show no current (one of them may have
+        read its currents before the off: the poller's reading under way then),
+        and no welded contactor stands (a weld keeps the socket locked until the
+        installer's reset).
+
+        The board confirms nothing positively: the verdict is its lock detection
+        at the first reading ``lock_timeout`` after the write, a locking
+        (unlocking) error or none. After it, until the next command, a confirmed
+        lock that the board no longer reports engaged (a locking error, or its
+        read-back of the volatile lock coil gone after a restart) trips the
+        station off at once, and a stuck lock that the board reports released
+        after all is news too.
+        """
+        done = 0
+        while True:
+            command, want = self._lock_command, self._lock_target
+            if want is None or command == done:
+                await self._lock_tick(idle=True)
+                continue
+            verdict = await self._carry_out_lock(command, want)
+            if verdict is None:
+                continue  # a newer command came meanwhile
+            done = command
+            ok, why = verdict
+            self._lock_verdict = (command, want, ok)
+            self._lock_decided.unpark_all()
+            what = "lock" if want else "release"
+            if ok:
+                log.info("socket %s confirmed (%s)", what, why)
+            else:
+                log.error("socket %s failed: %s", what, why)
+            await self._send.send(LockChecked(want, ok, why))
+            if want == ok:
+                # Locked: it must stay so. Stuck: it may free itself.
+                await self._watch_lock(command, want, trio.current_time())
+
+    def _off_settled(self) -> bool:
+        """Every off asked for is acknowledged, and none waits or is on its way."""
+        return (
+            self._off_acknowledged >= self._off_requested
+            and self._off_in_flight is None
+            and not self._off_wakeup.is_set()
+        )
+
+    def _quiet_readings(self, since: float, quiet: set[float]) -> int:
+        """Count the meter readings completed after ``since`` that show no current
+        (at most noise) into ``quiet``; one with current empties it."""
+        reading = self.meter_reading
+        if reading is not None and reading.read_at > since:
+            amps = max((c for c in reading.current if c is not None), default=0.0)
+            if amps > CURRENT_NOISE:
+                quiet.clear()
+            else:
+                quiet.add(reading.read_at)
+        return len(quiet)
+
+    async def _carry_out_lock(self, command: int, want: bool) -> tuple[bool, str] | None:
+        """Write lock command ``command`` and judge it: (ok, why), or None once a
+        newer command replaced it."""
+
+        def current() -> bool:
+            return self._lock_command == command
+
+        def may_write() -> bool:
+            return current() and self._off_settled() and (want or self.commanded == 0)
+
+        first_try: float | None = None
+        off_seen: float | None = None
+        quiet: set[float] = set()
+        while True:
+            if not current():
+                return None
+            if not may_write() or (not want and Fault.WELDED in self.connector.snapshot.faults):
+                off_seen = None
+                await self._lock_tick()
+                continue
+            if not want:
+                if off_seen is None:
+                    off_seen, quiet = trio.current_time(), set()
+                if self._quiet_readings(off_seen, quiet) < 2:
+                    # Current still flows (the EV's allowance to stop, or a weld
+                    # the safety monitor will judge), or no readings yet.
+                    await self._lock_tick()
+                    continue
+            if first_try is None:
+                first_try = trio.current_time()
+            try:
+                await self.board.line.wait(self._lock_write_time or 0.0)
+                began = trio.current_time()
+                await self.board.set_lock(want, wanted=may_write)
+            except Superseded:
+                continue
+            except FieldbusError as exc:
+                if trio.current_time() - first_try >= self.settings.lock_timeout:
+                    return (False, f"lock command not acknowledged: {exc}")
+                self._log_rarely("lock", f"lock command failed: {exc}; retrying")
+                await trio.sleep(OFF_RETRY)
+                continue
+            took = trio.current_time() - began
+            self._lock_write_time = min(took, self._lock_write_time or took)
+            break
+        written = trio.current_time()
+        wrong = NOT_LOCKED if want else frozenset({LockError.UNLOCKING})
+        while current():
+            status = self.board_status
+            if status is not None and status.read_at >= written + self.settings.lock_timeout:
+                errors = status.lock_errors & wrong
+                if errors:
+                    return (False, ", ".join(sorted(errors)))
+                return (True, "no locking error" if want else "no unlocking error")
+            await self._lock_tick()
+        return None
+
+    async def _watch_lock(self, command: int, locked: bool, since: float) -> None:
+        """After a verdict, until the next command: news of the lock for the connector."""
+        while self._lock_command == command:
+            status = self.board_status
+            if status is not None and status.read_at > since:
+                if locked:
+                    lost = status.lock_errors & NOT_LOCKED
+                    forgot = status.lock_commanded is False and status.readback_at > since
+                    if lost or forgot:
+                        why = ", ".join(sorted(lost)) or "the board no longer holds the lock"
+                        await self._send_tripped(LockChecked(True, False, why), f"lock lost: {why}")
+                        return
+                elif LockError.UNLOCKING not in status.lock_errors:
+                    log.info("the stuck socket lock released")
+                    await self._send.send(LockChecked(False, True, "released after all"))
+                    return
+            await self._lock_tick()
+
     # -- the hardware failsafe -----------------------------------------------------------
 
     def _want_failsafe(self) -> None:
@@ -931,6 +1168,77 @@ class Station:
         once the station stops: the supervisor's switch-off arms it with 0)."""
         while self._failsafe_at_most > 0 and not self._stopping:
             await self._failsafe_settled.park()
+
+    def _held_reservation(self) -> Reservation | None:
+        """The reservation that holds the connector, or that an authorization claimed
+        and that holds it again if the authorization lapses."""
+        snap = self.connector.snapshot
+        return snap.reservation or snap.claimed
+
+    async def _persist_reservation(self) -> None:
+        """The held reservation on disk as it is when the write runs (written, or
+        removed): each change asks for a write, the writes run in order, so the
+        last one leaves what the connector holds. The expiry is kept as wall time
+        (trio's clock starts again at a restart)."""
+        key = RESERVATION_KEY.format(self.settings.connector_id)
+        async with self._settings_lock:
+            held = self._held_reservation()
+            if held is None:
+                await self._quietly(
+                    "forget the reservation", self._offload, self.store.delete_setting, key
+                )
+                return
+            expiry = datetime.now(UTC) + timedelta(seconds=held.deadline - trio.current_time())
+            text = json.dumps(
+                {
+                    "reservation_id": held.reservation_id,
+                    "id_tag": held.id_tag,
+                    "parent_id_tag": held.parent_id_tag,
+                    "expiry": expiry.isoformat(),
+                }
+            )
+            await self._quietly(
+                "persist the reservation", self._offload, self.store.set_setting, key, text
+            )
+
+    def _persist_reservation_later(self) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(self._persist_reservation, name="persist the reservation")
+
+    async def _restore_reservation(self) -> None:
+        """At start: a reservation made before the restart holds the connector again
+        until its expiry. An expired one, one the connector cannot hold now
+        (faulted, unavailable, an EV left plugged in after a power loss) or an
+        unreadable one is dropped."""
+        key = RESERVATION_KEY.format(self.settings.connector_id)
+        text = await self._offload(self.store.get_setting, key)
+        if not text:
+            return
+        try:
+            stored = json.loads(text)
+            expiry = datetime.fromisoformat(stored["expiry"])
+            event = ReservationMade(
+                int(stored["reservation_id"]),
+                str(stored["id_tag"]),
+                trio.current_time() + (expiry - datetime.now(UTC)).total_seconds(),
+                stored["parent_id_tag"],
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("the stored reservation %r is unreadable (%s): dropped", text, exc)
+        else:
+            if event.deadline <= trio.current_time():
+                log.info("reservation %d expired during the restart", event.reservation_id)
+            elif self.connector.state is not State.IDLE:
+                log.warning(
+                    "reservation %d dropped: the connector is %s",
+                    event.reservation_id,
+                    self.connector.status.value,
+                )
+            else:
+                await self._handle(event)
+                log.info("reservation %d held again until %s", event.reservation_id, expiry)
+                return
+        await self._persist_reservation()
 
     def _persist_latched(self) -> None:
         """Written by a task of its own (in order), not on the loop."""
@@ -995,11 +1303,15 @@ class Station:
             fallback=self.fallback,
             cable=cable,
             smart_charging=self.central.smart_charging_limit(),
+            tx_profile=self.central.tx_profile_in_effect(),
             central_system=self.central.link,
         )
 
     async def _recompute_limit(self) -> None:
         limit = arbitrate(self.limit_inputs())
+        if self.tx is not None and self.tx.id == self._deauthorized:
+            # StopTransactionOnInvalidId false: no energy for the rest of it.
+            limit = Limit(0.0, "deauthorized")
         if limit != self.limit:
             changed = limit.amps != self.limit.amps
             self.limit = limit
@@ -1016,14 +1328,21 @@ class Station:
         pilot: PilotState | None = None
         cable: float | None = None
         while True:
+            polled = False
             try:
-                status = await self.board.read_status()
+                # The safety requests only; the read-backs below, once acted on.
+                status = await self.board.read_status(readbacks=False)
             except FieldbusError as exc:
                 self._log_rarely("board", f"board read failed: {exc}")
             else:
                 self.board_status = status
                 self.monitor.board_reading(status.read_at, contactor_closed=status.contactor_closed)
-                self._safety_changed()
+                if status.contactor_closed or Fault.BOARD_SILENT in self.monitor.active:
+                    # The only verdicts a board reading can turn at once
+                    # (SafetyMonitor.check): a silence that ends, a weld seen by
+                    # feedback. Otherwise the checker's own deadline (this reading
+                    # + board_timeout) moves on by itself: no wake-up every poll.
+                    self._safety_changed()
                 pilot_changed = status.pilot is not pilot
                 if pilot_changed:
                     pilot = status.pilot
@@ -1045,7 +1364,24 @@ class Station:
                     # a pilot change recomputes too. Posted, not awaited: the loop
                     # may be writing to disk, and the poller must keep polling.
                     await self._send.send(_RECOMPUTE)
-            next_at = max(next_at + period, trio.current_time())
+                polled = True
+                # Read-backs (every Nth poll; no decision uses them), never while
+                # an off-write waits or is on its way: it must not queue behind one.
+                if self._off_in_flight is None and not self._off_wakeup.is_set():
+                    try:
+                        refreshed = await self.board.read_readbacks()
+                    except FieldbusError as exc:
+                        self._log_rarely("board", f"board read-back failed: {exc}")
+                    else:
+                        if refreshed is not None:
+                            self.board_status = refreshed
+            # Not before the board's own request gap (EVSE DIN: 100 ms after the
+            # last exchange): waking earlier would only wait again in the master.
+            next_at = max(next_at + period, trio.current_time(), self.board.ready_at())
+            if polled and self._off_in_flight is None and not self._off_wakeup.is_set():
+                # Verdict given, no off-write to make: the meter may have the line
+                # until the next poll (it never starts a request that would not fit).
+                self.board.share_line(next_at)
             await trio.sleep_until(next_at)
 
     async def _poll_meter(self) -> None:
@@ -1057,14 +1393,23 @@ class Station:
         backoff_cap = max(period, self.settings.safety.meter_timeout / 2)
         wait = period
         next_at = trio.current_time()
+        # On the board's own bus, each request waits for the time the board's
+        # poller leaves free (Board.share_line): none delays a poll or an off-write.
+        share = self.board.line if self.meter.master is self.board.master else None
+        # How long the last failed attempt held the bus (a silent meter: its whole
+        # reply timeout); None while the meter answers.
+        held: float | None = None
         while True:
+            began = trio.current_time()
             try:
-                reading = await self.meter.read()
+                reading = await self.meter.read(share=share)
             except FieldbusError as exc:
                 self._log_rarely("meter", f"meter read failed: {exc}")
                 wait = min(wait * 2, backoff_cap)
+                held = trio.current_time() - began
             else:
                 wait = period
+                held = None
                 self._take_meter(reading)
                 if reading.energy_import_wh is not None:
                     await self._send.send(MeterSample(reading.energy_import_wh))
@@ -1080,7 +1425,19 @@ class Station:
                             self._persist_send.send_nowait(
                                 (tx.id, reading.energy_import_wh, reading.timestamp)
                             )
-            next_at = max(next_at + wait, trio.current_time())
+            now = trio.current_time()
+            next_at = max(next_at + wait, now)
+            last = self.meter_reading
+            if held is not None and last is not None:
+                # A failing meter's attempt must not be on the bus when its silence
+                # verdict falls due: the off-write would wait behind it for the whole
+                # reply timeout. Try before it (a meter back in time is no fault),
+                # else just after it (the off-write has the bus by then).
+                verdict = last.read_at + self.settings.safety.meter_timeout
+                margin = self.settings.board_poll
+                if next_at < verdict + margin and next_at + held + margin > verdict:
+                    before = verdict - held - margin
+                    next_at = before if before >= now else verdict + margin
             await trio.sleep_until(next_at)
 
     async def _persist_readings(self) -> None:
@@ -1163,14 +1520,29 @@ class Station:
         return result.unwrap()
 
     async def present_id_tag(self, id_tag: str, source: str = "local") -> AuthResult:
-        """A card or tag was presented: authorize it and act on the answer."""
-        result = await self.auth.authorize(id_tag, datetime.now(UTC))
+        """A card or tag was presented: authorize it and act on the answer.
+
+        During a transaction the tag that started it stops it, online or offline,
+        without asking the chain (no Authorize.req for the same identifier), and
+        a tag of the same parentIdTag stops it too (``_stops_transaction``).
+        """
+        snap = self.connector.snapshot
+        if snap.in_transaction and same_id_tag(id_tag, snap.id_tag):
+            result = AuthResult(
+                id_tag, AuthStatus.ACCEPTED, STARTED_IT, parent_id_tag=snap.parent_id_tag
+            )
+        else:
+            result = await self.auth.authorize(id_tag, datetime.now(UTC))
         log.info("id tag %s from %s: %s (%s)", id_tag, source, result.status.value, result.source)
+        if self._stops_transaction(id_tag, result):
+            await self.request_stop(StopReason.LOCAL, id_tag)
+            return result
         if result.accepted:
+            parent = await self._parent_for_reservation(result.id_tag, result.parent_id_tag)
 
             async def apply() -> None:
-                if Authorized in TRANSITIONS[self.connector.state]:
-                    await self._handle(Authorized(result.id_tag, result.parent_id_tag))
+                if self.connector.accepts(Authorized):
+                    await self._handle(Authorized(result.id_tag, parent))
                 else:
                     log.warning(
                         "id tag %s accepted, but the connector is %s",
@@ -1186,19 +1558,82 @@ class Station:
         with an Authorize.req where AuthorizeRemoteTxRequests asks for it). False when the
         connector cannot take it: in a transaction, faulted, unavailable, reserved for
         another tag."""
+        authorized = Authorized(id_tag, await self._parent_for_reservation(id_tag, None))
 
         async def apply() -> bool:
             snap = self.connector.snapshot
-            if snap.in_transaction or Authorized not in TRANSITIONS[self.connector.state]:
+            if snap.in_transaction or not self.connector.accepts(Authorized):
                 return False
             reservation = snap.reservation
-            if reservation is not None and not reservation.claimed_by(Authorized(id_tag)):
+            if reservation is not None and not reservation.claimed_by(authorized):
                 return False
-            await self._handle(Authorized(id_tag))
+            await self._handle(authorized)
             return True
 
         result: bool = await self.call(apply)
         return result
+
+    def _stops_transaction(self, id_tag: str, result: AuthResult) -> bool:
+        """Whether presenting ``id_tag`` (answered ``result``) stops the running
+        transaction: the tag that started it does, and so does one with the same
+        parentIdTag, online or offline (OCPP 1.6 IdTagInfo.parentIdTag).
+
+        Each tag's parent is the one its authorization gave (the connector keeps
+        the starting one), else the one the chain's tables hold for it, whatever
+        their status (``AuthChain.parent_of``: the installer's tags, the local
+        list, the cache, which keeps the central system's answers). A tag that a
+        step refused by name (Blocked, Expired, Invalid from the list, the cache
+        or the central system) stops nothing; one that no step decided on (offline
+        with LocalAuthorizeOffline false, say) still belongs to its group.
+        """
+        snap = self.connector.snapshot
+        if not snap.in_transaction or snap.id_tag is None:
+            return False
+        if same_id_tag(id_tag, snap.id_tag):
+            return True
+        if not result.accepted and result.source != NO_SOURCE:
+            return False
+        ours = snap.parent_id_tag or self.auth.parent_of(snap.id_tag)
+        theirs = result.parent_id_tag or self.auth.parent_of(id_tag)
+        return ours is not None and same_id_tag(theirs, ours)
+
+    async def deauthorize(self, local_tx_id: int, *, stop: bool) -> bool:
+        """The central system refused the id tag of transaction ``local_tx_id``
+        (StartTransaction.conf not Accepted; OCPP 1.6 9.1.27 StopTransactionOnInvalidId):
+        ``stop`` ends it with DeAuthorized, else it goes on offered 0 A (SuspendedEVSE)
+        until it ends. False when that transaction is not the one running."""
+        if stop:
+            if self.tx is None or self.tx.id != local_tx_id:
+                return False
+            return await self.request_stop(StopReason.DE_AUTHORIZED)
+
+        async def apply() -> bool:
+            if self.tx is None or self.tx.id != local_tx_id:
+                return False
+            self._deauthorized = local_tx_id
+            await self._recompute_limit()
+            return True
+
+        suspended: bool = await self.call(apply)
+        return suspended
+
+    async def _parent_for_reservation(self, id_tag: str, parent: str | None) -> str | None:
+        """``id_tag``'s parentIdTag where a reservation made for a parent needs it
+        and the authorization gave none (OCPP 1.6 5.13): ``parent_lookup``'s."""
+        held = self._held_reservation()
+        if (
+            parent is not None
+            or held is None
+            or held.parent_id_tag is None
+            or held.claimed_by(Authorized(id_tag))
+            or self.parent_lookup is None
+        ):
+            return parent
+        try:
+            return await self.parent_lookup(id_tag)
+        except Exception:
+            log.exception("the parentIdTag of %s could not be looked up", id_tag)
+            return None
 
     async def request_stop(self, reason: StopReason, id_tag: str | None = None) -> bool:
         """Stop the running transaction; False when there is none.
@@ -1267,7 +1702,12 @@ class Station:
     async def reserve(
         self, reservation_id: int, id_tag: str, expiry: datetime, parent_id_tag: str | None = None
     ) -> str:
-        """OCPP 1.6 ReserveNow: Accepted, Occupied, Faulted or Unavailable."""
+        """OCPP 1.6 ReserveNow: Accepted, Occupied, Faulted, Unavailable, or Rejected
+        for an expiry already past; ``expiry`` is on the station's (wall) clock.
+
+        The same id again replaces the reservation (OCPP 1.6 5.13); a refusal
+        changes nothing. Accepted once the reservation is on disk: it holds the
+        connector again after a restart, until its expiry."""
 
         async def apply() -> str:
             state = self.connector.state
@@ -1279,9 +1719,7 @@ class Station:
             if state is State.RESERVED and held is not None:
                 if held.reservation_id != reservation_id:
                     return "Occupied"
-                # The same id again replaces the reservation (OCPP 1.6 5.13).
-                await self._handle(ReservationCancelled(reservation_id))
-            if self.connector.state is not State.IDLE:
+            elif state is not State.IDLE:
                 return "Occupied"
             left = (expiry - datetime.now(UTC)).total_seconds()
             if left <= 0:
@@ -1293,6 +1731,8 @@ class Station:
             return "Accepted"
 
         result: str = await self.call(apply)
+        if result == "Accepted":
+            await self._persist_reservation()
         return result
 
     async def cancel_reservation(self, reservation_id: int) -> bool:
@@ -1307,6 +1747,43 @@ class Station:
 
         result: bool = await self.call(apply)
         return result
+
+    async def unlock_connector(self) -> str:
+        """OCPP 1.6 UnlockConnector (5.18) for the socket: Unlocked, UnlockFailed or
+        NotSupported.
+
+        Without a lock to drive (the cable version, a board without one) it is
+        NotSupported and nothing is stopped. Otherwise a running transaction is
+        stopped first (UnlockCommand: its off-write goes out at once), then the
+        lock is released (``UnlockRequested``): Unlocked once the board's lock
+        detection shows no unlocking error, UnlockFailed when it shows one, when
+        a welded contactor keeps the socket locked, or when no verdict came
+        within UNLOCK_ANSWER_WITHIN (the meter still reading current, a silent
+        board); the release then goes on, and the connector hears of it.
+        """
+        if not self.lock_in_use:
+            return "NotSupported"
+        if self.connector.snapshot.in_transaction:
+            await self.request_stop(StopReason.UNLOCK_COMMAND)
+
+        async def apply() -> int | None:
+            before = self._lock_command
+            await self._handle(UnlockRequested())
+            if self._lock_command == before or self._lock_target is not False:
+                return None  # no release commanded: a welded contactor keeps it locked
+            return self._lock_command
+
+        command: int | None = await self.call(apply)
+        if command is None:
+            return "UnlockFailed"
+        with trio.move_on_after(UNLOCK_ANSWER_WITHIN):
+            while True:
+                verdict = self._lock_verdict
+                if verdict is not None and verdict[0] >= command:
+                    _, locked, ok = verdict
+                    return "Unlocked" if ok and not locked else "UnlockFailed"
+                await self._lock_decided.park()
+        return "UnlockFailed"
 
     async def reset_faults(self) -> None:
         async def apply() -> None:
@@ -1332,6 +1809,57 @@ class Station:
 
         await self.call(apply)
 
+    async def mains_power(self, ok: bool, why: str) -> None:
+        """Mains power lost (a UPS daemon's SIGPWR, the meter's voltages) or back.
+
+        Lost: the off-write goes out at once and a running transaction ends with
+        PowerLoss while the station still can, its StopTransaction on disk with
+        its end (the record is kept); no new one starts until mains is back.
+        Returns once that end is written (bounded).
+        """
+        if ok == (not self._mains_lost):
+            return
+        self._mains_lost = not ok
+        if ok:
+            log.warning("mains power back (%s)", why)
+            await self._send.send(FaultCleared(Fault.MAINS_LOST))
+            return
+        log.warning("mains power lost (%s): switching off", why)
+        await self._send_tripped(FaultRaised(Fault.MAINS_LOST, why), f"mains lost: {why}")
+        # The loop ends the transaction (PowerLoss); its record goes to disk next.
+        await self.call(trio.lowlevel.checkpoint)
+        with trio.move_on_after(END_DEADLINE + self.settings.safety.board_timeout):
+            await self._ending.wait()
+
+    def _check_mains(self, reading: MeterReading) -> None:
+        """The meter as the mains input: every phase below the threshold is lost,
+        any phase above it (with 10 % hysteresis) is back."""
+        threshold = self.settings.mains_lost_voltage
+        volts = [v for v in reading.voltage if v is not None]
+        if threshold <= 0 or not volts or self._nursery is None:
+            return
+        if not self._mains_lost and max(volts) < threshold:
+            why = f"meter reads {max(volts):.0f} V"
+            self._nursery.start_soon(self.mains_power, False, why, name="mains lost")
+        elif self._mains_lost and self._mains_by_meter and max(volts) >= threshold * 1.1:
+            why = f"meter reads {max(volts):.0f} V"
+            self._nursery.start_soon(self.mains_power, True, why, name="mains back")
+        self._mains_by_meter = self._mains_lost or max(volts) < threshold
+
+    def connection_timeout_changed(self, seconds: float) -> None:
+        """ConnectionTimeOut changed (the registry): the connector hears it as an event."""
+        try:
+            self._send.send_nowait(ConnectionTimeOutChanged(seconds))
+        except trio.WouldBlock:
+            log.error("ConnectionTimeOut=%g s not applied: the loop is full", seconds)
+
+    def stop_on_ev_disconnect(self, enabled: bool) -> None:
+        """StopTransactionOnEVSideDisconnect changed (or its value at start)."""
+        try:
+            self._send.send_nowait(StopOnEvDisconnect(enabled))
+        except trio.WouldBlock:
+            log.error("StopTransactionOnEVSideDisconnect=%s not applied: the loop is full", enabled)
+
     async def inputs_changed(self) -> None:
         """A limit input outside the station changed (central link, schedule)."""
         await self._send.send(_RECOMPUTE)
@@ -1345,7 +1873,7 @@ class Station:
         whole = [f for f in self.connector.snapshot.faults if f in STATION_FAULTS]
         if whole:
             info = ", ".join(f.value for f in whole)
-            return (Status.FAULTED, ErrorCode.INTERNAL_ERROR, info)
+            return (Status.FAULTED, FAULT_ERROR_CODES[whole[0]], info)
         if not self.station_operative:
             return (Status.UNAVAILABLE, ErrorCode.NO_ERROR, "")
         return (Status.AVAILABLE, ErrorCode.NO_ERROR, "")
@@ -1370,6 +1898,7 @@ class Station:
             "energy_wh": energy,
             "current_a": list(reading.current) if reading else None,
             "operative": snap.operative,
+            "lock": snap.lock.value if self.lock_in_use else None,
             "central_system": self.central.describe(),
             "transaction": None
             if tx is None

@@ -90,6 +90,14 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             ON transactions (connector_id) WHERE stop_reason IS NULL
         """,
     ),
+    # 2: the reservation a transaction used (OCPP 1.6 StartTransaction.req
+    # reservationId), so that its StartTransaction, built from the record, says so.
+    (
+        """
+        ALTER TABLE transactions ADD COLUMN reservation_id INTEGER
+            CHECK (reservation_id IS NULL OR typeof(reservation_id) = 'integer')
+        """,
+    ),
 )
 
 #: The schema version this code writes and understands.
@@ -98,10 +106,21 @@ SCHEMA_VERSION: Final = len(MIGRATIONS)
 _SYNCHRONOUS_FULL: Final = 2
 _COLUMNS: Final = (
     "id, connector_id, id_tag, meter_start_wh, started_at, last_meter_wh, last_meter_at,"
-    " stop_reason, meter_stop_wh, stopped_at, stop_id_tag"
+    " stop_reason, meter_stop_wh, stopped_at, stop_id_tag, reservation_id"
 )
 _Row = tuple[
-    int, int, str, float, str, float, str, str | None, float | None, str | None, str | None
+    int,
+    int,
+    str,
+    float,
+    str,
+    float,
+    str,
+    str | None,
+    float | None,
+    str | None,
+    str | None,
+    int | None,
 ]
 
 
@@ -141,6 +160,8 @@ class TransactionRecord:
     meter_stop_wh: float | None
     stopped_at: datetime | None
     stop_id_tag: str | None
+    #: The reservation the transaction used (OCPP 1.6 ReserveNow), if any.
+    reservation_id: int | None = None
 
     @property
     def running(self) -> bool:
@@ -187,6 +208,7 @@ def _record(row: _Row) -> TransactionRecord:
         meter_stop_wh=None if row[8] is None else float(row[8]),
         stopped_at=None if row[9] is None else from_text(row[9]),
         stop_id_tag=row[10],
+        reservation_id=row[11],
     )
 
 
@@ -268,10 +290,12 @@ class Store(SqliteAccess):
         meter_start_wh: float,
         started_at: datetime,
         journal: Journal | None = None,
+        reservation_id: int | None = None,
     ) -> TransactionRecord:
         """Persist a new running transaction; refuses a second one on the connector.
 
-        With ``journal``, its StartTransaction is queued in the same commit.
+        With ``journal``, its StartTransaction is queued in the same commit;
+        ``reservation_id``: the reservation it uses.
         """
         what = f"begin a transaction on connector {connector_id}"
         if connector_id < 1:
@@ -286,8 +310,8 @@ class Store(SqliteAccess):
                 )
             cursor = conn.execute(
                 "INSERT INTO transactions (connector_id, id_tag, meter_start_wh, started_at,"
-                " last_meter_wh, last_meter_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (connector_id, id_tag, energy, at, energy, at),
+                " last_meter_wh, last_meter_at, reservation_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (connector_id, id_tag, energy, at, energy, at, reservation_id),
             )
             assert cursor.lastrowid is not None
             record = self._get(conn, cursor.lastrowid)

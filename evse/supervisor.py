@@ -11,21 +11,32 @@
         │   │                     meter answered: hardware_ready, systemd READY=1)
         │   ├── trip lane         the off-write of every fault verdict and stop,
         │   │                     at once, urgent on the bus, shielded, deadline-bound
+        │   ├── current commands  the latest current above 0 (latest wins; dropped
+        │   │                     before the wire when an off overtook it)
+        │   ├── hardware failsafe where the board has one: its current, 0 A outside
+        │   │                     a transaction, the fallback limit while one is on disk
         │   ├── central notices   hand-off to the central-system port (never awaited
         │   │                     by the loop)
         │   ├── station loop      the single owner of the connector state
+        │   ├── start for <tag>   on demand: a transaction's record (fresh meter
+        │   │                     reading, one commit with its StartTransaction)
+        │   ├── end (<reason>)    on demand, shielded: off acknowledged, meter read,
+        │   │                     one commit with its StopTransaction
         │   ├── board poller      pilot, faults, relay, cable limit (fast)
         │   ├── meter poller      energy, currents (slower)
         │   ├── safety monitor    stale readings, over-current, welded contactor
         │   ├── timers            ConnectionTimeOut
+        │   ├── socket lock       the socket's lock (where the board drives one): its
+        │   │                     writes after the off, its verdict from the board
         │   └── meter persistence the running transaction's reading, to disk
         ├── rfid reader           if configured
         ├── central system        isolated slot: restarted with backoff when it
-        │                         fails, never takes charging down
+        │                         fails, never takes charging down (OcppPort.run and
+        │                         the charge point's tree: ARCHITECTURE.md)
         └── services              from ops/: local control socket, systemd watchdog
-    finally, switch_off: allowed current 0, board disabled, a transaction still
-    running ended as "Other" (each step shielded, with its own deadline, a
-    failure of one never skipping the next).
+    finally, switch_off: allowed current 0, board disabled, its failsafe current
+    0, a transaction still running ended as "Other" (each step shielded, with
+    its own deadline, a failure of one never skipping the next).
 
 Any exception in any task cancels the tree; the ``finally`` then runs the
 switch-off sequence (rule 1). A clean shutdown (SIGTERM) first stops the

@@ -14,6 +14,14 @@ auxiliary contact of the contactor; a bit that says what the board drives its
 relay to is ``relay_on``, which says nothing about whether the contacts opened;
 registers the station writes itself (current, enable) read back as commands
 the board holds, not as measured states.
+
+A poll reads only what a safety decision rests on every time (``SAFETY_FIELDS``:
+pilot, fault flags, contactor feedback, cable limit, and whatever read-back
+shares their requests); a read-back that needs a request of its own (the
+Heidelberg's HR 261, the EV-CC's HR 528 and coil 400) is read every
+``READBACK_EVERY``-th poll (``BoardModel.poll_plan``, ``Board.read_readbacks``):
+on a 9600-baud line each such request holds the bus ~20 ms, which an off-write
+would otherwise wait behind.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
@@ -30,12 +39,50 @@ import trio
 from fieldbus.devices import FieldReader, write_field
 from fieldbus.errors import DeviceDataError, Unsupported
 from fieldbus.master import ModbusMaster, Wanted
-from fieldbus.registers import DType, Field, Table
+from fieldbus.registers import Block, DType, Field, Table, decode_fields, plan_reads
 
 # Re-exported: the pilot state and fault flags live in fieldbus.signals (no
 # trio, no pymodbus) so the sans-I/O charging core can import them.
 from fieldbus.signals import BoardFault as BoardFault  # noqa: PLC0414
 from fieldbus.signals import PilotState as PilotState  # noqa: PLC0414
+
+#: The status fields a safety decision rests on (evse/station.py, evse/safety.py):
+#: read on every poll. The pilot and the fault flags switch off; contactor
+#: feedback judges a weld (``SafetyMonitor.board_reading``); the cable (PP)
+#: limit bounds the offer at the plug-in itself (``Station.limit_inputs``), so
+#: it must never lag the pilot change.
+SAFETY_FIELDS = frozenset({"pilot", "faults", "contactor", "cable_limit"})
+
+#: A read-back block that is not part of a safety request (the current command,
+#: the enable switch, the offer and relay drive where they sit apart) is read on
+#: every READBACK_EVERY-th poll only: 1 s at the default 0.1 s board poll. Its
+#: fields in ``BoardStatus`` are then up to READBACK_EVERY polls older than the
+#: safety fields (``BoardStatus.readback_at``); no decision of the station uses
+#: them. 10 keeps their share of a 9600-baud line at ~2 % (one ~20 ms request a
+#: second each) while an operator still sees a command within about a second.
+READBACK_EVERY = 10
+
+#: Planning of one poll: fields of one table this close (unused registers
+#: between them) share a request, as for the meters. A read-back that falls
+#: within a safety request this way is read with it on every poll: registers
+#: cost ~2 ms each at 9600 baud, a request of its own ~20 ms (and on the EVSE
+#: DIN another 100 ms request gap), so riding along is the cheaper way.
+POLL_MAX_GAP = 8
+
+
+@dataclass(frozen=True, slots=True)
+class PollPlan:
+    """The requests of a board's status poll (``BoardModel.poll_plan``)."""
+
+    #: Read on every poll: each holds at least one of SAFETY_FIELDS.
+    every_poll: tuple[Block, ...]
+    #: Read-backs only: block i is read on the polls where ``n % every == i % every``.
+    readbacks: tuple[Block, ...]
+    every: int = READBACK_EVERY
+
+    @property
+    def every_poll_fields(self) -> frozenset[str]:
+        return frozenset(n for b in self.every_poll for n in b.names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +93,22 @@ class Bit:
     bit: int = 0
     #: The flag reads as "true" when the bit is set.
     active_high: bool = True
+
+
+class LockError(StrEnum):
+    """What a board's own lock detection reports about the socket's lock actuator
+    (``BoardStatus.lock_errors``; docs/device-maps.md 6b)."""
+
+    #: The lock did not engage (the board's lock detection does not read "locked").
+    LOCKING = "locking_error"
+    #: The lock did not release.
+    UNLOCKING = "unlocking_error"
+    #: The lock detection input gave no reading while locking: the lock is not confirmed.
+    NO_DETECTION = "lock_detection_unavailable"
+
+
+#: Lock errors that mean the lock is not (or no longer) engaged.
+NOT_LOCKED = frozenset({LockError.LOCKING, LockError.NO_DETECTION})
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +129,9 @@ class BoardCapabilities:
     #: IEC 61851-1: 6 A is the lowest PWM duty a vehicle must accept.
     min_current: float
     max_current: float
+    #: The station drives the socket's lock actuator (``Board.set_lock``) and the
+    #: board reports the outcome of its own lock detection (``BoardStatus.lock_errors``).
+    lock: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +162,12 @@ class BoardModel:
     #: Fault register and the meaning of its bits.
     faults: Field | None = None
     fault_bits: Mapping[int, BoardFault] = field(default_factory=dict)
+    #: The socket's lock actuator command (1 = locked), a register the station
+    #: writes: its read-back is the command the board holds, not the lock's state.
+    lock: Bit | None = None
+    #: Bits of ``faults`` in which the board's own lock detection reports a lock
+    #: that did not engage or release. Without them a lock is not declared.
+    lock_error_bits: Mapping[int, LockError] = field(default_factory=dict)
     #: Hardware failsafe: watchdog timeout (scale: seconds per raw unit) and
     #: the current applied when it expires (scale: A per raw unit).
     failsafe_timeout: Field | None = None
@@ -126,6 +198,7 @@ class BoardModel:
             current_step=self.current_step,
             min_current=self.min_current,
             max_current=self.max_current,
+            lock=self.lock is not None and self.faults is not None and bool(self.lock_error_bits),
         )
 
     def status_fields(self) -> dict[str, Field]:
@@ -137,9 +210,22 @@ class BoardModel:
             "relay": self.relay.field if self.relay else None,
             "enable": self.enable.field if self.enable else None,
             "faults": self.faults,
+            "lock": self.lock.field if self.lock else None,
         }
         fields.update({k: v for k, v in optional.items() if v is not None})
         return fields
+
+    def poll_plan(self) -> PollPlan:
+        """Which status requests go out on every poll, and which every READBACK_EVERY-th.
+
+        The status fields are planned into as few requests as usual; a request
+        holding any of SAFETY_FIELDS is read on every poll (with whatever else
+        it holds), the others are read-backs.
+        """
+        blocks = plan_reads(self.status_fields(), max_count=125, max_gap=POLL_MAX_GAP)
+        every = tuple(b for b in blocks if SAFETY_FIELDS.intersection(b.names))
+        rest = tuple(b for b in blocks if not SAFETY_FIELDS.intersection(b.names))
+        return PollPlan(every, rest, max(READBACK_EVERY, len(rest)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,8 +247,29 @@ class BoardStatus:
     #: The enable command the board holds (a read-back of the station's write).
     enabled: bool | None
     faults: frozenset[BoardFault]
+    #: trio clock when the safety fields (pilot, faults, contactor, cable limit)
+    #: were read: every poll.
     read_at: float
     timestamp: datetime = field(compare=False)
+    #: trio clock of the oldest read-back in this status. ``command_a``,
+    #: ``enabled``, ``offered_a`` and ``relay_on`` keep the value of their last
+    #: read where their register needs a request of its own (READBACK_EVERY):
+    #: the Heidelberg's ``command_a`` (HR 261), the EV-CC's ``command_a`` (HR 528)
+    #: and ``enabled`` (coil 400) can be up to READBACK_EVERY polls old; the
+    #: EVSE DIN reads them all with its one status request, every poll.
+    #: ``read_at`` itself where every field was read at ``read_at``.
+    readback_at: float = field(default=-math.inf, compare=False)
+    #: The lock command the board holds (a read-back of the station's write, as
+    #: old as ``readback_at``); None where the board has no lock actuator.
+    lock_commanded: bool | None = None
+    #: What the board's own lock detection reports (read with the fault flags,
+    #: every poll); empty where the board has none.
+    lock_errors: frozenset[LockError] = frozenset()
+
+    @property
+    def lock_error(self) -> str | None:
+        """The lock failure the board reports, if any (the first in LockError order)."""
+        return next((e.value for e in LockError if e in self.lock_errors), None)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -175,6 +282,8 @@ class BoardStatus:
             "enabled": self.enabled,
             "faults": sorted(f.value for f in self.faults),
             "timestamp": self.timestamp.isoformat().replace("+00:00", "Z"),
+            "lock_commanded": self.lock_commanded,
+            "lock_errors": sorted(e.value for e in self.lock_errors),
         }
 
 
@@ -183,6 +292,74 @@ def _flag(bit: Bit, value: float | None) -> bool | None:
         return None
     is_set = bool(int(value) >> bit.bit & 1)
     return is_set if bit.active_high else not is_set
+
+
+#: A line share the board's poller has not renewed for this long is void: the
+#: other devices on the line go request by request again (a silent board, an
+#: off-write under way, a poller that stopped). Above the longest normal
+#: interval between two verdicts (EVSE DIN on RTU, an off-write and the poll
+#: after it: about 0.3 s).
+LINE_SHARE_STALE = 0.5
+#: How late a trio timer may wake (epoll's timeout is whole milliseconds, rounded up).
+TIMER_SLACK = 0.001
+
+
+class LineShare:
+    """The time the board's poller leaves its line to the other devices on it.
+
+    The bus serves one request at a time, and a request on the wire cannot be
+    taken back: a meter request that starts just before the board's next poll,
+    or is handed the bus as the board's reply comes in (before the poller can
+    have decided on it), makes the poll or the fault's off-write wait for it. So
+    the station's board poller opens a share after each verdict, when no
+    off-write is waiting or on its way, until its own next request
+    (``Board.share_line``); the meter's poller waits (``wait``) until each of its
+    requests fits into an open share. A share not renewed for LINE_SHARE_STALE
+    holds nobody back.
+
+    On a serial line each request must also wait the line's silence (t3.5)
+    after the last one. The master waits its last millisecond by yielding to the
+    scheduler (a timer would overshoot by up to 1 ms, see
+    ``fieldbus.master._sleep_precisely``), a busy wait of ~1 ms per request; a
+    request waiting for the share does not need that precision, so ``wait``
+    waits out the silence with a timer and the master finds it over.
+    """
+
+    __slots__ = ("_lot", "free_from", "opened", "until")
+
+    def __init__(self) -> None:
+        #: The share ends at this trio time (when the board's next request may go).
+        self.until = -math.inf
+        #: The line's silence after the board's last request ends here.
+        self.free_from = -math.inf
+        self.opened = -math.inf
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def open(self, until: float, free_from: float = -math.inf) -> None:
+        self.opened = trio.current_time()
+        self.until = until
+        self.free_from = free_from
+        self._lot.unpark_all()
+
+    async def wait(self, duration: float, not_before: float = -math.inf) -> None:
+        """Until a request that holds the line ``duration`` s, sent once the
+        line's silence is over (after the board's request, and ``not_before``
+        after the caller's own last one), fits into an open share; returns at
+        its start. At once when no share was opened for LINE_SHARE_STALE (the
+        master then keeps the silence itself)."""
+        while True:
+            now = trio.current_time()
+            start = max(now, not_before, self.free_from)
+            slack = TIMER_SLACK if start > now else 0.0
+            if start + slack + duration <= self.until:
+                if start > now:
+                    await trio.sleep_until(start)
+                return
+            void_at = self.opened + LINE_SHARE_STALE
+            if now >= void_at:
+                return
+            with trio.move_on_at(void_at):
+                await self._lot.park()
 
 
 class Board:
@@ -195,16 +372,97 @@ class Board:
         self.capabilities = model.capabilities
         if model.request_gap:
             master.set_unit_gap(unit, model.request_gap)
-        self._reader = FieldReader(master, unit, model.status_fields())
+        self._fields = model.status_fields()
+        self._reader = FieldReader(master, unit, self._fields)
+        self.plan = model.poll_plan()
+        #: Polls so far (read_status calls that got their safety requests through).
+        self._polls = 0
+        #: Read-back blocks (indexes into plan.readbacks) due and not read yet: all
+        #: of them until each has been read once.
+        self._due: list[int] = list(range(len(self.plan.readbacks)))
+        self._unread: set[int] = set(self._due)
+        #: The latest value of every status field (read-backs: of their last read).
+        self._values: dict[str, float | None] = {}
+        self._readback_at = [-math.inf] * len(self.plan.readbacks)
+        self._last: BoardStatus | None = None
+        #: The poller's share of the line with the other devices on the bus.
+        self.line = LineShare()
 
     async def initialize(self) -> None:
         """Bring the board into the state the driver expects (model's init writes)."""
         for f, value in self.model.init_writes:
             await write_field(self.master, self.unit, f, value, multiple=self.model.write_multiple)
 
-    async def read_status(self) -> BoardStatus:
+    async def read_status(self, *, readbacks: bool = True) -> BoardStatus:
+        """One poll: the safety requests (``plan.every_poll``), then, with
+        ``readbacks``, the read-back requests due (``read_readbacks``).
+
+        The station's poller passes ``readbacks=False`` and reads them itself
+        once it has acted on the safety fields, so that a fault's off-write never
+        waits behind a read-back. The first poll reads every read-back.
+        """
+        results = [(b, await self._reader.read_block(b)) for b in self.plan.every_poll]
+        values = decode_fields(self._fields, results)
+        read_at = trio.current_time()
+        pilot, faults = self._decode_safety(values)
+        self._values.update(values)
+        poll, every = self._polls, self.plan.every
+        self._polls += 1
+        for i in range(len(self.plan.readbacks)):
+            if poll % every == i % every and i not in self._due:
+                self._due.append(i)
+        self._last = self._compose(pilot, faults, read_at, datetime.now(UTC))
+        if readbacks:
+            return await self.read_readbacks() or self._last
+        return self._last
+
+    @property
+    def readbacks_due(self) -> bool:
+        return bool(self._due) and self._last is not None
+
+    async def read_readbacks(self) -> BoardStatus | None:
+        """Read the read-back requests due at this poll; returns the latest status
+        with them (the safety fields and ``read_at`` of the last poll), or None
+        when none was due (or no poll has succeeded yet).
+
+        A request that fails is not retried before its next turn, unless it has
+        never been read: until then it is due on every poll.
+        """
+        last = self._last
+        if last is None or not self._due:
+            return None
+        due, self._due = self._due, []
+        try:
+            for i in due:
+                block = self.plan.readbacks[i]
+                words = await self._reader.read_block(block)
+                self._values.update(decode_fields(self._fields, [(block, words)]))
+                self._readback_at[i] = trio.current_time()
+                self._unread.discard(i)
+        finally:
+            self._due.extend(i for i in sorted(self._unread) if i not in self._due)
+        self._last = self._compose(last.pilot, last.faults, last.read_at, last.timestamp)
+        return self._last
+
+    def ready_at(self) -> float:
+        """When the board's own request gap lets its next request go (trio time;
+        -inf on a board without one): a poller should not wake before it."""
+        return self.master.unit_ready_at(self.unit)
+
+    def share_line(self, next_poll: float) -> None:
+        """Leave the line to the other devices on it until this board's next
+        request: the poll at ``next_poll``, or later where the board's own
+        request gap holds it back, less the line's silence before it (t3.5).
+        Call right after the board's last request of a poll."""
+        now = trio.current_time()
+        start = max(next_poll, now + self.model.request_gap)
+        gap = self.master.gap
+        self.line.open(start - gap, now + gap)
+
+    def _decode_safety(
+        self, values: Mapping[str, float | None]
+    ) -> tuple[PilotState, frozenset[BoardFault]]:
         m = self.model
-        values = await self._reader.read()
         raw_pilot = values["pilot"]
         code = None if raw_pilot is None else int(raw_pilot)
         if code is None or code not in m.pilot_codes:
@@ -218,17 +476,30 @@ class Board:
         fault_word = values.get("faults")
         if fault_word is not None:
             faults.update(f for bit, f in m.fault_bits.items() if int(fault_word) >> bit & 1)
+        return m.pilot_codes[code], frozenset(faults)
+
+    def _compose(
+        self,
+        pilot: PilotState,
+        faults: frozenset[BoardFault],
+        read_at: float,
+        timestamp: datetime,
+    ) -> BoardStatus:
+        m, values = self.model, self._values
         return BoardStatus(
-            pilot=m.pilot_codes[code],
+            pilot=pilot,
             cable_limit_a=values.get("cable_limit"),
             offered_a=values.get("offered"),
-            command_a=values["command"] or 0.0,
+            command_a=values.get("command") or 0.0,
             contactor_closed=_flag(m.contactor, values.get("contactor")) if m.contactor else None,
             relay_on=_flag(m.relay, values.get("relay")) if m.relay else None,
             enabled=_flag(m.enable, values.get("enable")) if m.enable else None,
-            faults=frozenset(faults),
-            read_at=trio.current_time(),
-            timestamp=datetime.now(UTC),
+            faults=faults,
+            read_at=read_at,
+            timestamp=timestamp,
+            readback_at=min(self._readback_at, default=read_at),
+            lock_commanded=_flag(m.lock, values.get("lock")) if m.lock else None,
+            lock_errors=self._lock_errors(values.get("faults")),
         )
 
     def command_value(self, amps: float) -> float:
@@ -321,6 +592,29 @@ class Board:
         await write_field(
             self.master, self.unit, m.failsafe_current, amps, multiple=m.write_multiple
         )
+
+    async def set_lock(self, locked: bool, *, wanted: Wanted = None) -> None:
+        """Command the socket's lock actuator: locked or released.
+
+        An ordinary write (never urgent: an off-write always goes first). Its
+        acknowledgement says only that the board has the command; whether the
+        lock moved, the board's lock detection reports in ``lock_errors`` once
+        the actuator has run (``BoardStatus``). ``wanted`` as for ``set_current``.
+        """
+        bit = self.model.lock
+        if bit is None:
+            raise Unsupported(f"{self.model.title} has no lock actuator the station drives")
+        if bit.field.table is not Table.COIL:
+            raise Unsupported(f"{self.model.title}: a lock bit in a register is not supported")
+        level = locked if bit.active_high else not locked
+        await self.master.write_coil(self.unit, bit.field.address, level, wanted=wanted)
+
+    def _lock_errors(self, fault_word: float | None) -> frozenset[LockError]:
+        """The lock errors in the fault register (``BoardModel.lock_error_bits``)."""
+        if fault_word is None:
+            return frozenset()
+        bits = self.model.lock_error_bits
+        return frozenset(e for bit, e in bits.items() if int(fault_word) >> bit & 1)
 
 
 # --- EVSE DIN / EVSE-WB / SimpleEVSE (evracing) -----------------------------
@@ -506,6 +800,12 @@ EV_CC = BoardModel(
     # contact", output function 35 "charging contactor monitoring triggered"
     # [ha-phx] const.py), but it reports the result only in IR 107 or on an
     # output, neither mapped here: so no feedback field.
+    # No ``lock``: this controller drives a socket's lock actuator by itself,
+    # from its own configuration (input LD "charging connector locking feedback",
+    # input ML / input function 4 "locking", output LR "locking active" [ha-phx]
+    # const.py; DI 200..207 EN, XR, LD, ML, LR [phx-cc-de]); no source names a
+    # Modbus register that commands it (evcc uses coils 400 and 419 only), so the
+    # station neither locks nor unlocks here and UnlockConnector is NotSupported.
     # evcc and the HA integration use unit 255 for EV-CC-ETH, but our unit-id
     # checks (fieldbus.ports.check_unit) allow only 1..247; 180 is evcc's
     # default for the sibling EM-CP-PP-ETH and is what this default uses.
@@ -513,6 +813,120 @@ EV_CC = BoardModel(
     default_unit=180,
 )
 
+# --- Phoenix Contact EV Charge Control Basic (EV-CC-AC1-M3-CBC-SER..., Modbus RTU) ---
+# Phoenix user manual 106377_en_04 table 9-2 ("Register assignment", pp. 54-63,
+# easymanua.ls/phoenix-contact/ev-charge-control-basic) [phx-basic]; evcc
+# charger/phoenix-ev-ser.go [evcc-phx-ser] (coil 20000, HR 22000, IR 24000 b[0]).
+
+#: How the bits of IR 24025 are numbered in table 9-2 ("Bit 2 = rejection of
+#: 13 A cable" ... "Bit 16 = EV-RCM selftest error"): read 0-based (printed bit
+#: n is 1 << n), as the same table numbers IR 24004/24005 ("Bit 0 - bit 4: EN,
+#: XR, ML, CCR, IN"). The list's last entry, bit 16, does not fit a 16-bit
+#: register 0-based: either that line is wrong or the list is 1-based (printed
+#: n is 1 << (n - 1)). UNCONFIRMED on a device; this one constant moves every
+#: bit of the fault and lock mappings below.
+BASIC_ERROR_BIT_BASE = 0
+
+
+def _basic_bit(printed: int) -> int:
+    """IR 24025: the wire bit of the bit the manual prints as ``printed``."""
+    return printed - BASIC_ERROR_BIT_BASE
+
+
+def _basic_bits(printed: Mapping[int, Any]) -> dict[int, Any]:
+    """The printed bits that exist in a 16-bit register, by wire bit."""
+    return {_basic_bit(n): v for n, v in printed.items() if 0 <= _basic_bit(n) < 16}
+
+
+#: IR 24000: "2 x ASCII", the letter in the high byte, a digit in the low byte
+#: ("A1, A2, B1, ... D2, E(0), F(0)"). evcc reads the high byte only; the digit
+#: (1 = PWM off, 2 = PWM on) is accepted as 0x00, '0', '1' or '2' whatever the letter.
+_BASIC_PILOT_CODES = {
+    ord(letter) << 8 | low: PilotState(letter)
+    for letter in "ABCDEF"
+    for low in (ord("1"), ord("2"), ord("0"), 0)
+}
+
+EV_CC_BASIC = BoardModel(
+    kind="ev-cc-basic",
+    title="Phoenix Contact EV Charge Control Basic",
+    pilot=Field(Table.INPUT, 24000),
+    pilot_codes=MappingProxyType(_BASIC_PILOT_CODES),
+    # E (CP short, mains problem) and F (station not available) are faults.
+    pilot_faults=MappingProxyType(
+        {
+            c: BoardFault.PILOT
+            for c, p in _BASIC_PILOT_CODES.items()
+            if p in (PilotState.E, PilotState.F)
+        }
+    ),
+    # HR 22000 max permissible charging current, A, volatile (a controller
+    # restart forgets it). The manual gives 6..63 A; UNCONFIRMED that 0 is
+    # accepted or stops charging: evcc refuses < 6 A and stops with coil 20000
+    # off. So every off also writes coil 20000 off (stop_by_disable), as on the
+    # EV-CC ETH.
+    current_command=Field(Table.HOLDING, 22000),
+    stop_by_disable=True,
+    max_current=63.0,
+    # IR 24001 PP current, A: 13/20/32/63; 0 = PP open (no cable: 0 A offered);
+    # 0xFFFF = PP shorted to PE, an error the board also flags as "invalid PP"
+    # (24025 bit 3, a device fault below): read raw, it bounds nothing.
+    cable_limit=Field(Table.INPUT, 24001),
+    # IR 24003 "charging current specification via signal CP in A": the offer
+    # the PWM encodes (24002 is the same in % duty).
+    offered=Field(Table.INPUT, 24003),
+    # IR 24005 b3 CON: the state of the charging-contactor OUTPUT, i.e. what the
+    # board drives the coil to, not an auxiliary contact: ``relay``, never
+    # ``contactor``. (Contactor monitoring, HR 4006 = 1 with a force-guided N/C
+    # contact on CCR, reports only as 24025 bit 12, a device fault below.)
+    relay=Bit(Field(Table.INPUT, 24005), 3),
+    # Coil 20000 enable charging (PWM on), volatile, "only takes effect if
+    # register 4000 is configured for this function": HR 4000 = 3 below.
+    enable=Bit(Field(Table.COIL, 20000, DType.BIT)),
+    # IR 24025 error status, bit numbering per BASIC_ERROR_BIT_BASE. Bit 2 (13 A
+    # cable rejected, S1/DIP 4) is left out: the board then offers nothing by
+    # itself. Bits 6/7/8 are the lock's, in ``lock_error_bits``.
+    faults=Field(Table.INPUT, 24025),
+    fault_bits=MappingProxyType(
+        _basic_bits(
+            {
+                3: BoardFault.DEVICE,  # invalid PP value (incl. PP shorted to PE)
+                4: BoardFault.PILOT,  # invalid CP value
+                5: BoardFault.PILOT,  # status F: charging station not available
+                11: BoardFault.VENTILATION,  # status D, vehicle rejected (HR 4010 = 0)
+                12: BoardFault.DEVICE,  # charging contactor error (monitoring, HR 4006)
+                13: BoardFault.DIODE,  # no diode in the vehicle's CP circuit
+                15: BoardFault.RCD_TRIP,  # EV-RCM residual current detection triggered
+                16: BoardFault.RCD_SELFTEST,  # EV-RCM self-test error (1-based only)
+            }
+        )
+    ),
+    # Coil 20002 "controlling the locking actuator: 0 = unlocked, 1 = locked",
+    # volatile, effective only if HR 4002 = 3 ("locking if value 1 is written to
+    # register 20002"). HR 4002 = 3 needs S1/DIP 3 ON: with DIP 3 OFF the board
+    # locks by itself in state B and unlocks in A, and other values "have no
+    # effect" (then this coil does nothing and the errors below still report
+    # the board's own locking). Its read-back is the station's own command.
+    lock=Bit(Field(Table.COIL, 20002, DType.BIT)),
+    # The board's own lock detection (input LD): 24025 bit 6 "locking" error,
+    # bit 7 "unlocking" error, bit 8 "LD unavailable during locking".
+    lock_error_bits=MappingProxyType(
+        _basic_bits({6: LockError.LOCKING, 7: LockError.UNLOCKING, 8: LockError.NO_DETECTION})
+    ),
+    # HR 4000 = 3: enable by coil 20000; HR 4002 = 3: lock by coil 20002. Both
+    # retentive (written once per start, the value already held).
+    init_writes=((Field(Table.HOLDING, 4000), 3.0), (Field(Table.HOLDING, 4002), 3.0)),
+    # evcc writes HR 22000 with function 06 (WriteSingleRegister).
+    write_multiple=False,
+    # The unit is configurable; evcc's default is 1.
+    default_unit=1,
+    notes="No hardware failsafe found: HR 22000 and coils 20000/20002 are volatile "
+    "(a controller restart resets them), none acts on a silent master. No contactor "
+    "feedback: 24005 b3 is the contactor drive output. Lock: set S1/DIP 3 ON so that "
+    "HR 4002 = 3 hands the lock to coil 20002; the lock is confirmed only by the "
+    "absence of a locking error (24025) once the actuator has had its time.",
+)
+
 BOARD_MODELS: Mapping[str, BoardModel] = MappingProxyType(
-    {m.kind: m for m in (EVSE_DIN, HEIDELBERG, EV_CC)}
+    {m.kind: m for m in (EVSE_DIN, HEIDELBERG, EV_CC, EV_CC_BASIC)}
 )

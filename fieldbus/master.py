@@ -62,6 +62,8 @@ _RESPONSE_CLASSES: dict[int, type[ModbusPDU]] = {
     code: DecodePDU.pdu_table[code][1] for code in (1, 2, 3, 4, 5, 6, 15, 16)
 }
 _RESPONSE_CLASSES.update({code | 0x80: ExceptionResponse for code in tuple(_RESPONSE_CLASSES)})
+#: Read holding / input registers: their replies are decoded by the master itself.
+_REGISTER_REPLIES: dict[int, type[ModbusPDU]] = {3: _RESPONSE_CLASSES[3], 4: _RESPONSE_CLASSES[4]}
 
 #: The last part of the inter-frame silence is waited by yielding to the
 #: scheduler rather than by a timer: epoll's timeout is whole milliseconds,
@@ -255,6 +257,15 @@ class ModbusMaster:
         if seconds < 0:
             raise ValueError(f"gap must be >= 0, not {seconds}")
         self._unit_gap[unit] = seconds
+
+    def unit_ready_at(self, unit: int) -> float:
+        """The trio time from which the unit's own gap (``set_unit_gap``) lets its
+        next request go: a poller that sleeps until then does not wake only to
+        wait again. -inf for a unit without a gap."""
+        gap = self._unit_gap.get(unit)
+        if not gap:
+            return -float("inf")
+        return self._unit_last.get(unit, -float("inf")) + gap
 
     # -- requests ------------------------------------------------------------
 
@@ -518,29 +529,52 @@ class ModbusMaster:
         return self._check_reply(unit, code, count, reply)
 
     async def _read_reply(self, unit: int, tid: int, function_code: int) -> ModbusPDU:
+        if self.link.has_transaction_ids:
+            return await self._read_tcp_reply(unit, tid, function_code)
         framer = self._framer
-        tcp = self.link.has_transaction_ids
         self._buffer = await self.link.receive(wait_first=True)
         while True:
             while self._buffer:
-                if tcp and len(self._buffer) >= 6:
-                    self._check_mbap_header()
-                used, dev_id, reply_tid, pdu_bytes = framer.decode(self._buffer)
+                used, dev_id, _, pdu_bytes = framer.decode(self._buffer)
                 if not used:
                     break
                 self._buffer = self._buffer[used:]
                 if not pdu_bytes:
-                    if not tcp:
-                        raise FrameError(
-                            f"corrupt reply from unit {unit} (CRC mismatch)", where=self.where
-                        )
-                    continue
-                if (tcp and reply_tid != tid) or dev_id != unit:
+                    raise FrameError(
+                        f"corrupt reply from unit {unit} (CRC mismatch)", where=self.where
+                    )
+                if dev_id != unit:
                     # A late reply to an earlier, aborted request.
                     self.stats.stale_discarded += 1
                     continue
                 return self._decode(unit, function_code, pdu_bytes)
             self._buffer += await self.link.receive()
+
+    async def _read_tcp_reply(self, unit: int, tid: int, function_code: int) -> ModbusPDU:
+        """The reply on TCP: MBAP frames parsed here (what ``FramerSocket.decode``
+        and ``_check_mbap_header`` do, in one pass: a poll's hot path), a late
+        reply to an earlier request (another transaction id) thrown away."""
+        buffer = self._buffer = await self.link.receive(wait_first=True)
+        while True:
+            while len(buffer) >= 6:
+                length = buffer[4] << 8 | buffer[5]
+                if buffer[2] or buffer[3] or not 2 <= length <= _MAX_MBAP_LENGTH:
+                    self._check_mbap_header()  # raises, with the header in the message
+                end = 6 + length
+                if len(buffer) < end:
+                    break
+                if length == 2 and len(buffer) == 9:
+                    end = 9  # as FramerSocket.decode takes it
+                reply_tid = buffer[0] << 8 | buffer[1]
+                dev_id = buffer[6]
+                pdu_bytes = buffer[7:end]
+                buffer = self._buffer = buffer[end:]
+                if reply_tid != tid or dev_id != unit:
+                    # A late reply to an earlier, aborted request.
+                    self.stats.stale_discarded += 1
+                    continue
+                return self._decode(unit, function_code, pdu_bytes)
+            buffer = self._buffer = buffer + await self.link.receive()
 
     def _decode(self, unit: int, function_code: int, pdu_bytes: bytes) -> ModbusPDU:
         """Decode a reply with pymodbus's response class for the function asked.
@@ -551,6 +585,15 @@ class ModbusMaster:
         """
         code = pdu_bytes[0]
         reply_class = _RESPONSE_CLASSES.get(code)
+        registers_reply = _REGISTER_REPLIES.get(code)
+        if registers_reply is not None:
+            # The pollers' replies: the registers in one unpack (pymodbus's decode
+            # makes a call per register); anything odd takes the general path below.
+            size = pdu_bytes[1] if len(pdu_bytes) > 1 else -1
+            if size >= 0 and not size & 1 and size <= len(pdu_bytes) - 2:
+                return registers_reply(
+                    registers=list(struct.unpack(f">{size >> 1}H", pdu_bytes[2 : 2 + size]))
+                )
         if reply_class is None:
             reply = self._decoder.decode(pdu_bytes)
         elif code & 0x80:

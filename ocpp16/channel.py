@@ -13,6 +13,9 @@ time, with nothing of the application in it:
   unanswered (OCPP 1.6 4.2.1: a Rejected charge point does not respond).
 * the reader dispatches answers to the waiting caller, the call timer
   expires the outstanding CALL on trio's clock.
+* work that must follow an answer (TriggerMessage's triggered message, a
+  reconnect after a ChangeConfiguration) is handed to ``after_answer`` by the
+  handler: it starts once the answer has been written to the connection.
 
 The charge point opens the channel on each new connection (``open``), starts
 its three tasks in the connection's nursery (``start``) and closes it when the
@@ -73,6 +76,8 @@ class CallChannel:
         self._call_lock = trio.Lock()
         self._call_ended = trio.Event()
         self._waiting: dict[str, trio.MemorySendChannel[object]] = {}
+        #: ``after_answer`` work of the call being answered.
+        self._after: list[tuple[str, Callable[[], Awaitable[None]]]] = []
 
     @property
     def connected(self) -> bool:
@@ -96,7 +101,7 @@ class CallChannel:
         assert rpc is not None and conn is not None
         assert incoming_send is not None and incoming is not None
         nursery.start_soon(self._reader, conn, rpc, incoming_send, name="ocpp reader")
-        nursery.start_soon(self._answerer, incoming, name="ocpp answerer")
+        nursery.start_soon(self._answerer, incoming, nursery, name="ocpp answerer")
         nursery.start_soon(self._ticker, rpc, name="ocpp call timer")
 
     def close(self) -> None:
@@ -197,17 +202,35 @@ class CallChannel:
             for event in rpc.tick(trio.current_time()):
                 self._dispatch_result(event)
 
-    async def _answerer(self, incoming: trio.MemoryReceiveChannel[IncomingCall]) -> None:
+    def after_answer(self, name: str, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work`` (a task named ``name``, in the connection's nursery) once the
+        answer to the call being answered has been written to the connection.
+
+        Only from a handler of an incoming call, before it returns. Dropped when
+        the call is left unanswered or its connection ended before the answer
+        went out; the task ends with the connection.
+        """
+        self._after.append((name, work))
+
+    async def _answerer(
+        self, incoming: trio.MemoryReceiveChannel[IncomingCall], nursery: trio.Nursery
+    ) -> None:
         async for call in incoming:
             rpc, conn = self._rpc, self._conn
             if rpc is None or conn is None:
                 return
+            # One call is answered at a time: what its handler hands to
+            # ``after_answer`` belongs to it.
+            self._after = []
             frame = await self._answer(rpc, call)
+            after, self._after = self._after, []
             if frame is None or rpc is not self._rpc:
                 # Left unanswered, or the connection this call came on is gone:
                 # nobody to answer.
                 continue
             await conn.send(frame)
+            for name, work in after:
+                nursery.start_soon(work, name=name)
 
     async def _answer(self, rpc: RpcSession, call: IncomingCall) -> str | None:
         """The reply frame for one incoming call: its result, or the right CALLERROR."""

@@ -12,7 +12,12 @@ decisions. This module is the session: the connection loop, the
 registration (BootNotification), heartbeats, and the feature profiles
 (``ocpp16.profiles``): each registers its handlers and its tasks here, and
 the GetConfiguration answer's SupportedFeatureProfiles lists exactly them.
-Only Core (``profiles.core``) is registered today.
+Core (``profiles.core``) is always registered; LocalAuthListManagement
+(``profiles.local_auth``) when the station keeps a local list and cache;
+SmartCharging (``profiles.smart_charging``) when it keeps charging profiles.
+Reservation (``profiles.reservation``) and RemoteTrigger
+(``profiles.remote_trigger``) are registered by ``evse.ocpp_port.OcppPort``
+(a reservation is the station's Reserved state).
 
 It never reaches into the station: it talks to a ``StationControl`` (the
 evse side implements it) and is told about transactions and status changes
@@ -27,7 +32,8 @@ Rejected, it answers nothing but retries the boot after the interval.
 
 Tasks, by name (ARCHITECTURE.md draws the tree): ``run`` starts the
 profiles' charge-point-lifetime tasks (Core: "meter values", "clock-aligned
-meter values") and a "reset" when one is asked for; each connection's
+meter values"; SmartCharging: "smart charging limit") and a "reset" when one
+is asked for; each connection's
 session starts "ocpp reader", "ocpp answerer", "ocpp call timer" (the
 channel) and, once registered, "heartbeat" and the profiles' connection
 tasks (Core: "status notifications", "transaction queue").
@@ -35,8 +41,9 @@ tasks (Core: "status notifications", "transaction queue").
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -51,10 +58,15 @@ from ocpp16.errors import CallError, ConnectionLost
 from ocpp16.metering import MeterSnapshot
 from ocpp16.profiles import Lifetime, Profile, Profiles
 from ocpp16.profiles.core import CoreProfile
+from ocpp16.profiles.local_auth import LocalAuthListProfile
+from ocpp16.profiles.smart_charging import SmartChargingProfile
 from ocpp16.queue import TransactionQueue
 from ocpp16.status import LinkState, LinkStatus
 
 if TYPE_CHECKING:
+    from ocpp16.local_auth import LocalAuth
+    from ocpp16.profile_store import ProfileStore
+
     # Loaded when a connection is first made (rpc: jsonschema and the ocpp
     # package's schemas; transport: WebSocket and TLS), not by a station that
     # has no central system configured.
@@ -134,7 +146,14 @@ class StationControl(Protocol):
         ...
 
     async def deauthorize(self, local_tx_id: int) -> None:
-        """StartTransaction was answered with a non-Accepted idTagInfo."""
+        """StartTransaction was answered with a non-Accepted idTagInfo and
+        StopTransactionOnInvalidId is true: stop the transaction (DeAuthorized)."""
+        ...
+
+    async def suspend_transaction(self, local_tx_id: int) -> None:
+        """StartTransaction was answered with a non-Accepted idTagInfo and
+        StopTransactionOnInvalidId is false: keep the transaction, but deliver no
+        energy for the rest of it (offer 0 A, SuspendedEVSE)."""
         ...
 
     async def clear_cache(self) -> bool: ...
@@ -154,6 +173,8 @@ class ChargePoint:
         identity: Identity,
         connection_settings: Callable[[], ConnectionSettings | None],
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        local_auth: LocalAuth | None = None,
+        charging_profiles: ProfileStore | None = None,
     ) -> None:
         self.config = config
         self.queue = queue
@@ -169,11 +190,15 @@ class ChargePoint:
         self._link_scope = trio.CancelScope()
         self._booted_once = False
         self._heartbeat_interval: float | None = None
+        #: Set by a TriggerMessage BootNotification: the next one goes out at once.
+        self._boot_wakeup = trio.Event()
         #: Woken when a timing input changes (interval keys, transactions, the
         #: clock): the heartbeat and the samplers recompute their waits.
         self.timing = trio.lowlevel.ParkingLot()
         #: Where work that outlives one connection runs (set by ``run``).
         self._nursery_for_background: trio.Nursery | None = None
+        self._answering_change = False
+        self._deferred_reconnect: str | None = None
         self.config.subscribe(self._config_changed)
         self.on_link_change: Callable[[], None] | None = None
         #: Where a transaction's MeterValues go instead of ``queue.enqueue``:
@@ -185,6 +210,22 @@ class ChargePoint:
         self.profiles = Profiles()
         self.core = CoreProfile(self)
         self.register(self.core)
+        #: The local list and the authorization cache, when the station keeps them
+        #: (``local_auth``): LocalAuthListManagement is registered, every IdTagInfo
+        #: the central system answers is cached, ClearCache empties the cache.
+        self.local_auth: LocalAuthListProfile | None = None
+        if local_auth is not None:
+            self.local_auth = LocalAuthListProfile(self, local_auth)
+            self.register(self.local_auth)
+        #: Smart Charging, when the station keeps charging profiles
+        #: (``charging_profiles``: ChargePointMax and TxDefault survive a restart
+        #: there): SmartCharging is registered, takes RemoteStart's TxProfile and is
+        #: told about transactions (their TxProfiles end with them).
+        self.smart_charging: SmartChargingProfile | None = None
+        if charging_profiles is not None:
+            self.smart_charging = SmartChargingProfile(self, charging_profiles)
+            self.register(self.smart_charging)
+            self.core.remote_start_profiles = self.smart_charging
 
     def register(self, profile: Profile) -> None:
         """Add a feature profile (before ``run``): its handlers answer the central
@@ -231,7 +272,13 @@ class ChargePoint:
     # coroutines below do it all here, for a station without such a store.
 
     def start_message(
-        self, *, connector_id: int, id_tag: str, meter_start_wh: float, timestamp: datetime
+        self,
+        *,
+        connector_id: int,
+        id_tag: str,
+        meter_start_wh: float,
+        timestamp: datetime,
+        reservation_id: int | None = None,
     ) -> dict[str, Any]:
         """The StartTransaction.req payload."""
         return self.core.start_message(
@@ -239,6 +286,7 @@ class ChargePoint:
             id_tag=id_tag,
             meter_start_wh=meter_start_wh,
             timestamp=timestamp,
+            reservation_id=reservation_id,
         )
 
     def stop_message(
@@ -262,16 +310,33 @@ class ChargePoint:
         )
 
     def begin_transaction(
-        self, *, local_id: int, timestamp: datetime, begin: MeterSnapshot | None = None
+        self,
+        *,
+        local_id: int,
+        timestamp: datetime,
+        begin: MeterSnapshot | None = None,
+        connector_id: int | None = None,
     ) -> None:
-        """A transaction started (its StartTransaction is queued): sample it."""
+        """A transaction started (its StartTransaction is queued): sample it; its
+        TxProfiles apply (``connector_id`` None: the station's only connector)."""
         self.core.begin_transaction(local_id=local_id, timestamp=timestamp, begin=begin)
+        if self.smart_charging is not None:
+            self.smart_charging.transaction_began(
+                local_id=local_id, connector_id=connector_id, started_at=timestamp
+            )
+
+    def transaction_identified(self, local_id: int, transaction_id: object) -> None:
+        """Its StartTransaction was answered: the central system's transactionId."""
+        if self.smart_charging is not None:
+            self.smart_charging.transaction_identified(local_id, transaction_id)
 
     def take_samples(
         self, local_id: int, *, end: MeterSnapshot | None = None, stopped_at: datetime
     ) -> list[dict[str, Any]]:
         """The transaction's StopTxnSampledData (OCPP 1.6 section 9.1), its end value
-        last; its sampling stops."""
+        last; its sampling stops, and its TxProfiles are removed."""
+        if self.smart_charging is not None:
+            self.smart_charging.transaction_ending(local_id)
         return self.core.take_samples(local_id, end=end, stopped_at=stopped_at)
 
     def end_transaction(self) -> None:
@@ -287,19 +352,23 @@ class ChargePoint:
         meter_start_wh: float,
         timestamp: datetime,
         begin: MeterSnapshot | None = None,
+        reservation_id: int | None = None,
     ) -> None:
         payload = self.start_message(
             connector_id=connector_id,
             id_tag=id_tag,
             meter_start_wh=meter_start_wh,
             timestamp=timestamp,
+            reservation_id=reservation_id,
         )
         await trio.to_thread.run_sync(
             lambda: self.queue.enqueue(
                 "StartTransaction", payload, local_tx_id=local_id, dedupe_key=f"start:{local_id}"
             )
         )
-        self.begin_transaction(local_id=local_id, timestamp=timestamp, begin=begin)
+        self.begin_transaction(
+            local_id=local_id, timestamp=timestamp, begin=begin, connector_id=connector_id
+        )
 
     async def transaction_ended(
         self,
@@ -344,7 +413,8 @@ class ChargePoint:
         self.end_transaction()
 
     async def authorize(self, id_tag: str) -> dict[str, Any] | None:
-        """Authorize.req while online; None when offline (no opinion)."""
+        """Authorize.req while online; None when offline (no opinion). The answer's
+        idTagInfo is cached (``id_tag_info_received``) before it is returned."""
         if not self.online:
             return None
         try:
@@ -353,7 +423,21 @@ class ChargePoint:
             log.warning("Authorize %s failed: %s", id_tag, exc)
             return None
         info = result.get("idTagInfo")
-        return info if isinstance(info, dict) else None
+        if not isinstance(info, dict):
+            return None
+        await self.id_tag_info_received("Authorize", id_tag, info)
+        return info
+
+    async def id_tag_info_received(self, action: str, id_tag: str, info: dict[str, Any]) -> None:
+        """The central system answered ``info`` (an IdTagInfo) for ``id_tag`` in an
+        Authorize, StartTransaction or StopTransaction answer: into the
+        authorization cache and checked against the local list (OCPP 1.6 3.5.1,
+        3.5.3), when the station keeps them. Shielded: a cancelled caller (the
+        chain's step timeout, a lost connection) never leaves it half done."""
+        if self.local_auth is None:
+            return
+        with trio.CancelScope(shield=True):
+            await self.local_auth.record_answer(id_tag, info, action=action)
 
     async def call(
         self, action: str, payload: dict[str, Any], *, unique_id: str | None = None
@@ -425,17 +509,45 @@ class ChargePoint:
             self._heartbeat_interval = None
         if name in _TIMING_KEYS:
             self.timing.unpark_all()
+        if name in _CONNECTION_KEYS:
+            if self._answering_change:
+                # The central system's ChangeConfiguration: its answer goes out
+                # on this connection first, then the station reconnects.
+                self._deferred_reconnect = name
+                return
+            self._reconnect_for(name)
+
+    def _reconnect_for(self, name: str) -> None:
         link = self._link
         if link is None:
             return
-        if name in _CONNECTION_KEYS:
-            settings = self._settings()
-            if settings is None:
-                # Connection disabled or address removed: close and stay closed.
-                self._link_scope.cancel(reason=f"{name} changed")
-                return
-            link.update_settings(settings)
-            link.reconnect(f"{name} changed")
+        settings = self._settings()
+        if settings is None:
+            # Connection disabled or address removed: close and stay closed.
+            self._link_scope.cancel(reason=f"{name} changed")
+            return
+        link.update_settings(settings)
+        link.reconnect(f"{name} changed")
+
+    @contextlib.contextmanager
+    def answering_change(self) -> Iterator[None]:
+        """Around a ChangeConfiguration from the central system: a change that makes
+        the station reconnect (AuthorizationKey, SecurityProfile, the address)
+        takes effect once the answer has been written, so the central system
+        sees Accepted, not a closed connection."""
+        self._answering_change = True
+        try:
+            yield
+        finally:
+            self._answering_change = False
+            name, self._deferred_reconnect = self._deferred_reconnect, None
+            if name is not None:
+
+                async def reconnect() -> None:
+                    self._reconnect_for(name)
+                    await trio.lowlevel.checkpoint()
+
+                self.channel.after_answer(f"reconnect ({name} changed)", reconnect)
 
     def _set_link(self, status: LinkStatus) -> None:
         self.link_status = status
@@ -498,6 +610,7 @@ class ChargePoint:
         if ident.meter_type:
             payload["meterType"] = ident.meter_type[:25]
         while True:
+            self._boot_wakeup = trio.Event()
             try:
                 answer = await self.call("BootNotification", payload)
             except CallFailed as exc:
@@ -529,7 +642,13 @@ class ChargePoint:
             self._set_link(self.link_status)
             wait = interval if interval > 0 else DEFAULT_BOOT_RETRY
             log.warning("BootNotification %s; retrying in %.0f s", status, wait)
-            await trio.sleep(wait)
+            with trio.move_on_after(wait):
+                await self._boot_wakeup.wait()
+
+    def trigger_boot(self) -> None:
+        """TriggerMessage BootNotification (OCPP 1.6 5.17) while not registered: the
+        registration sends its next BootNotification now, not after the interval."""
+        self._boot_wakeup.set()
 
     def _set_clock(self, current_time: object) -> None:
         if self.clock.set(current_time):

@@ -488,6 +488,8 @@ KEYS: Final[tuple[Key, ...]] = (
         # since "the same defaults, ranges and limits" is the requirement.
         lo=5,
         hi=84600,
+        # 0: no sampled data (OCPP 1.6 9.1.19; station-spec 2).
+        zero_disables=True,
         unit="s",
         installer="metering.interval",
     ),
@@ -504,8 +506,9 @@ KEYS: Final[tuple[Key, ...]] = (
         "StopTransactionOnEVSideDisconnect",
         Kind.BOOL,
         "true",
-        "Unplugging at the vehicle stops the transaction.",
-        access=_R,
+        # RW as OCPP 1.6 9.1.27 has it (read-only in the reference; station-spec 2).
+        "Unplugging at the vehicle stops the transaction (false: it is suspended"
+        " until the cable is plugged in again).",
     ),
     Key(
         "StopTransactionOnInvalidId",
@@ -517,8 +520,8 @@ KEYS: Final[tuple[Key, ...]] = (
         "StopTxnAlignedData",
         Kind.MEASURANDS,
         "",
-        "Clock-aligned measurands in StopTransaction (none on this station).",
-        access=_R,
+        # RW as OCPP 1.6 9.1.28 has it (read-only in the reference; station-spec 2).
+        "Clock-aligned measurands in StopTransaction's transactionData.",
     ),
     Key(
         "StopTxnSampledData",
@@ -679,6 +682,18 @@ KEYS: Final[tuple[Key, ...]] = (
         Kind.BOOL,
         "false",
         "The connector cannot switch between three phases and one during a session.",
+        access=_R,
+    ),
+    # OCPP 1.6 §9.5 (Reservation profile). true: with one connector, "any connector
+    # of the charge point" (ReserveNow connectorId 0) can only be connector 1, so a
+    # reservation on 0 is the same as one on 1 (same answers, Reserved shown on 1)
+    # and central systems that reserve the charge point rather than a connector
+    # are served; false would only refuse them (Rejected) for nothing.
+    Key(
+        "ReserveConnectorZeroSupported",
+        Kind.BOOL,
+        "true",
+        "ReserveNow may name connector 0 (the charge point): its one connector is reserved.",
         access=_R,
     ),
     # -- installer-only settings, station-spec §3 --

@@ -33,9 +33,8 @@ them through ``trio.to_thread.run_sync``. The reads are cheap and safe from
 any thread.
 
 Id tags are CiString20Type (§7 IdToken, "case insensitive"): every id tag
-and parentIdTag is normalized on the way in with ``normalize_id_tag``, the
-same rules as ``evse.auth.normalize_id_tag`` (this package may not import
-``evse/``; a test checks the two agree). Stored and compared in that form.
+and parentIdTag is normalized on the way in with ``ocpp16.idtag.normalize_id_tag``,
+the one rule ``evse.auth`` re-exports too. Stored and compared in that form.
 
 Decisions (where OCPP 1.6 leaves room)
 --------------------------------------
@@ -151,6 +150,7 @@ from typing import Any, Final, Generic, Self, TypeVar
 import trio
 
 from ocpp16.errors import OcppError
+from ocpp16.idtag import ID_TAG_MAX_LENGTH, normalize_id_tag
 from ocpp16.schemas import format_date_time, parse_date_time
 from ocpp16.sqlite import SqliteAccess
 
@@ -164,8 +164,6 @@ LOCAL_AUTH_LIST_MAX_LENGTH: Final = 50
 SEND_LOCAL_LIST_MAX_LENGTH: Final = 10
 #: Entries of the Authorization Cache (station-spec §1, ClearCache row).
 AUTHORIZATION_CACHE_SIZE: Final = 20
-#: OCPP 1.6 IdToken (§7): CiString20Type.
-ID_TAG_MAX_LENGTH: Final = 20
 #: GetLocalListVersion.conf (§5.10): the list is empty.
 EMPTY_LIST_VERSION: Final = 0
 #: GetLocalListVersion.conf (§5.10): local lists are not supported (here: disabled).
@@ -222,29 +220,6 @@ class ClearCacheStatus(StrEnum):
 
     ACCEPTED = "Accepted"
     REJECTED = "Rejected"
-
-
-def normalize_id_tag(raw: str) -> str:
-    """The canonical form of an id tag: stripped and upper-cased (§7 IdToken, CiString20).
-
-    The rules of ``evse.auth.normalize_id_tag``, kept here because ``ocpp16/``
-    may not import ``evse/`` (tests check the two agree). Raises ``ValueError``
-    naming the value if it is empty, longer than 20 characters or holds a
-    character outside printable ASCII.
-    """
-    if not isinstance(raw, str):
-        raise ValueError(f"id tag {raw!r} is not text")
-    tag = raw.strip()
-    if not tag:
-        raise ValueError(f"id tag {raw!r} is empty")
-    if len(tag) > ID_TAG_MAX_LENGTH:
-        raise ValueError(
-            f"id tag {raw!r} has {len(tag)} characters; OCPP allows at most {ID_TAG_MAX_LENGTH}"
-        )
-    bad = next((ch for ch in tag if not " " <= ch <= "~"), None)
-    if bad is not None:
-        raise ValueError(f"id tag {raw!r} holds {bad!r}, which is not printable ASCII")
-    return tag.upper()
 
 
 def _lookup_key(id_tag: str) -> str | None:
@@ -1109,6 +1084,15 @@ class _LocalStep(Generic[_R]):
             parent_id_tag=found.info.parent_id_tag,
             expiry=found.info.expiry_date,
         )
+
+    def parent_of(self, id_tag: str) -> str | None:
+        """The parentIdTag this step's table gives ``id_tag``, whatever the entry's
+        status and the link state (``evse.auth.AuthChain.parent_of``: which group
+        the tag belongs to); None if the table is disabled or does not hold it."""
+        found = self._auth._find(id_tag, datetime.now(UTC), self._auth.settings())
+        if found is None or found.source != self._table:
+            return None
+        return found.info.parent_id_tag
 
     async def authorize(self, id_tag: str, now: datetime) -> _R | None:
         # A lookup in memory: nothing to wait for, but a checkpoint like every step.

@@ -249,7 +249,9 @@ SECTIONS: tuple[Section, ...] = (
                 "connector",
                 Kind.TEXT,
                 "socket: a socket outlet (the plugged cable's PP rating also limits "
-                "the current); cable: a fixed cable.",
+                "the current; on a board that drives a socket lock, ev-cc-basic, the "
+                "plug is locked before charging and released after); cable: a fixed "
+                "cable (no lock; UnlockConnector is NotSupported).",
                 default="socket",
                 choices=("socket", "cable"),
             ),
@@ -576,6 +578,24 @@ SECTIONS: tuple[Section, ...] = (
                 hi=600,
                 unit="s",
             ),
+            Setting(
+                "power_status_file",
+                Kind.PATH,
+                "Where the UPS daemon says, on SIGPWR, whether mains power is lost (the "
+                "sysvinit convention: F failing, L low battery, O back). SIGPWR with the "
+                "file missing counts as lost.",
+                default="/run/powerstatus",
+            ),
+            Setting(
+                "mains_lost_voltage",
+                Kind.FLOAT,
+                "Mains is lost when the meter reads less than this on every phase "
+                "(a station on a UPS whose meter stays powered); 0 = not used.",
+                default=0.0,
+                lo=0,
+                hi=250,
+                unit="V",
+            ),
         ),
     ),
     Section(
@@ -704,6 +724,8 @@ class SafetyConfig:
     off_deadline: float
     persist_interval: float
     start_timeout: float
+    power_status_file: Path
+    mains_lost_voltage: float
 
 
 @dataclass(frozen=True, slots=True)

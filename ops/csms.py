@@ -165,13 +165,20 @@ class Authorization:
 
     In order: an exact entry in ``tags``; then, if ``accepted`` is a list, Accepted
     for its members and Invalid for everything else; then (if ``prefix_rules``)
-    BLOCKED*/EXPIRED*/INVALID* (case-insensitive); then ``default``.
+    BLOCKED*/EXPIRED*/INVALID* (case-insensitive); then ``default``. ``parents``
+    gives an idTag the parentIdTag its IdTagInfo carries.
     """
 
     tags: dict[str, str] = field(default_factory=dict)
     accepted: list[str] | None = None
     prefix_rules: bool = True
     default: str = "Accepted"
+    parents: dict[str, str] = field(default_factory=dict)
+
+    def info(self, id_tag: str | None) -> Any:
+        """The IdTagInfo for ``id_tag``."""
+        parent = self.parents.get(id_tag) if id_tag is not None else None
+        return datatypes.IdTagInfo(status=self.status(id_tag), parent_id_tag=parent)
 
     def status(self, id_tag: str | None) -> str:
         if id_tag is None:
@@ -193,16 +200,26 @@ class Authorization:
             "accepted": None if self.accepted is None else list(self.accepted),
             "prefix_rules": self.prefix_rules,
             "default": self.default,
+            "parents": dict(self.parents),
         }
 
     def updated(self, change: Any) -> Authorization:
         """A copy with ``change`` (a JSON object) applied; ValueError if malformed."""
         if not isinstance(change, dict):
             raise ValueError("authorize must be an object")
-        unknown = set(change) - {"tags", "accepted", "prefix_rules", "default"}
+        unknown = set(change) - {"tags", "accepted", "prefix_rules", "default", "parents"}
         if unknown:
             raise ValueError(f"unknown authorize keys: {sorted(unknown)}")
-        new = Authorization(dict(self.tags), self.accepted, self.prefix_rules, self.default)
+        new = Authorization(
+            dict(self.tags), self.accepted, self.prefix_rules, self.default, dict(self.parents)
+        )
+        if "parents" in change:
+            parents = change["parents"]
+            if not isinstance(parents, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in parents.items()
+            ):
+                raise ValueError("authorize.parents maps idTag to its parentIdTag")
+            new.parents = dict(parents)
         if "tags" in change:
             tags = change["tags"]
             if not isinstance(tags, dict) or not all(
@@ -542,8 +559,7 @@ class CentralChargePoint(ChargePoint):  # type: ignore[misc]  # ocpp ships no ty
 
     @handles(Action.authorize)
     def on_authorize(self, *, id_tag: str, **_: Any) -> Any:
-        status = self._central.settings.authorize.status(id_tag)
-        return call_result.Authorize(id_tag_info=datatypes.IdTagInfo(status=status))
+        return call_result.Authorize(id_tag_info=self._central.settings.authorize.info(id_tag))
 
     @handles(Action.start_transaction)
     def on_start_transaction(
@@ -573,7 +589,7 @@ class CentralChargePoint(ChargePoint):  # type: ignore[misc]  # ocpp ships no ty
             "stop": None,
         }
         return call_result.StartTransaction(
-            transaction_id=transaction_id, id_tag_info=datatypes.IdTagInfo(status=status)
+            transaction_id=transaction_id, id_tag_info=central.settings.authorize.info(id_tag)
         )
 
     @handles(Action.stop_transaction)

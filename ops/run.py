@@ -29,7 +29,7 @@ import trio
 from evse.auth import AuthStatus, AuthStep, FreeCharging, LocalTagList
 from evse.connector import StopReason
 from evse.errors import HardwareUnavailable, StoreError
-from evse.ocpp_port import OcppPort, OnlineAuthorize
+from evse.ocpp_port import OcppPort
 from evse.rfid import RfidConfig as ReaderConfig
 from evse.safety import SafetySettings
 from evse.station import Station, StationSettings
@@ -38,6 +38,8 @@ from evse.supervisor import DeviceSpec, Plan, Service, Supervisor
 from ocpp16.chargepoint import Identity
 from ocpp16.config import Configuration
 from ocpp16.errors import ConfigRejected
+from ocpp16.local_auth import AuthSettings, LocalAuth
+from ocpp16.profile_store import ProfileStore
 from ocpp16.queue import TransactionQueue
 from ops import lock, systemd
 from ops.config import (
@@ -89,8 +91,16 @@ class Central:
     queue: TransactionQueue
     port: OcppPort
     settings_store: Store
+    #: The local authorization list and the authorization cache (OCPP 1.6 3.5).
+    local_auth: LocalAuth | None = None
+    #: The ChargePointMax and TxDefault charging profiles (OCPP 1.6 3.13).
+    charging_profiles: ProfileStore | None = None
 
     def close(self) -> None:
+        if self.charging_profiles is not None:
+            self.charging_profiles.close()
+        if self.local_auth is not None:
+            self.local_auth.close()
         self.queue.close()
         self.settings_store.close()
 
@@ -113,6 +123,9 @@ def open_central(config: Config) -> Central:
         if settings_store.get_setting(f"ocpp.{key}") is None:
             registry.change(key, value, source="config file").raise_for_status()
     queue = TransactionQueue.open(path)
+    # The list's and the cache's policy keys are read at every use (live).
+    local_auth = LocalAuth.open(path, settings=lambda: AuthSettings.from_keys(registry.get_bool))
+    charging_profiles = ProfileStore.open(path)
     identity = Identity(
         vendor="evse-firmware",
         model=f"AC {config.station.phases}-phase {config.board.kind}",
@@ -121,9 +134,14 @@ def open_central(config: Config) -> Central:
         meter_type=config.meter.kind,
     )
     port = OcppPort(
-        config=registry, queue=queue, identity=identity, connector=config.station.connector
+        config=registry,
+        queue=queue,
+        identity=identity,
+        connector=config.station.connector,
+        local_auth=local_auth,
+        charging_profiles=charging_profiles,
     )
-    return Central(registry, queue, port, settings_store)
+    return Central(registry, queue, port, settings_store, local_auth, charging_profiles)
 
 
 def plan_from_config(
@@ -132,6 +150,7 @@ def plan_from_config(
     services: Sequence[Service] = (),
     registry: Configuration | None = None,
     online: AuthStep | None = None,
+    central_steps: Sequence[AuthStep] = (),
 ) -> Plan:
     s = config.safety
     rfid = None
@@ -177,6 +196,8 @@ def plan_from_config(
             meter_poll=config.meter.poll_interval,
             persist_interval=s.persist_interval,
             failsafe_watchdog=config.board.failsafe_watchdog,
+            mains_lost_voltage=s.mains_lost_voltage,
+            connector=config.station.connector,
             safety=SafetySettings(
                 board_timeout=s.board_timeout,
                 meter_timeout=s.meter_timeout,
@@ -185,7 +206,13 @@ def plan_from_config(
                 welded_time=s.welded_time,
             ),
         ),
-        auth_steps=[*auth_steps(config), *([online] if online is not None else [])],
+        # OCPP 1.6 3.5: the installer's tags (or free charging) first, then the
+        # central system's side: local list, cache, Authorize, offline unknown id.
+        auth_steps=[
+            *auth_steps(config),
+            *central_steps,
+            *([online] if online is not None else []),
+        ],
         rfid=rfid,
         off_deadline=s.off_deadline,
         start_timeout=s.start_timeout,
@@ -364,7 +391,22 @@ def station_claims(config: Config, directory: Path | None = None) -> list[lock.C
     )
 
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: SIGPWR: a UPS daemon says mains power changed (its default action kills the
+#: process, so it is received, never left to the default).
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGPWR)
+
+
+def mains_from_status_file(path: Path) -> tuple[bool, str]:
+    """What a SIGPWR means, from the UPS daemon's power status file (the sysvinit
+    convention: ``O`` power OK, ``F`` failing, ``L`` battery low); (mains ok?, why).
+    A missing or unreadable file is "lost": SIGPWR alone means a power problem."""
+    try:
+        text = path.read_text(encoding="ascii", errors="replace").strip()
+    except OSError as exc:
+        return False, f"SIGPWR, {path}: {exc.strerror or exc}"
+    if text[:1].upper() == "O":
+        return True, f"SIGPWR, {path} says O (power back)"
+    return False, f"SIGPWR, {path} says {text[:1] or 'nothing'}"
 
 
 @contextlib.contextmanager
@@ -472,12 +514,12 @@ async def _supervise(
 ) -> int:
     socket_path = str(config.control.socket)
     port = central.port
-    online = None if config.authorization.mode == "free" else OnlineAuthorize(port)
+    central_steps = [] if config.authorization.mode == "free" else port.auth_steps()
     plan = plan_from_config(
         config,
         services=[control_service(socket_path, central.registry, central.queue)],
         registry=central.registry,
-        online=online,
+        central_steps=central_steps,
     )
     supervisor = Supervisor(plan, central=port)
     run = RunState(probe_timeout=probe_timeout)
@@ -503,9 +545,20 @@ async def _supervise(
     try:
         async with trio.open_nursery() as nursery:
 
+            async def mains_changed() -> None:
+                station = supervisor.station
+                ok, why = mains_from_status_file(config.safety.power_status_file)
+                if station is None:
+                    log.warning("%s: the station is not running yet", why)
+                    return
+                await station.mains_power(ok, why)
+
             async def on_signals() -> None:
                 async for signum in signals:
                     name = signal.Signals(signum).name
+                    if signum == signal.SIGPWR:
+                        nursery.start_soon(mains_changed, name="mains power")
+                        continue
                     if run.stopping is None:
                         log.info("%s: stopping", name)
                         run.stopping = name
@@ -571,7 +624,7 @@ def _live_settings(station: Station, nursery: trio.Nursery) -> Callable[[str, ob
 
     def changed(name: str, value: object) -> None:
         if name == "ConnectionTimeOut" and isinstance(value, int | float):
-            station.connector.connection_timeout = float(value)
+            station.connection_timeout_changed(float(value))
         elif name == "FallbackLimit" and isinstance(value, int | float):
             nursery.start_soon(station.set_fallback, float(value), name="fallback change")
 

@@ -41,6 +41,7 @@ from evse.store import Store
 from ocpp16.chargepoint import ChargePoint, Identity
 from ocpp16.config import Configuration
 from ocpp16.errors import ConnectionLost
+from ocpp16.local_auth import AuthSettings, LocalAuth
 from ocpp16.metering import MeterSnapshot, format_time
 from ocpp16.queue import TransactionQueue
 from ocpp16.rpc import (
@@ -345,6 +346,10 @@ class FakeStation:
         await trio.lowlevel.checkpoint()
         self._record("deauthorize", local_tx_id)
 
+    async def suspend_transaction(self, local_tx_id: int) -> None:
+        await trio.lowlevel.checkpoint()
+        self._record("suspend_transaction", local_tx_id)
+
     async def clear_cache(self) -> bool:
         await trio.lowlevel.checkpoint()
         self._record("clear_cache")
@@ -460,23 +465,30 @@ async def open_rig(
     station: FakeStation | None = None,
     cp_class: type[ChargePoint] = ChargePoint,
     time_limit: float = 100_000.0,
+    local_auth: bool = False,
 ) -> AsyncIterator[Rig]:
-    """The charge point on a real Configuration and TransactionQueue in ``tmp_path``."""
+    """The charge point on a real Configuration and TransactionQueue in ``tmp_path``
+    (``local_auth``: and the local list and cache, ``cp.local_auth``)."""
     path = tmp_path / "station.db"
     store = Store.open(path)
     queue: TransactionQueue | None = None
+    auth: LocalAuth | None = None
     try:
         config = Configuration(store)
         if settings:
             result = config.change_many(dict(settings), source="installer")
             assert result.ok, result
         queue = TransactionQueue.open(path)
+        if local_auth:
+            live = config
+            auth = LocalAuth.open(path, settings=lambda: AuthSettings.from_keys(live.get_bool))
         cp = cp_class(
             config=config,
             queue=queue,
             station=station or FakeStation(),
             identity=IDENTITY,
             connection_settings=lambda: None,
+            local_auth=auth,
         )
         with trio.fail_after(time_limit):
             async with trio.open_nursery() as nursery:
@@ -497,6 +509,8 @@ async def open_rig(
         for cs in rig.sessions:
             assert cs.refused == [], f"the central system refused frames: {cs.refused}"
     finally:
+        if auth is not None:
+            auth.close()
         if queue is not None:
             queue.close()
         store.close()

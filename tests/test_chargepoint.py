@@ -733,6 +733,46 @@ async def test_clock_aligned_meter_values_exactly_on_the_boundaries(
         ]
 
 
+async def test_stop_transaction_carries_the_stop_txn_aligned_data(
+    tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    """StopTxnAlignedData (OCPP 1.6 9.1.28, RW): the clock-aligned values of those
+    measurands taken during the transaction go into StopTransaction's
+    transactionData (with the Sample.Clock context), whatever
+    MeterValuesAlignedData says; no sampled data with MeterValueSampleInterval 0."""
+    settings = {
+        "ClockAlignedDataInterval": "300",
+        "MeterValuesAlignedData": "",
+        "StopTxnAlignedData": "Energy.Active.Import.Register",
+        "MeterValueSampleInterval": "0",
+        "StopTxnSampledData": "Energy.Active.Import.Register",
+    }
+    station = FakeStation(snapshots={1: snapshot(1500.0)}, running={1: 1})
+    async with open_rig(
+        tmp_path, clock, settings=settings, station=station, cp_class=WallClockChargePoint
+    ) as rig:
+        cs = await rig.connect(
+            StartTransaction=started(42), MeterValues=empty, StopTransaction=empty
+        )
+        await rig.start_transaction(local_id=1, begin=snapshot(1000.0))
+        await trio.sleep_until(750)
+        station.running.clear()
+        await rig.end_transaction(local_id=1, end=snapshot(2500.0))
+        await settle(lambda: cs.payloads("StopTransaction"), "StopTransaction sent")
+        (stop,) = cs.payloads("StopTransaction")
+        data = stop["transactionData"]
+        assert contexts(data) == [
+            "Transaction.Begin",
+            "Sample.Clock",
+            "Sample.Clock",
+            "Sample.Clock",
+            "Transaction.End",
+        ]
+        assert [mv["timestamp"] for mv in data[1:4]] == [wall(100), wall(400), wall(700)]
+        # MeterValuesAlignedData is empty, MeterValueSampleInterval 0: no MeterValues.
+        assert cs.payloads("MeterValues") == []
+
+
 async def test_clock_aligned_boundary_from_the_central_systems_current_time(
     tmp_path: Path, clock: trio.testing.MockClock
 ) -> None:

@@ -109,6 +109,8 @@ DEFAULTS: dict[str, Any] = {
     "safety.off_deadline": 5.0,
     "safety.persist_interval": 5.0,
     "safety.start_timeout": 10.0,
+    "safety.power_status_file": Path("/run/powerstatus"),
+    "safety.mains_lost_voltage": 0.0,
     "control.socket": Path("/var/lib/evse/control.sock"),
     "logging.level": "info",
 }
@@ -231,6 +233,7 @@ RANGES: list[tuple[str, float, float, str, dict[str, Any]]] = [
     ),
     ("safety.persist_interval", 1, 300, "s", {}),
     ("safety.start_timeout", 1, 600, "s", {}),
+    ("safety.mains_lost_voltage", 0, 250, "V", {}),
 ]
 
 
@@ -334,7 +337,8 @@ def test_single_phase_meter_on_single_phase_station() -> None:
 def test_choice_suggests_the_closest() -> None:
     err = assert_refused(with_(minimal(), board__kind="evse_din"), "board.kind")
     assert err.reason == (
-        "'evse_din' is not one of 'evse-din', 'heidelberg', 'ev-cc'; did you mean 'evse-din'?"
+        "'evse_din' is not one of 'evse-din', 'heidelberg', 'ev-cc', 'ev-cc-basic'; "
+        "did you mean 'evse-din'?"
     )
 
 
@@ -799,7 +803,10 @@ def test_switch_off_requests_per_board_model() -> None:
     )
     assert off_requests(BOARD_MODELS["heidelberg"]) == ("write current 0",)
     assert off_requests(BOARD_MODELS["ev-cc"]) == ("write current 0", "write enable coil")
-    assert set(BOARD_MODELS) == {"evse-din", "heidelberg", "ev-cc"}  # a new model: add it
+    # The lock's writes are no part of the off sequence (ordinary, after the off).
+    assert off_requests(BOARD_MODELS["ev-cc-basic"]) == ("write current 0", "write enable coil")
+    # A new model: add it.
+    assert set(BOARD_MODELS) == {"evse-din", "heidelberg", "ev-cc", "ev-cc-basic"}
 
 
 def test_switch_off_budget_counts_retries_and_a_slower_device_on_the_bus() -> None:

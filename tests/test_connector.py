@@ -294,7 +294,10 @@ def test_every_state_lists_every_event_it_accepts() -> None:
         if event not in TRANSITIONS[state]
     }
     assert refused == {("unavailable", "Authorized"), ("faulted", "Authorized")} | {
-        (state.value, "ReservationMade") for state in State if state is not State.IDLE
+        # Reserved takes ReserveNow again: the same reservationId replaces it.
+        (state.value, "ReservationMade")
+        for state in State
+        if state not in (State.IDLE, State.RESERVED)
     } | {(state.value, "ReservationCancelled") for state in State if state is not State.RESERVED}
 
 
@@ -316,7 +319,7 @@ def test_reservation_holds_the_connector_for_its_tag() -> None:
     assert effects[:3] == [
         CancelTimer(RESERVATION_TIMER),
         CancelTimer(CONNECTION_TIMER),
-        BeginTransaction("TAG1", 1000.0),
+        BeginTransaction("TAG1", 1000.0, reservation_id=7),  # its StartTransaction says so
     ]
     assert c.state is State.SUSPENDED_EV
 
@@ -353,3 +356,25 @@ def test_a_fault_or_inoperative_ends_the_reservation() -> None:
     effects = c.handle(AvailabilityChanged(False), 2)
     assert CancelTimer(RESERVATION_TIMER) in effects
     assert c.status is Status.UNAVAILABLE
+
+
+def test_stop_transaction_on_ev_side_disconnect_false_suspends_instead() -> None:
+    """StopTransactionOnEVSideDisconnect false (OCPP 1.6 9.1.27): unplugging at the EV
+    suspends the transaction (SuspendedEV) until it is plugged in again; set to
+    true while the EV is away, the transaction ends then."""
+    from evse.connector import StopOnEvDisconnect  # noqa: PLC0415
+
+    c = charging()
+    c.handle(StopOnEvDisconnect(False), 4)
+    effects = c.handle(PilotChanged(P.A), 5)
+    assert not [e for e in effects if isinstance(e, EndTransaction)]
+    assert c.status is Status.SUSPENDED_EV
+    assert c.snapshot.in_transaction
+    c.handle(PilotChanged(P.C), 6)
+    assert c.state is State.CHARGING
+    c.handle(PilotChanged(P.A), 7)
+    effects = c.handle(StopOnEvDisconnect(True), 8)
+    assert [e.reason for e in effects if isinstance(e, EndTransaction)] == [
+        StopReason.EV_DISCONNECTED
+    ]
+    assert c.snapshot.state is State.IDLE

@@ -163,7 +163,10 @@ def applicable_limits(inputs: LimitInputs) -> list[float]:
         limits.append(inputs.cable)
     if inputs.smart_charging is not None:
         limits.append(inputs.smart_charging)
-    elif inputs.central_system is CentralSystem.OFFLINE:
+    # Offline the fallback binds too, unless the running transaction's own
+    # TxProfile gives its limit (evse/limits.py, issue 8).
+    tx_profile_limit = inputs.tx_profile and inputs.smart_charging is not None
+    if inputs.central_system is CentralSystem.OFFLINE and not tx_profile_limit:
         limits.append(inputs.fallback)
     return limits
 
@@ -662,8 +665,10 @@ class StationModel(RuleBasedStateMachine):
         if state is State.RESERVED and held is not None:
             if held.reservation_id != reservation_id:
                 return
-            self.handle(ReservationCancelled(reservation_id))
-        if self.connector.state is State.IDLE and left > 0:
+            # The same id again: ReservationMade replaces it (EV plugged in or not).
+        elif state is not State.IDLE:
+            return
+        if left > 0:
             self.handle(ReservationMade(reservation_id, tag, self.now + left, parent))
         self.settle()
 

@@ -11,6 +11,7 @@ import trio
 import trio.testing
 
 from evse.connector import State, Status
+from evse.station import StationSettings
 from evse.store import Store
 from tests.vclock_rig import TAG, vclock_rig
 
@@ -65,3 +66,57 @@ async def test_a_new_authorization_after_a_power_loss_starts_a_transaction(
         result = await rig.station.present_id_tag(TAG)
         assert result.accepted
         await rig.status("Charging")
+
+
+async def test_a_start_transaction_is_never_stamped_before_the_remote_start(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """StartTransaction timestamps came up to 0.4 s before the RemoteStart that caused
+    them (the last meter poll's time); the start reads the meter afresh."""
+    async with vclock_rig(tmp_path, plugged=True) as rig:
+        await rig.status("Preparing")
+        await trio.sleep(0.95)  # well after a meter poll
+        asked = datetime.now(UTC)
+        assert await rig.station.remote_start(TAG)
+        await rig.status("Charging")
+        ((started_at,),) = rig.db_rows("SELECT started_at FROM transactions")
+        assert datetime.fromisoformat(started_at.replace("Z", "+00:00")) >= asked
+
+
+async def test_mains_lost_stops_the_transaction_with_power_loss_at_once(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Mains lost (SIGPWR or the meter): the off-write at once, the transaction
+    ended with PowerLoss and its StopTransaction on disk, no new start until the
+    mains is back (issue 8)."""
+    async with vclock_rig(tmp_path) as rig:
+        await rig.charge()
+        marker = rig.mark("mains lost")
+        lost = trio.current_time()
+        await rig.station.mains_power(False, "test")
+        off = await rig.next_off(marker["seq"])
+        assert rig.sent_at(off) - lost <= rig.one_request() + 0.01
+        ((reason,),) = rig.db_rows("SELECT stop_reason FROM transactions")
+        assert reason == "PowerLoss"
+        assert rig.station.connector.status is Status.FAULTED
+        assert rig.station.station_status()[0] is Status.FAULTED
+        result = await rig.station.present_id_tag(TAG)
+        await trio.sleep(1.0)
+        assert rig.station.tx is None and result.accepted
+        await rig.station.mains_power(True, "test")
+        await rig.status("Finishing")
+
+
+async def test_the_meter_voltage_tells_the_station_mains_is_lost(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    settings = StationSettings(mains_lost_voltage=100.0)
+    async with vclock_rig(tmp_path, settings=settings) as rig:
+        await rig.charge()
+        rig.sim.station.voltage = 20.0
+        await rig.status("Faulted", within=5.0)
+        ended = "SELECT stop_reason FROM transactions WHERE stop_reason IS NOT NULL"
+        await rig.until(lambda: rig.db_rows(ended), within=5.0)
+        assert rig.db_rows(ended) == [("PowerLoss",)]
+        rig.sim.station.voltage = 230.0
+        await rig.status("Finishing", within=5.0)

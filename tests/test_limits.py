@@ -30,11 +30,30 @@ OFF, ON, NONE = CentralSystem.OFFLINE, CentralSystem.ONLINE, CentralSystem.NOT_C
         (LimitInputs(32, 32, 8, central_system=OFF), Limit(8, "fallback")),
         (LimitInputs(32, 32, 8, central_system=ON), Limit(32, "hardware")),
         (LimitInputs(32, 32, 8, central_system=NONE), Limit(32, "hardware")),
-        # Offline with a schedule still in force: the schedule gives the limit.
+        # Offline with a TxProfile of the running transaction in force: it keeps
+        # applying for the rest of the transaction, instead of the fallback.
         (
-            LimitInputs(32, 32, 8, smart_charging=20, central_system=OFF),
+            LimitInputs(32, 32, 8, smart_charging=20, central_system=OFF, tx_profile=True),
             Limit(20, "smart_charging"),
         ),
+        # Offline with a standing ChargePointMax / TxDefault limit: the fallback
+        # applies too, the lower wins (a stored profile never lifts the offer
+        # above the fallback offline, it may lower it).
+        (
+            LimitInputs(32, 32, 8, smart_charging=20, central_system=OFF),
+            Limit(8, "fallback"),
+        ),
+        (
+            LimitInputs(32, 32, 16, smart_charging=10, central_system=OFF),
+            Limit(10, "smart_charging"),
+        ),
+        # Online the fallback never applies, TxProfile or not.
+        (
+            LimitInputs(32, 32, 8, smart_charging=20, central_system=ON),
+            Limit(20, "smart_charging"),
+        ),
+        # tx_profile without a limit waives nothing.
+        (LimitInputs(32, 32, 8, central_system=OFF, tx_profile=True), Limit(8, "fallback")),
         (LimitInputs(32, 32, 5.9, central_system=OFF), Limit(0, "fallback (below 6 A)")),
         (LimitInputs(32, 32, 6, smart_charging=0), Limit(0, "smart_charging (below 6 A)")),
         (LimitInputs(32, 32, 6, smart_charging=6), Limit(6, "smart_charging")),
@@ -58,7 +77,8 @@ def test_never_above_any_limit_and_never_between_0_and_6(
     for extra in (cable, sc):
         if extra is not None:
             assert result.amps <= extra
-    if cs is CentralSystem.OFFLINE and sc is None:
+    if cs is CentralSystem.OFFLINE:
+        # Without tx_profile the fallback always binds offline, a schedule or not.
         assert result.amps <= fb
 
 
@@ -138,3 +158,16 @@ def test_a_limit_that_is_not_a_number_fails_closed() -> None:
     assert arbitrate(LimitInputs(32, 32, 6, smart_charging=nan)).amps == 0
     assert arbitrate(LimitInputs(nan, 32, 6)).amps == 0
     assert arbitrate(LimitInputs(32, 32, nan, central_system=OFF)).amps == 0
+
+
+@given(amps, amps, amps, st.none() | amps, amps)
+def test_offline_a_tx_profile_stands_instead_of_the_fallback(
+    hw: float, inst: float, fb: float, cable: float | None, sc: float
+) -> None:
+    """Offline, a TxProfile of the running transaction gives the same offer as online;
+    any other smart-charging limit is capped by the fallback as well."""
+    planned = arbitrate(LimitInputs(hw, inst, fb, cable, sc, OFF, tx_profile=True))
+    assert planned == arbitrate(LimitInputs(hw, inst, fb, cable, sc, ON))
+    standing = arbitrate(LimitInputs(hw, inst, fb, cable, sc, OFF))
+    assert standing.amps <= planned.amps
+    assert standing.amps == 0 or standing.amps <= min(fb, sc)

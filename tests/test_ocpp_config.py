@@ -87,12 +87,12 @@ SPEC_2: list[tuple[str, str, str, tuple[str, ...], tuple[str, ...]]] = [
     ("LocalPreAuthorize", "true", "RW", BOOL_OK, BOOL_BAD),
     ("MeterValuesAlignedData", "", "RW", MEAS_OK, MEAS_BAD),
     ("MeterValuesSampledData", "Energy.Active.Import.Register", "RW", MEAS_OK, MEAS_BAD),
-    ("MeterValueSampleInterval", "3600", "RW", ("5", "84600"), ("4", "84601", "86400", "0")),
+    ("MeterValueSampleInterval", "3600", "RW", ("0", "5", "84600"), ("4", "84601", "86400", "-1")),
     ("NumberOfConnectors", "1", "R", (), ("1", "2")),
     ("ResetRetries", "10", "RW", ("0", "10"), ("-1", "11")),
-    ("StopTransactionOnEVSideDisconnect", "true", "R", (), ("true", "false", "0")),
+    ("StopTransactionOnEVSideDisconnect", "true", "RW", BOOL_OK, BOOL_BAD),
     ("StopTransactionOnInvalidId", "false", "RW", BOOL_OK, BOOL_BAD),
-    ("StopTxnAlignedData", "", "R", (), ("", "Voltage")),
+    ("StopTxnAlignedData", "", "RW", MEAS_OK, MEAS_BAD),
     ("StopTxnSampledData", "", "RW", MEAS_OK, MEAS_BAD),
     ("TransactionMessageAttempts", "3", "RW", ("1", "100"), ("0", "101")),
     ("TransactionMessageRetryInterval", "20", "RW", ("5", "60"), ("4", "61")),
@@ -123,6 +123,7 @@ SPEC_2: list[tuple[str, str, str, tuple[str, ...], tuple[str, ...]]] = [
     ),
     ("MinimumStatusDuration", "0", "RW", ("0", "3600"), ("-1", "3601")),
     ("ConnectorSwitch3to1PhaseSupported", "false", "R", (), ("true",)),
+    ("ReserveConnectorZeroSupported", "true", "R", (), ("false",)),
 ]
 SPEC_NAMES = [row[0] for row in SPEC_2]
 

@@ -24,6 +24,7 @@ from tests.csms_peer import (
     configure,
     disconnect,
     running_csms,
+    wait_connected,
     wait_for,
 )
 from tests.ocpp_harness import CP, TAG, booted, calls, station, statuses, until
@@ -94,7 +95,9 @@ def test_tc_004_identification_first(csms: Csms, tmp_path: Path) -> None:
         st.wait_status("Charging")
 
 
-def test_tc_005_ev_side_disconnect(csms: Csms, tmp_path: Path) -> None:
+def test_tc_005_1_ev_side_disconnect(csms: Csms, tmp_path: Path) -> None:
+    """StopTransactionOnEVSideDisconnect true (the default): unplugging stops the
+    transaction with EVDisconnected."""
     with station(csms, tmp_path) as st:
         booted(csms)
         st.plug()
@@ -104,6 +107,34 @@ def test_tc_005_ev_side_disconnect(csms: Csms, tmp_path: Path) -> None:
         st.unplug()
         stop = wait_for(csms, CP, "StopTransaction")
         assert stop["payload"]["reason"] == "EVDisconnected"
+
+
+def test_tc_005_3_ev_side_disconnect_keeps_the_transaction(csms: Csms, tmp_path: Path) -> None:
+    """StopTransactionOnEVSideDisconnect false (RW, OCPP 1.6 9.1.27): unplugged at the
+    EV, the transaction stays (SuspendedEV) until the central system stops it."""
+    with station(csms, tmp_path) as st:
+        booted(csms)
+        answer = call_result(
+            csms,
+            CP,
+            "ChangeConfiguration",
+            {"key": "StopTransactionOnEVSideDisconnect", "value": "false"},
+        )
+        assert answer == {"status": "Accepted"}
+        st.plug()
+        st.present()
+        start = wait_for(csms, CP, "StartTransaction")
+        tx_id = start["response"]["payload"]["transactionId"]
+        st.wait_status("Charging")
+        st.unplug()
+        st.wait_status("SuspendedEV")
+        until(lambda: statuses(csms)[-1:] == ["SuspendedEV"], 10, "SuspendedEV notified")
+        assert not calls(csms, "StopTransaction")
+        answer = call_result(csms, CP, "RemoteStopTransaction", {"transactionId": tx_id})
+        assert answer == {"status": "Accepted"}
+        stop = wait_for(csms, CP, "StopTransaction")
+        assert stop["payload"]["reason"] == "Remote"
+        until(lambda: statuses(csms)[-1:] == ["Available"], 10, "Available")
 
 
 def test_tc_010_remote_start_and_tc_011_remote_stop(csms: Csms, tmp_path: Path) -> None:
@@ -216,7 +247,7 @@ def test_change_availability_of_connector_1_leaves_connector_0_available(
 ) -> None:
     """Connector 0 is the charge point: it follows only a ChangeAvailability on
     connector 0 (and station-wide faults), also after a Hard Reset (OCPP 1.6 5.2)."""
-    with station(csms, tmp_path) as st:
+    with station(csms, tmp_path):
         booted(csms)
         answer = call_result(
             csms, CP, "ChangeAvailability", {"connectorId": 1, "type": "Inoperative"}
@@ -234,7 +265,7 @@ def test_change_availability_of_connector_1_leaves_connector_0_available(
 def test_tc_013_change_availability_of_connector_0_applies_to_every_connector(
     csms: Csms, tmp_path: Path
 ) -> None:
-    with station(csms, tmp_path) as st:
+    with station(csms, tmp_path):
         booted(csms)
         answer = call_result(
             csms, CP, "ChangeAvailability", {"connectorId": 0, "type": "Inoperative"}
@@ -264,16 +295,19 @@ def test_change_availability_during_a_transaction_is_scheduled(csms: Csms, tmp_p
         st.wait_status("Unavailable")
 
 
-def test_unlock_connector_stops_the_transaction(csms: Csms, tmp_path: Path) -> None:
+def test_unlock_connector_without_a_lock_is_not_supported(csms: Csms, tmp_path: Path) -> None:
+    # The simulator's EVSE DIN drives no socket lock (docs/device-maps.md): nothing
+    # to unlock, nothing stopped. With a lock (the EV Charge Control Basic) the
+    # stop (UnlockCommand) and the release are tested in tests/test_connector_lock.py.
     with station(csms, tmp_path) as st:
         booted(csms)
         st.plug()
         st.present()
         st.wait_status("Charging")
         answer = call_result(csms, CP, "UnlockConnector", {"connectorId": 1})
-        assert answer == {"status": "Unlocked"}
-        stop = wait_for(csms, CP, "StopTransaction")
-        assert stop["payload"]["reason"] == "UnlockCommand"
+        assert answer == {"status": "NotSupported"}
+        assert calls(csms, "StopTransaction") == []
+        assert st.status()["status"] == "Charging"
 
 
 def test_tc_032_power_failure_stops_with_power_loss(csms: Csms, tmp_path: Path) -> None:
@@ -348,3 +382,19 @@ def test_sigterm_during_a_transaction_stops_it_with_reboot(csms: Csms, tmp_path:
     with station(csms, tmp_path):
         stop = wait_for(csms, CP, "StopTransaction", within=20)
         assert stop["payload"]["reason"] == "Reboot"
+
+
+def test_a_change_that_reconnects_is_answered_before_the_reconnect(
+    csms: Csms, tmp_path: Path
+) -> None:
+    """ChangeConfiguration of AuthorizationKey makes the station reconnect with the
+    new credentials: the central system gets its Accepted first (it used to see
+    the connection closed instead), then the station connects again."""
+    with station(csms, tmp_path):
+        booted(csms)
+        key = "0123456789abcdef0123456789ABCDEF"
+        answer = call_result(
+            csms, CP, "ChangeConfiguration", {"key": "AuthorizationKey", "value": key}
+        )
+        assert answer == {"status": "Accepted"}
+        wait_connected(csms, CP, 20.0, connections=2)

@@ -184,7 +184,8 @@ def test_kill_9_then_restart_ends_the_transaction_with_power_loss(
     since = control(ready, "GET", "/events")["events"][-1]["seq"]
     restarted = Station(config)
     stations.append(restarted)
-    view = restarted.wait_status("Preparing")  # the EV is still plugged in
+    # The EV is still plugged in: Finishing, not Preparing (OCPP 1.6 4.9, issue 8).
+    view = restarted.wait_status("Finishing")
     assert view["recovered_transactions"] == [1]
     ((reason, stop_wh, stopped_at),) = rows(
         db, "SELECT stop_reason, meter_stop_wh, stopped_at FROM transactions"

@@ -45,6 +45,9 @@ timeout = 0.3
 
 [authorization]
 tags = ["04A2B3C4"]
+
+[safety]
+power_status_file = "{power_status}"
 """
 
 
@@ -54,7 +57,9 @@ def station(tmp_path: Path, sim_process: SimFactory) -> Iterator[tuple[Any, Any]
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     config = tmp_path / "evse.toml"
-    config.write_text(CONFIG.format(data_dir=data_dir, port=ready["tcp"]))
+    config.write_text(
+        CONFIG.format(data_dir=data_dir, port=ready["tcp"], power_status=tmp_path / "powerstatus")
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "ops.cli", "run", "--config", str(config)],
         stdout=subprocess.PIPE,
@@ -140,3 +145,47 @@ def test_later_signals_never_interrupt_the_orderly_stop(
     assert len(rows) == 1
     assert rows[0][0] == "Reboot"
     assert rows[0][1] is not None
+
+
+def test_sigpwr_stops_the_transaction_with_power_loss_and_keeps_running(
+    tmp_path: Path, station: tuple[subprocess.Popen[str], Any]
+) -> None:
+    """A UPS daemon's SIGPWR with the power status file at F: the transaction ends with
+    PowerLoss at once, the board is off, the station stays up (Faulted, UnderVoltage)
+    and takes no new transaction; SIGPWR with O: Available again."""
+    proc, ready = station
+    socket = tmp_path / "data" / "control.sock"
+    status_file = tmp_path / "powerstatus"
+    wait_status(proc, socket, "Available")
+    control(ready, "POST", "/plug", {"phases": 3})
+    wait_status(proc, socket, "Preparing")
+    assert ask(socket, "POST", "/authorize", {"id_tag": "04A2B3C4"})["status"] == "Accepted"
+    wait_status(proc, socket, "Charging")
+    status_file.write_text("F\n")
+    proc.send_signal(signal.SIGPWR)
+    view = wait_status(proc, socket, "Faulted")
+    assert view["error_code"] == "UnderVoltage"
+    deadline = time.monotonic() + 2
+    while control(ready, "GET", "/state")["station"]["board"]["command"] != 0.0:
+        assert time.monotonic() < deadline, "the board still offers current"
+        time.sleep(0.02)
+    deadline = time.monotonic() + 10
+    rows: list[Any] = []
+    while time.monotonic() < deadline and not rows:
+        conn = sqlite3.connect(tmp_path / "data" / "station.sqlite")
+        try:
+            rows = conn.execute(
+                "SELECT stop_reason FROM transactions WHERE stop_reason IS NOT NULL"
+            ).fetchall()
+        finally:
+            conn.close()
+        time.sleep(0.05)
+    assert rows == [("PowerLoss",)]
+    status_file.write_text("O\n")
+    proc.send_signal(signal.SIGPWR)
+    wait_status(proc, socket, "Finishing")
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "mains power lost" in err and "mains power back" in err

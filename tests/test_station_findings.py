@@ -21,7 +21,7 @@ import pytest
 import trio
 import trio.testing
 
-from evse.connector import ErrorCode, Fault, LimitChanged, Status
+from evse.connector import ErrorCode, Fault, LimitChanged, Status, StopReason
 from evse.errors import InvariantBroken, StoreError
 from evse.station import StationSettings
 from evse.store import Store
@@ -211,3 +211,23 @@ async def test_every_switch_off_step_runs_even_when_one_fails(
     assert rig.db_rows("SELECT stop_reason FROM transactions") == [("Other",)]
     # The bus steps share off_deadline (each at least 1 s); the record has its own.
     assert took <= rig.supervisor.plan.off_deadline + 1.0 + 3.0 + 1.0
+
+
+@pytest.mark.parametrize("board", ["ev-cc", "ev-cc-basic"])
+async def test_a_refused_zero_current_does_not_keep_the_disable_from_going_out(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, board: str
+) -> None:
+    """A board that switches off by its enable coil (stop_by_disable) and refuses a
+    current command of 0 A (exception 03: its register is documented 6..63 A):
+    the disable is still written, so the stop is acknowledged and the EV stops
+    (found while adding the EV-CC Basic, issue 8)."""
+    transport = "rtu" if board == "ev-cc-basic" else "tcp"
+    async with vclock_rig(tmp_path, board=board, transport=transport) as rig:
+        await rig.charge()
+        rig.fault("refuse_zero")
+        assert await rig.station.request_stop(StopReason.LOCAL)
+        await rig.until(lambda: not rig.sim.station.board.enabled, within=2.0)
+        await rig.until(lambda: not rig.sim.station.contactor_closed, within=5.0)
+        ended = "SELECT stop_reason FROM transactions WHERE stop_reason IS NOT NULL"
+        await rig.until(lambda: rig.db_rows(ended), within=10.0)
+        assert rig.db_rows(ended) == [("Local",)]

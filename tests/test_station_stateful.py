@@ -1280,6 +1280,15 @@ EVERY_KIND: list[Step] = [
     Inject("board_silent"),
     Wait(2.0),
     Clear("board_silent"),
+    # Inert on the boards this machine runs (none drives a socket lock): the
+    # lock's faults at the station are tests/test_connector_lock.py's.
+    Inject("lock_fail"),
+    Inject("unlock_fail"),
+    Inject("refuse_zero"),
+    Wait(0.5),
+    Clear("lock_fail"),
+    Clear("unlock_fail"),
+    Clear("refuse_zero"),
     Wait(1.0),
 ]
 

@@ -162,6 +162,11 @@ async def test_off_write_after(
     # is allowed on top, too.
     ideal = rig.off_ideal()
     bound = max(rig.off_bound(), ideal + meter_in_flight(rig) + 0.010)
+    if state == "stopping" and kind in ("exception", "cancel", "shutdown"):
+        # A way out while stopping ends the transaction first, and its end takes a
+        # fresh meter reading at the stop's acknowledged off (the board holds 0
+        # since that off-write); the switch-off's own off-write comes after it.
+        bound += meter_reading_time(rig)
     print(
         f"\nLATENCY {kind} {state} {board} {transport}: {latency * 1000:.1f} ms "
         f"(bound {bound * 1000:.1f}, ideal {ideal * 1000:.1f})"
@@ -172,6 +177,15 @@ async def test_off_write_after(
         f"(poll {rig.settings.board_poll * 1000:g} + one request {rig.one_request() * 1000:.1f} "
         f"+ 10); on an idle bus the wire and the board's gaps allow {ideal * 1000:.1f} ms at "
         f"best for a fault just after a pilot read"
+    )
+
+
+def meter_reading_time(rig: VRig) -> float:
+    """One whole meter reading on the line, request after request (t3.5 included on RTU)."""
+    silence = rig.port.frame_gap if isinstance(rig.port, RtuPort) else 0.0
+    return sum(
+        silence + rig.timing.exchange_time(*pdu_sizes(_READ_FUNCTIONS[b.table], b.count))
+        for b in rig.station.meter._reader.blocks
     )
 
 

@@ -83,9 +83,9 @@ from evse.store import TransactionRecord
 from evse.supervisor import DeviceSpec, Plan, Service, Supervisor
 from fieldbus.boards import BOARD_MODELS, BoardModel, BoardStatus, PilotState
 from fieldbus.memory import MemoryLink, WireTiming, pdu_sizes
-from fieldbus.meters import MeterReading
+from fieldbus.meters import LineTurn, MeterReading
 from fieldbus.ports import PortSpec, RtuPort, parse_port
-from fieldbus.registers import Field, Table, plan_reads
+from fieldbus.registers import Field, Table
 from ops.sim.app import DeviceSpec as SimDevice
 from ops.sim.app import SimConfig, Simulator
 
@@ -93,7 +93,7 @@ T = TypeVar("T")
 
 TAG = "04A2B3C4"
 FREE_TAG = "FREECHARGING"
-BOARDS = ("evse-din", "heidelberg", "ev-cc")
+BOARDS = ("evse-din", "heidelberg", "ev-cc", "ev-cc-basic")
 TRANSPORTS = ("tcp", "rtu")
 #: The ports the station is configured with; nothing is opened at these names.
 PORTS = {
@@ -187,15 +187,18 @@ class SeenRequest:
 
 
 def board_exchanges(model: BoardModel) -> list[tuple[int, int]]:
-    """(request, reply) PDU sizes of one status poll's requests, then the off-write."""
-    sizes = [
-        pdu_sizes(_READ_FUNCTIONS[b.table], b.count)
-        for b in plan_reads(model.status_fields(), max_count=125, max_gap=8)
-    ]
+    """(request, reply) PDU sizes of the requests every status poll makes (the
+    safety requests, ``BoardModel.poll_plan``), then the off-write."""
+    sizes = [pdu_sizes(_READ_FUNCTIONS[b.table], b.count) for b in model.poll_plan().every_poll]
     command = model.current_command
     write = 16 if model.write_multiple or command.width > 1 else 6
     sizes.append(pdu_sizes(write, command.width))
     return sizes
+
+
+def readback_exchanges(model: BoardModel) -> list[tuple[int, int]]:
+    """(request, reply) PDU sizes of the read-back requests (every Nth poll)."""
+    return [pdu_sizes(_READ_FUNCTIONS[b.table], b.count) for b in model.poll_plan().readbacks]
 
 
 def request_gap(model: BoardModel, port: PortSpec) -> float:
@@ -205,8 +208,10 @@ def request_gap(model: BoardModel, port: PortSpec) -> float:
 
 
 def one_request(model: BoardModel, timing: WireTiming, port: PortSpec) -> float:
-    """One request to the board, gap included: its gap + its slowest exchange on the wire."""
-    slowest = max(timing.exchange_time(*s) for s in board_exchanges(model))
+    """One request to the board, gap included: its gap + its slowest exchange on the
+    wire (any of its requests: poll, read-back or off-write)."""
+    exchanges = board_exchanges(model) + readback_exchanges(model)
+    slowest = max(timing.exchange_time(*s) for s in exchanges)
     return request_gap(model, port) + slowest
 
 
@@ -229,7 +234,7 @@ def off_ideal(
     gap = request_gap(model, port)
     exchanges = board_exchanges(model)
     reads, write = exchanges[:-1], exchanges[-1]
-    blocks = plan_reads(model.status_fields(), max_count=125, max_gap=8)
+    blocks = model.poll_plan().every_poll
     pilot = next(i for i, b in enumerate(blocks) if "pilot" in b.names)
     times = [timing.exchange_time(*s) for s in reads]
     poll = sum(times) + gap * (len(times) - 1)
@@ -505,8 +510,8 @@ class VRig:
         meter = self.station.meter
         read_meter = meter.read
 
-        async def meter_read() -> MeterReading:
-            reading = await read_meter()
+        async def meter_read(*, share: LineTurn | None = None) -> MeterReading:
+            reading = await read_meter(share=share)
             rig._adopt()
             rig.meter_readings.append(reading)
             return reading
@@ -516,8 +521,8 @@ class VRig:
         board = self.station.board
         read_board = board.read_status
 
-        async def board_read() -> BoardStatus:
-            status = await read_board()
+        async def board_read(*, readbacks: bool = True) -> BoardStatus:
+            status = await read_board(readbacks=readbacks)
             rig._adopt()
             rig.board_readings.append(status)
             return status

@@ -25,7 +25,7 @@ import math
 from collections.abc import Sequence
 from datetime import datetime
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -48,6 +48,22 @@ STATUS_RETRY = 5.0
 RESET_DELAY = 0.5
 
 
+class RemoteStartProfiles(Protocol):
+    """Smart Charging's part in RemoteStartTransaction (5.11): its chargingProfile."""
+
+    async def check(self, connector_id: int | None, profile: dict[str, Any]) -> bool:
+        """Whether the profile can apply (a TxProfile); False: the start is Rejected."""
+        ...
+
+    def expect(self, connector_id: int | None, id_tag: str, profile: dict[str, Any]) -> None:
+        """The start goes ahead: the profile applies to the transaction it starts."""
+        ...
+
+    def forget(self, id_tag: str) -> None:
+        """The station refused the start."""
+        ...
+
+
 class CoreProfile:
     name = "Core"
 
@@ -58,6 +74,9 @@ class CoreProfile:
         self.aligned = AlignedSchedule()
         self._queue_wakeup = trio.Event()
         self._status_wakeup = trio.Event()
+        #: Who takes a RemoteStartTransaction's chargingProfile (Smart Charging);
+        #: None: the profile is ignored.
+        self.remote_start_profiles: RemoteStartProfiles | None = None
         self.handlers: dict[str, Handler] = {
             "GetConfiguration": self.get_configuration,
             "ChangeConfiguration": self.change_configuration,
@@ -84,14 +103,23 @@ class CoreProfile:
         self._status_wakeup.set()
 
     def start_message(
-        self, *, connector_id: int, id_tag: str, meter_start_wh: float, timestamp: datetime
+        self,
+        *,
+        connector_id: int,
+        id_tag: str,
+        meter_start_wh: float,
+        timestamp: datetime,
+        reservation_id: int | None = None,
     ) -> dict[str, Any]:
-        """The StartTransaction.req payload."""
+        """The StartTransaction.req payload; ``reservation_id``: the reservation
+        the transaction uses (OCPP 1.6 5.13)."""
         payload: dict[str, Any] = {
             "connectorId": connector_id,
             "idTag": id_tag,
             "meterStart": round(meter_start_wh),
         }
+        if reservation_id is not None:
+            payload["reservationId"] = reservation_id
         payload["timestamp"] = self.cp.clock.stamp(timestamp, payload)
         return payload
 
@@ -246,8 +274,10 @@ class CoreProfile:
             # whose transactionId that mapping may fill in. A worker thread is not
             # cancellable, so a recorded answer is never half-written.
             message, payload = await trio.to_thread.run_sync(self._advance, (done.seq, answer))
+            await self._record_id_tag_info(done, answer)
             if done.action == "StartTransaction":
                 self._status_wakeup.set()  # a Charging status may wait for this
+                self.cp.transaction_identified(done.local_tx_id, answer.get("transactionId"))
                 await self._check_start_answer(done.local_tx_id, answer)
 
     def _advance(
@@ -262,14 +292,38 @@ class CoreProfile:
             return None, None
         return message, queue.payload_for_sending(message)
 
+    async def _record_id_tag_info(self, done: QueuedMessage, answer: dict[str, Any]) -> None:
+        """A StartTransaction or StopTransaction answer's idTagInfo, for the idTag its
+        request carried, goes into the authorization cache (OCPP 1.6 3.5.1)."""
+        id_tag = done.payload.get("idTag")
+        info = answer.get("idTagInfo")
+        if (
+            done.action in ("StartTransaction", "StopTransaction")
+            and isinstance(id_tag, str)
+            and isinstance(info, dict)
+        ):
+            await self.cp.id_tag_info_received(done.action, id_tag, info)
+
     async def _check_start_answer(self, local_id: int, answer: dict[str, Any]) -> None:
+        """StopTransactionOnInvalidId (OCPP 1.6 9.1.27): a StartTransaction answered
+        not Accepted stops the transaction (DeAuthorized) when true; when false the
+        transaction goes on without energy (SuspendedEVSE) until it ends."""
         info = answer.get("idTagInfo")
         status = info.get("status") if isinstance(info, dict) else None
-        if status != "Accepted" and self.cp.config.get_bool("StopTransactionOnInvalidId"):
+        if status == "Accepted":
+            return
+        if self.cp.config.get_bool("StopTransactionOnInvalidId"):
             log.warning(
                 "transaction %d: idTag %s at the central system: stopping", local_id, status
             )
             await self.cp.station.deauthorize(local_id)
+        else:
+            log.warning(
+                "transaction %d: idTag %s at the central system: no energy for the rest of it",
+                local_id,
+                status,
+            )
+            await self.cp.station.suspend_transaction(local_id)
 
     # -- meter values (OCPP 1.6 section 4.7) ---------------------------------------------------
 
@@ -326,9 +380,12 @@ class CoreProfile:
             return
         stamp = at or cp.now()
         local = cp.station.running_transaction(connector_id)
-        if local is not None and context == "Sample.Periodic":
-            # StopTxnSampledData, collected whatever MeterValuesSampledData says.
-            stop_measurands = parse_measurands(str(cp.config.text("StopTxnSampledData")))
+        stop_key = {"Sample.Periodic": "StopTxnSampledData", "Sample.Clock": "StopTxnAlignedData"}
+        if local is not None and context in stop_key:
+            # StopTxnSampledData / StopTxnAlignedData (OCPP 1.6 9.1.28-29): the
+            # transactionData of the StopTransaction, collected whatever
+            # MeterValuesSampledData / MeterValuesAlignedData say.
+            stop_measurands = parse_measurands(str(cp.config.text(stop_key[context])))
             stop_value = meter_value(snapshot, stop_measurands, context, at=stamp)
             if stop_value is not None:
                 self.sampling.add(local, stop_value)
@@ -381,7 +438,8 @@ class CoreProfile:
     async def change_configuration(self, p: dict[str, Any]) -> dict[str, Any]:
         """ChangeConfiguration (5.3)."""
         # The write (fsync) in a worker thread: the loop serves the rest meanwhile.
-        result = await self.cp.config.change_async(p["key"], p["value"], source="ocpp")
+        with self.cp.answering_change():
+            result = await self.cp.config.change_async(p["key"], p["value"], source="ocpp")
         if result.status != "Accepted":
             log.info("ChangeConfiguration %s: %s (%s)", p["key"], result.status, result.reason)
         return {"status": result.status}
@@ -393,11 +451,22 @@ class CoreProfile:
         connector_id = p.get("connectorId")
         if connector_id is not None and connector_id not in cp.station.connector_ids:
             return {"status": "Rejected"}
+        # A chargingProfile must be a TxProfile Smart Charging can apply to the
+        # transaction this starts (without Smart Charging it is ignored).
+        profile: dict[str, Any] = p.get("chargingProfile") or {}
+        profiles = self.remote_start_profiles if profile else None
+        if profiles is not None and not await profiles.check(connector_id, profile):
+            return {"status": "Rejected"}
         if cp.config.get_bool("AuthorizeRemoteTxRequests"):
             info = await cp.authorize(id_tag)
             if info is None or info.get("status") != "Accepted":
                 return {"status": "Rejected"}
+        if profiles is not None:
+            # In force before the station starts: the first ampere obeys it.
+            profiles.expect(connector_id, id_tag, profile)
         accepted = await cp.station.remote_start(id_tag, connector_id)
+        if profiles is not None and not accepted:
+            profiles.forget(id_tag)
         return {"status": "Accepted" if accepted else "Rejected"}
 
     async def remote_stop(self, p: dict[str, Any]) -> dict[str, Any]:
@@ -444,7 +513,10 @@ class CoreProfile:
         return {"status": await self.cp.station.unlock(cid)}
 
     async def clear_cache(self, p: dict[str, Any]) -> dict[str, Any]:
-        """ClearCache (5.4)."""
+        """ClearCache (5.4): the authorization cache (``ocpp16.local_auth``) is emptied
+        on disk before the answer; a station without one asks its StationControl."""
+        if self.cp.local_auth is not None:
+            return {"status": await self.cp.local_auth.clear_cache()}
         return {"status": "Accepted" if await self.cp.station.clear_cache() else "Rejected"}
 
     async def data_transfer(self, p: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from pymodbus.constants import ExcCodes
 
-from fieldbus.boards import BoardFault, BoardModel, PilotState
+from fieldbus.boards import BoardFault, BoardModel, LockError, PilotState
 from fieldbus.meters import PHASES, MeterModel
 from fieldbus.registers import Field, Table
 from fieldbus.server import SparseStore
@@ -74,6 +74,13 @@ class MeterSim:
                 self.store.put(f.table, f.address, f.encode(values[name]))
 
 
+def _basic_status(state: PilotState, offered: bool) -> int:
+    """EV Charge Control Basic IR 24000: the letter in the high byte, a digit in
+    the low one: 1 = PWM off, 2 = PWM on; E0, F0 [phx-basic]."""
+    digit = "0" if state in (PilotState.E, PilotState.F) else "2" if offered else "1"
+    return ord(state.value) << 8 | ord(digit)
+
+
 #: Raw pilot code per (state, charging allowed) where a model has several codes
 #: for one state. Heidelberg: X1 = no charging permission, X2 = permission.
 _PILOT_PREFERENCE: Mapping[str, Mapping[tuple[PilotState, bool], int]] = {
@@ -91,7 +98,17 @@ _PILOT_PREFERENCE: Mapping[str, Mapping[tuple[PilotState, bool], int]] = {
         (PilotState.F, False): 10,
         (PilotState.F, True): 10,
     },
+    "ev-cc-basic": {
+        (state, offered): _basic_status(state, offered)
+        for state in PilotState
+        for offered in (False, True)
+    },
 }
+
+#: Where a model's lock actuator follows its lock coil: the setting (register,
+#: value) that hands it to the coil; otherwise the board locks by itself while
+#: an EV is plugged in. EV Charge Control Basic: HR 4002 = 3 [phx-basic].
+_LOCK_BY_COIL: Mapping[str, tuple[int, int]] = {"ev-cc-basic": (4002, 3)}
 
 
 class BoardSim:
@@ -108,6 +125,8 @@ class BoardSim:
         self.writable: dict[str, Field] = {"command": m.current_command}
         if m.enable is not None:
             self.writable["enable"] = m.enable.field
+        if m.lock is not None:
+            self.writable["lock"] = m.lock.field
         if m.failsafe_timeout is not None and m.failsafe_current is not None:
             self.writable["failsafe_timeout"] = m.failsafe_timeout
             self.writable["failsafe_current"] = m.failsafe_current
@@ -134,6 +153,10 @@ class BoardSim:
             level = b.enabled if m.enable.active_high else not b.enabled
             word = (1 << m.enable.bit) if level else 0
             self.store.put(m.enable.field.table, m.enable.field.address, [word])
+        if m.lock is not None:
+            level = b.lock_coil if m.lock.active_high else not b.lock_coil
+            word = (1 << m.lock.bit) if level else 0
+            self.store.put(m.lock.field.table, m.lock.field.address, [word])
 
     def pilot_code(self) -> int:
         s = self.station
@@ -180,6 +203,14 @@ class BoardSim:
             for bit_index, fault in m.fault_bits.items():
                 if fault is BoardFault.RCD_TRIP and s.faults.rcd_trip:
                     word |= 1 << bit_index
+            # The board's lock detection: the last move of the actuator failed.
+            lock_errors = {
+                LockError.LOCKING: s.board.locking_error,
+                LockError.UNLOCKING: s.board.unlocking_error,
+            }
+            for bit_index, error in m.lock_error_bits.items():
+                if lock_errors.get(error, False):
+                    word |= 1 << bit_index
             words[key] = word
         for (table, address), word in words.items():
             self.store.put(table, address, [word])
@@ -204,6 +235,8 @@ class BoardSim:
             amps = changes["command"]
             if amps != 0 and not m.min_current <= amps <= m.max_current:
                 return ExcCodes.ILLEGAL_VALUE
+            if amps == 0 and self.station.faults.refuse_zero:
+                return ExcCodes.ILLEGAL_VALUE
         if "failsafe_current" in changes:
             amps = changes["failsafe_current"]
             if amps != 0 and not m.min_current <= amps <= m.max_current:
@@ -219,6 +252,15 @@ class BoardSim:
                 b.failsafe_timeout = value
             elif name == "failsafe_current":
                 b.failsafe_current = value
+            elif name == "lock":
+                assert m.lock is not None
+                level = bool(int(value) >> m.lock.bit & 1)
+                self.station.command_lock(level if m.lock.active_high else not level)
+            elif name.startswith("setup_") and m.kind in _LOCK_BY_COIL:
+                register, by_coil = _LOCK_BY_COIL[m.kind]
+                if name == f"setup_{register}":
+                    b.lock_by_coil = int(value) == by_coil
+                    self.station.command_lock(b.lock_coil)
         self.record(
             {
                 "event": "write",

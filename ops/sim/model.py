@@ -19,6 +19,19 @@ the coil: the EV goes on drawing (up to its own and the cable's limit, since
 no PWM offer is left to follow) as long as it wants energy. That is the case
 a meter can see and the safety monitor judges by; an EV that stops by itself
 would leave a welded contact that no current shows.
+
+The socket's lock actuator (a board model with a ``lock``: the EV Charge
+Control Basic): the board drives it to its lock coil where it is set to take
+the coil (``lock_by_coil``, HR 4002 = 3 there), else by itself, locked while an
+EV is plugged in. The actuator takes ``LOCK_TIME`` to move; the board's lock
+detection then reads where it is. One that did not get there (the faults
+``lock_fail``: it does not engage, ``unlock_fail``: it does not release) sets
+the locking / unlocking error until the next command, or until the fault goes
+and the actuator gets there after all (a stuck lock that frees itself).
+
+``refuse_zero``: the board answers a current command of 0 A with exception 03,
+as one whose register is documented 6..63 A may; a board that stops by its
+enable coil must still be switched off by it.
 """
 
 from __future__ import annotations
@@ -33,7 +46,20 @@ NOMINAL_FREQUENCY = 50.0
 #: IEC 61851-1: the lowest current a PWM duty may offer.
 MIN_OFFER = 6.0
 
-FAULTS = ("rcd_trip", "pilot_error", "board_silent", "meter_silent", "welded", "overdraw")
+#: How long the socket's lock actuator takes to engage or release, s.
+LOCK_TIME = 0.3
+
+FAULTS = (
+    "rcd_trip",
+    "pilot_error",
+    "board_silent",
+    "meter_silent",
+    "welded",
+    "overdraw",
+    "lock_fail",
+    "unlock_fail",
+    "refuse_zero",
+)
 
 
 @dataclass
@@ -56,6 +82,13 @@ class Faults:
     welded: bool = False
     #: Extra amperes the EV draws above the offer (0 = none).
     overdraw: float = 0.0
+    #: The socket's lock does not engage (locking error, stays unlocked).
+    lock_fail: bool = False
+    #: The socket's lock does not release (unlocking error, stays locked).
+    unlock_fail: bool = False
+    #: The board answers a current command of 0 A with exception 03 (illegal
+    #: value), as one documenting its register as 6..63 A may (EV-CC Basic HR 22000).
+    refuse_zero: bool = False
 
 
 @dataclass
@@ -71,6 +104,18 @@ class BoardState:
     hardware_max: float = 32.0
     #: Cable (PP) limit of the plugged cable, A.
     cable_limit: float = 32.0
+    #: The lock actuator follows the lock coil (else: locked while plugged in).
+    lock_by_coil: bool = False
+    #: The lock coil as the firmware wrote it (1 = locked).
+    lock_coil: bool = False
+    #: Where the board drives the actuator to, and since when.
+    lock_target: bool = False
+    lock_since: float = 0.0
+    #: Where the actuator is (what the board's lock detection reads).
+    locked: bool = False
+    #: The board's lock detection: the last move did not get there.
+    locking_error: bool = False
+    unlocking_error: bool = False
 
 
 @dataclass
@@ -149,6 +194,7 @@ class Station:
         if now > self.updated:
             self.energy_wh += sum(self.phase_powers) * (now - self.updated) / 3600.0
             self.updated = now
+        self._run_lock(now)
         b = self.board
         if (
             b.failsafe_timeout > 0
@@ -156,6 +202,30 @@ class Station:
             and now - b.last_request >= b.failsafe_timeout
         ):
             b.failsafe_tripped = True
+
+    def command_lock(self, locked: bool) -> None:
+        """The firmware wrote the lock coil (at the time of the last ``advance``)."""
+        self.board.lock_coil = locked
+        self._run_lock(self.updated)
+
+    def _run_lock(self, now: float) -> None:
+        b = self.board
+        target = b.lock_coil if b.lock_by_coil else self.ev.plugged
+        if target != b.lock_target:
+            # A new move: the last one's error goes with it.
+            b.lock_target, b.lock_since = target, now
+            b.locking_error = b.unlocking_error = False
+        if b.locked == target:
+            b.locking_error = b.unlocking_error = False
+            return
+        if now - b.lock_since < LOCK_TIME:
+            return
+        stuck = self.faults.lock_fail if target else self.faults.unlock_fail
+        if stuck:
+            b.locking_error, b.unlocking_error = target, not target
+        else:
+            b.locked = target
+            b.locking_error = b.unlocking_error = False
 
     def board_contacted(self, now: float) -> None:
         """A Modbus request reached the board: it feeds the watchdog."""
