@@ -156,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --sim: Modbus TCP or RTU on a pty (default tcp)",
     )
     r.add_argument(
+        "--sim-board",
+        choices=("evse-din", "heidelberg", "ev-cc", "ev-cc-basic"),
+        default=None,
+        help="with --sim: the simulated board (default evse-din)",
+    )
+    r.add_argument(
         "--csms-url",
         metavar="URL",
         help="central system address (ws:// or wss://, ending in /); the charge point id "
@@ -258,6 +264,7 @@ async def _run_station(args: argparse.Namespace) -> int:
             for flag, value in (
                 ("--data-dir", args.data_dir),
                 ("--sim-transport", args.sim_transport),
+                ("--sim-board", args.sim_board),
                 ("--sim-control-port", args.sim_control_port),
             )
             if value is not None
@@ -297,9 +304,10 @@ async def _run_on_sim(args: argparse.Namespace) -> int:
     given = Path(os.path.abspath(args.data_dir)) if args.data_dir else None  # noqa: ASYNC240
     if given is not None:
         _existing_dir(given)
+    board = args.sim_board or "evse-din"
     sim = Simulator(
         SimConfig(
-            devices=[DeviceSpec("evse-din", 1), DeviceSpec("sdm630", 2)],
+            devices=[DeviceSpec(board, 1), DeviceSpec("sdm630", 2)],
             tcp_port=0,
             # Free ports unless told: next to a running `evse sim` (8020), or another
             # `evse run --sim`.
@@ -312,7 +320,7 @@ async def _run_on_sim(args: argparse.Namespace) -> int:
         # A new directory only once the simulator serves: a port in use leaves none.
         data_dir = given if given is not None else default_sim_dir()
         port = endpoints.tcp if (args.sim_transport or "tcp") == "tcp" else endpoints.rtu
-        config = sim_config(port, data_dir)
+        config = sim_config(port, data_dir, board=board)
         print(
             json.dumps(
                 {

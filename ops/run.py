@@ -128,7 +128,7 @@ def open_central(config: Config) -> Central:
     charging_profiles = ProfileStore.open(path)
     identity = Identity(
         vendor="evse-firmware",
-        model=f"AC {config.station.phases}-phase {config.board.kind}",
+        model=charge_point_model(config.station.phases, config.board.kind),
         serial=config.station.serial,
         firmware_version=VERSION,
         meter_type=config.meter.kind,
@@ -659,6 +659,17 @@ def sim_config(
         "safety": {"persist_interval": 2.0},
     }
     return config_from_dict(data, source="<simulator>")
+
+
+#: OCPP 1.6 BootNotification.req chargePointModel: CiString20Type.
+MODEL_MAX_LENGTH = 20
+
+
+def charge_point_model(phases: int, board: str) -> str:
+    """The BootNotification's chargePointModel: at most 20 characters, whatever the
+    board ("AC 3-phase heidelberg", 21, was refused by our own schema check, so a
+    Heidelberg station never registered)."""
+    return f"AC {phases}ph {board}"[:MODEL_MAX_LENGTH]
 
 
 def default_sim_dir() -> Path:

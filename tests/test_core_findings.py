@@ -7,12 +7,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
 from evse.connector import State, Status
 from evse.station import StationSettings
 from evse.store import Store
+from fieldbus.boards import BOARD_MODELS
 from tests.vclock_rig import TAG, vclock_rig
 
 
@@ -120,3 +122,15 @@ async def test_the_meter_voltage_tells_the_station_mains_is_lost(
         assert rig.db_rows(ended) == [("PowerLoss",)]
         rig.sim.station.voltage = 230.0
         await rig.status("Finishing", within=5.0)
+
+
+@pytest.mark.parametrize("board", sorted(BOARD_MODELS))
+@pytest.mark.parametrize("phases", [1, 3])
+def test_the_boot_notification_model_fits_ocpp_on_every_board(board: str, phases: int) -> None:
+    """chargePointModel is CiString20 (OCPP 1.6 6.2): "AC 3-phase heidelberg" (21) made
+    a Heidelberg station fail its own schema check on every BootNotification."""
+    from ops.run import charge_point_model  # noqa: PLC0415
+
+    model = charge_point_model(phases, board)
+    assert len(model) <= 20
+    assert board in model

@@ -398,3 +398,58 @@ def test_a_change_that_reconnects_is_answered_before_the_reconnect(
         )
         assert answer == {"status": "Accepted"}
         wait_connected(csms, CP, 20.0, connections=2)
+
+
+def _fault(st: object, name: str) -> None:
+    from tests.sim_control import control  # noqa: PLC0415
+
+    control(st.sim, "POST", f"/faults/{name}")  # type: ignore[attr-defined]
+
+
+def test_tc_024_start_charging_session_lock_failure(csms: Csms, tmp_path: Path) -> None:
+    """Authorized by RemoteStart (Preparing); the EV plugged in, the socket's lock does
+    not engage: Faulted with ConnectorLockFailure and no transaction starts (the
+    serial EV Charge Control Basic, the board that drives a lock)."""
+    with station(csms, tmp_path, "--sim-board", "ev-cc-basic") as st:
+        booted(csms)
+        _fault(st, "lock_fail")
+        answer = call_result(csms, CP, "RemoteStartTransaction", {"idTag": TAG})
+        assert answer == {"status": "Accepted"}
+        until(lambda: statuses(csms)[-1:] == ["Preparing"], 10, "Preparing")
+        st.plug()
+        until(lambda: statuses(csms)[-1:] == ["Faulted"], 10, "Faulted")
+        faulted = [
+            m["payload"]
+            for m in calls(csms, "StatusNotification")
+            if m["payload"]["connectorId"] == 1 and m["payload"]["status"] == "Faulted"
+        ]
+        assert faulted[-1]["errorCode"] == "ConnectorLockFailure"
+        assert not calls(csms, "StartTransaction")
+
+
+def test_tc_030_unlock_connector_unlock_failure(csms: Csms, tmp_path: Path) -> None:
+    """UnlockConnector while charging, the lock does not release: the transaction is
+    stopped (UnlockCommand) and the answer is UnlockFailed."""
+    with station(csms, tmp_path, "--sim-board", "ev-cc-basic") as st:
+        booted(csms)
+        st.plug()
+        st.present()
+        wait_for(csms, CP, "StartTransaction")
+        st.wait_status("Charging")
+        _fault(st, "unlock_fail")
+        answer = call_result(csms, CP, "UnlockConnector", {"connectorId": 1})
+        assert answer == {"status": "UnlockFailed"}
+        stop = wait_for(csms, CP, "StopTransaction")
+        assert stop["payload"]["reason"] == "UnlockCommand"
+
+
+def test_unlock_connector_unlocks_the_socket(csms: Csms, tmp_path: Path) -> None:
+    with station(csms, tmp_path, "--sim-board", "ev-cc-basic") as st:
+        booted(csms)
+        st.plug()
+        st.present()
+        st.wait_status("Charging")
+        answer = call_result(csms, CP, "UnlockConnector", {"connectorId": 1})
+        assert answer == {"status": "Unlocked"}
+        stop = wait_for(csms, CP, "StopTransaction")
+        assert stop["payload"]["reason"] == "UnlockCommand"
