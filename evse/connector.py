@@ -77,9 +77,6 @@ class Fault(StrEnum):
     INTERNAL = "internal_error"
     #: The store keeps failing to persist a transaction's readings (disk full).
     STORE = "store_failure"
-    #: Mains power is lost (SIGPWR from a UPS daemon, or the meter's voltages):
-    #: a running transaction ends with PowerLoss (OCPP 1.6 7.35).
-    MAINS_LOST = "mains_lost"
     #: The socket's lock did not engage or did not release (``LockChecked``).
     CONNECTOR_LOCK = "connector_lock_failure"
 
@@ -97,7 +94,6 @@ FAULT_ERROR_CODES: Mapping[Fault, ErrorCode] = MappingProxyType(
         Fault.METER_SILENT: ErrorCode.POWER_METER_FAILURE,
         Fault.INTERNAL: ErrorCode.INTERNAL_ERROR,
         Fault.STORE: ErrorCode.INTERNAL_ERROR,
-        Fault.MAINS_LOST: ErrorCode.UNDER_VOLTAGE,
         Fault.CONNECTOR_LOCK: ErrorCode.CONNECTOR_LOCK_FAILURE,
     }
 )
@@ -792,8 +788,7 @@ def _raise(c: Connector, s: Snapshot, e: object, now: float) -> Snapshot:
     assert isinstance(e, FaultRaised)
     faults = {**s.faults, e.fault: e.info}
     if s.in_transaction:
-        reason = StopReason.POWER_LOSS if e.fault is Fault.MAINS_LOST else StopReason.OTHER
-        s = _end(c, replace(s, faults=faults), reason, None)
+        s = _end(c, replace(s, faults=faults), StopReason.OTHER, None)
     else:
         s = c._command(replace(s, faults=faults), 0.0)
     if s.state is State.AUTHORIZED:

@@ -77,6 +77,8 @@ class LimitInputs:
     #: ``smart_charging`` includes a TxProfile of the running transaction: offline
     #: it stands instead of the fallback limit (see the module docstring).
     tx_profile: bool = False
+    #: Mains power is lost (the station runs on a UPS): nothing to offer.
+    mains_lost: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +102,8 @@ def arbitrate(inputs: LimitInputs) -> Limit:
     planned = inputs.tx_profile and inputs.smart_charging is not None
     if inputs.central_system is CentralSystem.OFFLINE and not planned:
         candidates.append((inputs.fallback, "fallback"))
+    if inputs.mains_lost:
+        candidates.append((0.0, "mains lost"))
     candidates = [(0.0 if math.isnan(a) else a, name) for a, name in candidates]
     amps, bound_by = min(candidates, key=lambda c: c[0])
     if amps < MIN_CURRENT:

@@ -122,7 +122,7 @@ BOARD_FAULTS: dict[BoardFault, Fault] = {
 }
 
 #: Faults of the charge point as a whole, not of its connector: connector 0 reports them.
-STATION_FAULTS = frozenset({Fault.STORE, Fault.INTERNAL, Fault.MAINS_LOST})
+STATION_FAULTS = frozenset({Fault.STORE, Fault.INTERNAL})
 
 #: When no deadline is ahead (verdicts given), the safety monitor looks again after this.
 SAFETY_RECHECK = 0.25
@@ -1305,6 +1305,7 @@ class Station:
             smart_charging=self.central.smart_charging_limit(),
             tx_profile=self.central.tx_profile_in_effect(),
             central_system=self.central.link,
+            mains_lost=self._mains_lost,
         )
 
     async def _recompute_limit(self) -> None:
@@ -1814,20 +1815,23 @@ class Station:
 
         Lost: the off-write goes out at once and a running transaction ends with
         PowerLoss while the station still can, its StopTransaction on disk with
-        its end (the record is kept); no new one starts until mains is back.
-        Returns once that end is written (bounded).
+        its end (the record is kept); the connector then shows what the EV does
+        (Finishing while it is plugged in, OCTT TC_032_1), and the offer is 0 A
+        until mains is back (bound by "mains lost": a transaction started
+        meanwhile is SuspendedEVSE). Returns once that end is written (bounded).
         """
         if ok == (not self._mains_lost):
             return
         self._mains_lost = not ok
         if ok:
             log.warning("mains power back (%s)", why)
-            await self._send.send(FaultCleared(Fault.MAINS_LOST))
+            await self._send.send(_RECOMPUTE)
             return
         log.warning("mains power lost (%s): switching off", why)
-        await self._send_tripped(FaultRaised(Fault.MAINS_LOST, why), f"mains lost: {why}")
-        # The loop ends the transaction (PowerLoss); its record goes to disk next.
-        await self.call(trio.lowlevel.checkpoint)
+        # request_stop writes the off at once (trip lane), then the loop ends the
+        # transaction; the recomputation after it keeps the offer at 0 A.
+        await self.request_stop(StopReason.POWER_LOSS)
+        await self._send.send(_RECOMPUTE)
         with trio.move_on_after(END_DEADLINE + self.settings.safety.board_timeout):
             await self._ending.wait()
 

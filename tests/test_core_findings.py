@@ -88,9 +88,10 @@ async def test_a_start_transaction_is_never_stamped_before_the_remote_start(
 async def test_mains_lost_stops_the_transaction_with_power_loss_at_once(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """Mains lost (SIGPWR or the meter): the off-write at once, the transaction
-    ended with PowerLoss and its StopTransaction on disk, no new start until the
-    mains is back (issue 8)."""
+    """Mains lost (SIGPWR or the meter; OCTT TC_032_1, a station on backup power):
+    the off-write at once, the transaction ended with PowerLoss and its
+    StopTransaction on disk, Finishing while the EV is plugged in, and 0 A offered
+    until the mains is back (issue 8)."""
     async with vclock_rig(tmp_path) as rig:
         await rig.charge()
         marker = rig.mark("mains lost")
@@ -100,13 +101,13 @@ async def test_mains_lost_stops_the_transaction_with_power_loss_at_once(
         assert rig.sent_at(off) - lost <= rig.one_request() + 0.01
         ((reason,),) = rig.db_rows("SELECT stop_reason FROM transactions")
         assert reason == "PowerLoss"
-        assert rig.station.connector.status is Status.FAULTED
-        assert rig.station.station_status()[0] is Status.FAULTED
-        result = await rig.station.present_id_tag(TAG)
-        await trio.sleep(1.0)
-        assert rig.station.tx is None and result.accepted
+        assert rig.station.connector.status is Status.FINISHING
+        assert rig.station.limit.bound_by.startswith("mains lost")
+        assert (await rig.station.present_id_tag(TAG)).accepted
+        await rig.status("SuspendedEVSE")  # a new transaction gets no current
+        assert rig.sim.station.board.command == 0.0
         await rig.station.mains_power(True, "test")
-        await rig.status("Finishing")
+        await rig.status("Charging")
 
 
 async def test_the_meter_voltage_tells_the_station_mains_is_lost(
@@ -116,12 +117,13 @@ async def test_the_meter_voltage_tells_the_station_mains_is_lost(
     async with vclock_rig(tmp_path, settings=settings) as rig:
         await rig.charge()
         rig.sim.station.voltage = 20.0
-        await rig.status("Faulted", within=5.0)
+        await rig.status("Finishing", within=5.0)
         ended = "SELECT stop_reason FROM transactions WHERE stop_reason IS NOT NULL"
         await rig.until(lambda: rig.db_rows(ended), within=5.0)
         assert rig.db_rows(ended) == [("PowerLoss",)]
+        assert rig.station.limit.bound_by.startswith("mains lost")
         rig.sim.station.voltage = 230.0
-        await rig.status("Finishing", within=5.0)
+        await rig.until(lambda: "mains" not in rig.station.limit.bound_by, within=5.0)
 
 
 @pytest.mark.parametrize("board", sorted(BOARD_MODELS))

@@ -171,3 +171,10 @@ def test_offline_a_tx_profile_stands_instead_of_the_fallback(
     standing = arbitrate(LimitInputs(hw, inst, fb, cable, sc, OFF))
     assert standing.amps <= planned.amps
     assert standing.amps == 0 or standing.amps <= min(fb, sc)
+
+
+def test_mains_lost_offers_nothing_whatever_else_allows() -> None:
+    inputs = LimitInputs(hardware_max=32.0, installer_max=32.0, fallback=6.0, mains_lost=True)
+    limit = arbitrate(inputs)
+    assert limit.amps == 0.0
+    assert limit.bound_by.startswith("mains lost")

@@ -150,9 +150,9 @@ def test_later_signals_never_interrupt_the_orderly_stop(
 def test_sigpwr_stops_the_transaction_with_power_loss_and_keeps_running(
     tmp_path: Path, station: tuple[subprocess.Popen[str], Any]
 ) -> None:
-    """A UPS daemon's SIGPWR with the power status file at F: the transaction ends with
-    PowerLoss at once, the board is off, the station stays up (Faulted, UnderVoltage)
-    and takes no new transaction; SIGPWR with O: Available again."""
+    """TC_032_1 (a station on backup power): a UPS daemon's SIGPWR with the power
+    status file at F: the transaction ends with PowerLoss at once, the board is off,
+    the station stays up (Finishing, 0 A offered); SIGPWR with O: mains back."""
     proc, ready = station
     socket = tmp_path / "data" / "control.sock"
     status_file = tmp_path / "powerstatus"
@@ -163,8 +163,8 @@ def test_sigpwr_stops_the_transaction_with_power_loss_and_keeps_running(
     wait_status(proc, socket, "Charging")
     status_file.write_text("F\n")
     proc.send_signal(signal.SIGPWR)
-    view = wait_status(proc, socket, "Faulted")
-    assert view["error_code"] == "UnderVoltage"
+    view = wait_status(proc, socket, "Finishing")
+    assert view["limit"]["bound_by"].startswith("mains lost")
     deadline = time.monotonic() + 2
     while control(ready, "GET", "/state")["station"]["board"]["command"] != 0.0:
         assert time.monotonic() < deadline, "the board still offers current"
@@ -183,7 +183,10 @@ def test_sigpwr_stops_the_transaction_with_power_loss_and_keeps_running(
     assert rows == [("PowerLoss",)]
     status_file.write_text("O\n")
     proc.send_signal(signal.SIGPWR)
-    wait_status(proc, socket, "Finishing")
+    deadline = time.monotonic() + 10
+    while "mains" in ask(socket, "GET", "/status")["limit"]["bound_by"]:
+        assert time.monotonic() < deadline, "mains never back"
+        time.sleep(0.05)
     assert proc.poll() is None
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
