@@ -90,13 +90,9 @@ Decisions
   against MaxChargingProfilesInstalled and an accepted SetChargingProfile
   drops them, so nine stale profiles cannot lock the station out of new ones.
 * **startSchedule in the composite**: GetCompositeSchedule.conf carries the
-  window start in ``scheduleStart`` (§6.31), and the ``chargingSchedule`` also
-  gets ``startSchedule`` with the same value. Without it, §7.13 reads the
-  schedule as "relative to start of charging", which the composite is not;
-  with it the schedule object means the same on its own as inside the .conf,
-  and the two fields cannot disagree. (A request had asked for no
-  ``startSchedule`` inside the returned schedule; the schema allows both, and
-  the self-describing form is the one that cannot be misread.)
+  window start in ``scheduleStart`` (§6.31) and only there; the
+  ``chargingSchedule`` inside has no ``startSchedule`` (issue 8 asks for it so:
+  the composite is read together with the .conf's start, one time in one place).
 
 Times: every datetime must be timezone-aware (naive ones raise ``ValueError``);
 internally everything is UTC, so "24 h" is 86400 s even across a daylight
@@ -676,10 +672,11 @@ class CompositeSchedule:
     periods: tuple[tuple[int, float], ...]
 
     def charging_schedule(self) -> dict[str, Any]:
-        """The ``chargingSchedule`` object, ``startSchedule`` = the window start."""
+        """The ``chargingSchedule`` object. No ``startSchedule`` inside: the window
+        start is the answer's ``scheduleStart`` (OCPP 1.6 6.31), and one time in
+        one place leaves a central system nothing to reconcile (issue 8)."""
         return {
             "duration": self.duration,
-            "startSchedule": format_time(self.schedule_start),
             "chargingRateUnit": str(self.unit.value),
             "chargingSchedulePeriod": [
                 {"startPeriod": start, "limit": limit} for start, limit in self.periods

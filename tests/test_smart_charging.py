@@ -588,7 +588,6 @@ def test_composite_of_the_stacked_example() -> None:
         "scheduleStart": "2024-05-01T12:00:00Z",  # the window starts at the whole second
         "chargingSchedule": {
             "duration": 600,
-            "startSchedule": "2024-05-01T12:00:00Z",
             "chargingRateUnit": "A",
             "chargingSchedulePeriod": [
                 {"startPeriod": 0, "limit": 16.0},
