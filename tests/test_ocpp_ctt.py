@@ -310,7 +310,9 @@ def test_unlock_connector_without_a_lock_is_not_supported(csms: Csms, tmp_path: 
         assert st.status()["status"] == "Charging"
 
 
-def test_tc_032_power_failure_stops_with_power_loss(csms: Csms, tmp_path: Path) -> None:
+def test_tc_032_2_power_failure_stops_with_power_loss_after_the_restart(
+    csms: Csms, tmp_path: Path
+) -> None:
     with station(csms, tmp_path) as st:
         booted(csms)
         st.plug()

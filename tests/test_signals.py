@@ -147,7 +147,7 @@ def test_later_signals_never_interrupt_the_orderly_stop(
     assert rows[0][1] is not None
 
 
-def test_sigpwr_stops_the_transaction_with_power_loss_and_keeps_running(
+def test_tc_032_1_sigpwr_stops_the_transaction_with_power_loss_and_keeps_running(
     tmp_path: Path, station: tuple[subprocess.Popen[str], Any]
 ) -> None:
     """TC_032_1 (a station on backup power): a UPS daemon's SIGPWR with the power
