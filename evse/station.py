@@ -1338,12 +1338,7 @@ class Station:
             else:
                 self.board_status = status
                 self.monitor.board_reading(status.read_at, contactor_closed=status.contactor_closed)
-                if status.contactor_closed or Fault.BOARD_SILENT in self.monitor.active:
-                    # The only verdicts a board reading can turn at once
-                    # (SafetyMonitor.check): a silence that ends, a weld seen by
-                    # feedback. Otherwise the checker's own deadline (this reading
-                    # + board_timeout) moves on by itself: no wake-up every poll.
-                    self._safety_changed()
+                self._safety_changed()
                 pilot_changed = status.pilot is not pilot
                 if pilot_changed:
                     pilot = status.pilot

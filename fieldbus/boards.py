@@ -341,23 +341,39 @@ class LineShare:
         self.free_from = free_from
         self._lot.unpark_all()
 
-    async def wait(self, duration: float, not_before: float = -math.inf) -> None:
+    def close(self) -> None:
+        """End the share now (an off-write takes the line); a request waiting
+        for it waits for the next one (or LINE_SHARE_STALE)."""
+        self.until = -math.inf
+
+    def fits(self, duration: float) -> bool:
+        """Whether a request that holds the line ``duration`` s still fits now:
+        the master asks once the bus is the request's (``wanted``), so one that
+        had to wait for the bus, or whose share an off-write closed, is dropped
+        and waits for the next share."""
+        return trio.current_time() + duration <= self.until
+
+    async def wait(self, duration: float, not_before: float = -math.inf) -> bool:
         """Until a request that holds the line ``duration`` s, sent once the
         line's silence is over (after the board's request, and ``not_before``
         after the caller's own last one), fits into an open share; returns at
-        its start. At once when no share was opened for LINE_SHARE_STALE (the
-        master then keeps the silence itself)."""
+        its start, True. False (go, unchecked) at once when no share was opened
+        for LINE_SHARE_STALE (the master then keeps the silence itself), or at
+        the next share's start when the request has not fitted for that long (a
+        slow device, longer than any share: late, never starved)."""
+        give_up = trio.current_time() + LINE_SHARE_STALE
         while True:
             now = trio.current_time()
             start = max(now, not_before, self.free_from)
             slack = TIMER_SLACK if start > now else 0.0
-            if start + slack + duration <= self.until:
+            fits = start + slack + duration <= self.until
+            if fits or self.opened >= give_up:
                 if start > now:
                     await trio.sleep_until(start)
-                return
+                return fits
             void_at = self.opened + LINE_SHARE_STALE
             if now >= void_at:
-                return
+                return False
             with trio.move_on_at(void_at):
                 await self._lot.park()
 
@@ -528,6 +544,10 @@ class Board:
         off-write can never follow it.
         """
         value = self.command_value(amps)
+        if value == 0:
+            # An off takes the line back: no meter request starts until the
+            # poller's next verdict (a stop_by_disable board's disable follows).
+            self.line.close()
         await write_field(
             self.master,
             self.unit,
@@ -545,6 +565,8 @@ class Board:
         bit = self.model.enable
         if bit is None:
             raise Unsupported(f"{self.model.title} has no enable switch")
+        if not enabled:
+            self.line.close()  # part of an off: see set_current
         level = enabled if bit.active_high else not enabled
         f = bit.field
         if f.table is Table.COIL:

@@ -269,20 +269,31 @@ class ModbusMaster:
 
     # -- requests ------------------------------------------------------------
 
-    async def read_holding_registers(self, unit: int, address: int, count: int) -> list[int]:
-        reply = await self._read(unit, ReadHoldingRegistersRequest, address, count)
+    # ``wanted`` on a read: as for a write (below), e.g. a meter read that no
+    # longer fits into the time the board's poller leaves it (LineShare).
+
+    async def read_holding_registers(
+        self, unit: int, address: int, count: int, *, wanted: Wanted = None
+    ) -> list[int]:
+        reply = await self._read(unit, ReadHoldingRegistersRequest, address, count, wanted)
         return list(reply.registers)
 
-    async def read_input_registers(self, unit: int, address: int, count: int) -> list[int]:
-        reply = await self._read(unit, ReadInputRegistersRequest, address, count)
+    async def read_input_registers(
+        self, unit: int, address: int, count: int, *, wanted: Wanted = None
+    ) -> list[int]:
+        reply = await self._read(unit, ReadInputRegistersRequest, address, count, wanted)
         return list(reply.registers)
 
-    async def read_coils(self, unit: int, address: int, count: int) -> list[bool]:
-        reply = await self._read(unit, ReadCoilsRequest, address, count)
+    async def read_coils(
+        self, unit: int, address: int, count: int, *, wanted: Wanted = None
+    ) -> list[bool]:
+        reply = await self._read(unit, ReadCoilsRequest, address, count, wanted)
         return list(reply.bits[:count])
 
-    async def read_discrete_inputs(self, unit: int, address: int, count: int) -> list[bool]:
-        reply = await self._read(unit, ReadDiscreteInputsRequest, address, count)
+    async def read_discrete_inputs(
+        self, unit: int, address: int, count: int, *, wanted: Wanted = None
+    ) -> list[bool]:
+        reply = await self._read(unit, ReadDiscreteInputsRequest, address, count, wanted)
         return list(reply.bits[:count])
 
     # ``urgent``: an off-write (charging current 0). It goes ahead of every
@@ -329,7 +340,12 @@ class ModbusMaster:
         await self.execute(unit, request, urgent=urgent, wanted=wanted)
 
     async def _read(
-        self, unit: int, request_class: type[ModbusPDU], address: int, count: int
+        self,
+        unit: int,
+        request_class: type[ModbusPDU],
+        address: int,
+        count: int,
+        wanted: Wanted = None,
     ) -> ModbusPDU:
         """A read request; pollers repeat the same few, so their frames are kept."""
         key = (request_class.function_code, unit, address, count)
@@ -341,7 +357,9 @@ class ModbusMaster:
             )
             if len(self._frames) < _MAX_CACHED_FRAMES:
                 self._frames[key] = frame
-        return await self._transact(unit, request_class.function_code, count, frame, None)
+        return await self._transact(
+            unit, request_class.function_code, count, frame, None, wanted=wanted
+        )
 
     async def execute(
         self,

@@ -13,14 +13,15 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from types import MappingProxyType
 from typing import Any, Protocol
 
 import trio
 
 from fieldbus.devices import FieldReader
-from fieldbus.errors import DeviceDataError
-from fieldbus.master import ModbusMaster
+from fieldbus.errors import DeviceDataError, Superseded
+from fieldbus.master import ModbusMaster, Wanted
 from fieldbus.registers import Block, DType, Field, Table, WordOrder, decode_fields
 
 #: The most registers one meter request reads, whatever the model allows
@@ -41,11 +42,16 @@ _TIMED = 8
 
 
 class LineTurn(Protocol):
-    """Waits until a request that holds the line ``duration`` s, sent no earlier
-    than ``not_before``, may go (``fieldbus.boards.LineShare``: the board's
-    poller leaves the line free)."""
+    """The time another device's poller leaves a shared line free
+    (``fieldbus.boards.LineShare``)."""
 
-    async def wait(self, duration: float, not_before: float = ...) -> None: ...
+    async def wait(self, duration: float, not_before: float = ...) -> bool:
+        """Until a request that holds the line ``duration`` s, sent no earlier
+        than ``not_before``, may go; True if it fits (then ``fits`` is asked
+        again once the bus is its own), False if it goes unchecked."""
+        ...
+
+    def fits(self, duration: float) -> bool: ...
 
 
 PHASES = ("l1", "l2", "l3")
@@ -164,6 +170,21 @@ class Meter:
         took = self._took[index]
         return min(took) if took else 0.0
 
+    async def _read_block(self, block: Block, wanted: Wanted) -> list[int]:
+        if wanted is None:
+            return await self._reader.read_block(block)
+        m, unit, address, count = self.master, self.unit, block.address, block.count
+        match block.table:
+            case Table.INPUT:
+                return await m.read_input_registers(unit, address, count, wanted=wanted)
+            case Table.HOLDING:
+                return await m.read_holding_registers(unit, address, count, wanted=wanted)
+            case Table.COIL:
+                return [int(b) for b in await m.read_coils(unit, address, count, wanted=wanted)]
+            case Table.DISCRETE_INPUT:
+                bits = await m.read_discrete_inputs(unit, address, count, wanted=wanted)
+                return [int(b) for b in bits]
+
     async def verify(self) -> None:
         """Check the model register, where the table names one."""
         f = self.model.identity
@@ -197,10 +218,22 @@ class Meter:
         gap = self.master.gap if share is not None else 0.0
         free_from = -math.inf
         for i, block in enumerate(reader.blocks):
-            if share is not None:
-                await share.wait(self.request_time(i), free_from)
-            began = trio.current_time()
-            results.append((block, await reader.read_block(block)))
+            while True:
+                wanted: Wanted = None
+                if share is not None:
+                    duration = self.request_time(i)
+                    if await share.wait(duration, free_from):
+                        wanted = partial(share.fits, duration)
+                began = trio.current_time()
+                try:
+                    words = await self._read_block(block, wanted)
+                except Superseded:
+                    # It got the bus too late for its share (or an off-write
+                    # closed it): the next share.
+                    free_from = trio.current_time() + gap
+                    continue
+                break
+            results.append((block, words))
             ended = trio.current_time()
             self._took[i].append(ended - began)
             free_from = ended + gap

@@ -21,6 +21,7 @@ import pytest
 import trio
 import trio.testing
 
+from evse.connector import StopReason
 from fieldbus.boards import (
     BOARD_MODELS,
     LINE_SHARE_STALE,
@@ -33,7 +34,7 @@ from fieldbus.boards import (
     PilotState,
 )
 from fieldbus.errors import ExceptionReply
-from fieldbus.master import ModbusMaster
+from fieldbus.master import ModbusMaster, Wanted
 from fieldbus.memory import MemoryLink, WireTiming, pdu_sizes
 from fieldbus.meters import LINE_SHARE_MAX_READ, METER_MODELS, Meter
 from fieldbus.ports import RtuPort
@@ -326,15 +327,16 @@ async def test_the_meter_fits_its_requests_into_the_line_share(
         share = board.line
         # (start, end, the share's end, the silence after the board's request)
         requests: list[tuple[float, float, float, float]] = []
-        read_block = meter._reader.read_block
+        read_block = meter._read_block
 
-        async def timed(block: Block) -> list[int]:
+        async def timed(block: Block, wanted: Wanted) -> list[int]:
+            assert wanted is not None  # every request fitted (and was checked again)
             start, until, free_from = trio.current_time(), share.until, share.free_from
-            words = await read_block(block)
+            words = await read_block(block, wanted)
             requests.append((start, trio.current_time(), until, free_from))
             return words
 
-        meter._reader.read_block = timed  # type: ignore[method-assign]
+        meter._read_block = timed  # type: ignore[method-assign]
         polls: list[float] = []
 
         async def board_poller() -> None:
@@ -482,3 +484,68 @@ async def test_a_fault_on_a_readback_poll_skips_the_readback(
         assert [r for r in between if is_readback(r)] == []
         assert any(r.reads(rig.model.pilot) for r in between)
         assert off["t"] - reference <= rig.off_bound()
+
+
+async def test_a_request_longer_than_any_share_goes_late_never_starved(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A slow device (a request longer than any share) still gets the line: at
+    the first share opened LINE_SHARE_STALE after it began to wait."""
+    share = LineShare()
+    opened: list[float] = []
+
+    async def poller() -> None:
+        while True:
+            now = trio.current_time()
+            share.open(now + 0.05)
+            opened.append(now)
+            await trio.sleep(0.1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(poller)
+        await trio.sleep(0.01)
+        began = trio.current_time()
+        await share.wait(0.2)
+        waited = trio.current_time() - began
+        nursery.cancel_scope.cancel()
+    assert LINE_SHARE_STALE <= waited <= LINE_SHARE_STALE + 0.1 + 1e-9
+    # It went at a share's start (just after the board's verdict), not in between.
+    assert trio.current_time() in opened
+
+
+async def test_an_off_sequence_is_never_split_by_the_meter(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """EV-CC on RTU (every off is command 0, then the enable coil off): a stop
+    requested while the meter reads in the poller's share gets both writes back
+    to back; the meter's next request waits for the poller's next verdict."""
+    async with vclock_rig(tmp_path, board="ev-cc", transport="rtu", free=True) as rig:
+        rng = random.Random(5)
+        command, enable = rig.model.current_command, rig.model.enable
+        assert enable is not None
+        for _ in range(8):
+            rig.plug()
+            await rig.status("Charging")
+            await rig.next_request(_is_meter, what="a meter request")
+            await trio.sleep(rng.uniform(0.0, 0.03))
+            marker = rig.mark("stop")
+            since = len(rig.requests)
+            rig.nursery.start_soon(rig.station.request_stop, StopReason.REMOTE)
+            off = await rig.next_off(marker["seq"])
+
+            def disabled(r: SeenRequest, coil: int = enable.field.address) -> bool:
+                return r.unit == BOARD_UNIT and r.function == 5 and r.address == coil
+
+            await rig.until(
+                lambda since=since: any(disabled(r) for r in rig.requests[since:]),
+                what="the disable write",
+            )
+            after = rig.requests[since:]
+            first = next(i for i, r in enumerate(after) if r.t >= off["t"] - 1e-9)
+            assert after[first].function == 6 and after[first].address == command.address
+            last = next(i for i, r in enumerate(after) if disabled(r))
+            # (The board's own poll may come in between: it was waiting for the bus.)
+            assert not any(_is_meter(r) for r in after[first:last]), after[first : last + 1]
+            await rig.status("Finishing")
+            rig.unplug()
+            await rig.status("Available")
