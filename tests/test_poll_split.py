@@ -536,10 +536,10 @@ async def test_an_off_sequence_is_never_split_by_the_meter(
             def disabled(r: SeenRequest, coil: int = enable.field.address) -> bool:
                 return r.unit == BOARD_UNIT and r.function == 5 and r.address == coil
 
-            await rig.until(
-                lambda since=since: any(disabled(r) for r in rig.requests[since:]),
-                what="the disable write",
-            )
+            def disable_written(since: int = since) -> bool:
+                return any(disabled(r) for r in rig.requests[since:])
+
+            await rig.until(disable_written, what="the disable write")
             after = rig.requests[since:]
             first = next(i for i, r in enumerate(after) if r.t >= off["t"] - 1e-9)
             assert after[first].function == 6 and after[first].address == command.address
