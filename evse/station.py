@@ -1910,4 +1910,23 @@ class Station:
             },
             "board": board.to_json() if board else None,
             "meter": reading.to_json() if reading else None,
+            # What the last start found running and ended as PowerLoss (``_recover``):
+            # an operator who finds the EV not charged after an outage sees why.
+            "recovered": [
+                {
+                    "id": r.id,
+                    "id_tag": r.id_tag,
+                    "started_at": r.started_at.isoformat().replace("+00:00", "Z"),
+                    "stopped_at": r.stopped_at.isoformat().replace("+00:00", "Z")
+                    if r.stopped_at
+                    else None,
+                    "stop_reason": r.stop_reason,
+                    "meter_start_wh": r.meter_start_wh,
+                    "meter_stop_wh": r.meter_stop_wh,
+                    "energy_wh": None
+                    if r.meter_stop_wh is None
+                    else r.meter_stop_wh - r.meter_start_wh,
+                }
+                for r in self.recovered
+            ],
         }

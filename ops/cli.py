@@ -1,11 +1,18 @@
 """The ``evse`` command line.
 
 Errors an installer can cause (a wrong port, a silent device, a bad option,
-a port in use, a second station) end in ONE line on stderr naming what
-failed, and a non-zero exit, never a traceback. Exit codes: 0 ok, 1 the
-operation failed (device, bus, store, no station answering), 2 usage error
-(a bad option or value, an unknown setting); ``evse run`` adds 69, 70, 75 and
-78 (see ops/systemd.py).
+a port in use, a second station, no station to ask) end in ONE line on
+stderr naming what failed, and a non-zero exit, never a traceback. Exit
+codes: 0 ok, 1 the operation failed (device, bus, store, no station
+answering, a tag refused, nothing to stop), 2 usage error (a bad option or
+value, an unknown setting), 78 a config file given with ``--config`` is
+refused; ``evse run`` adds 69, 70 and 75 (see ops/systemd.py).
+
+Every command's ``--help`` is plain text (argparse's RawDescriptionHelpFormatter:
+the texts below are laid out as printed, no markup), with examples and the
+exit codes of that command. The commands that talk to a running station
+(status, authorize, stop, transactions, queue, config) go through its
+control socket (ops/control.py).
 """
 
 from __future__ import annotations
@@ -18,15 +25,22 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from functools import partial
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import trio
 
 from fieldbus.errors import FieldbusError, PortConfigError
+from ops import logs
 from ops.probe import KINDS, probe
 from ops.systemd import EXIT_CONFIG, EXIT_HARDWARE, EXIT_LOCKED, EXIT_OK, EXIT_USAGE
 from ops.systemd import EXIT_FAILURE as EXIT_FAILED
+
+DISTRIBUTION = "evse-firmware"
+DEFAULT_SOCKET = "/var/lib/evse/control.sock"
+#: ``evse status --watch`` without a number: redraw every second.
+WATCH_INTERVAL = 1.0
 
 
 class UsageError(Exception):
@@ -36,8 +50,34 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors in one line (the usage is one ``--help`` away)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def version() -> str:
+    """The installed distribution's version (what pip installed, not a constant here)."""
+    from importlib.metadata import PackageNotFoundError  # noqa: PLC0415 - only for --version
+    from importlib.metadata import version as installed  # noqa: PLC0415
+
+    try:
+        return installed(DISTRIBUTION)
+    except PackageNotFoundError:
+        return "unknown (not installed: run from a source tree)"
+
+
+class _Version(argparse.Action):
+    """``--version``, the metadata read only when asked (it costs every start otherwise)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(f"evse {version()}")
+        parser.exit(EXIT_OK)
 
 
 def _seconds(text: str) -> float:
@@ -70,23 +110,288 @@ def _port_number(text: str) -> int:
     return port
 
 
-def _station_location(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="the station's config file")
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"{value} is outside 1..1000")
+    return value
+
+
+def _id_tag(text: str) -> str:
+    from evse.auth import normalize_id_tag  # noqa: PLC0415 - keep probe light
+
+    try:
+        return normalize_id_tag(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _log_format(text: str) -> logs.Format:
+    try:
+        return logs.parse_format(text)
+    except logs.LogFormatError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+#: OCPP 1.6 StopTransaction reasons an operator may give (section 7.33); the others
+#: (EVDisconnected, PowerLoss, Reboot, resets, DeAuthorized) are the station's own.
+STOP_REASONS = ("Local", "Remote", "EmergencyStop", "Other", "UnlockCommand")
+
+FIND_STATION = """\
+Which station: --socket PATH, else the control socket named by --config FILE
+(control.socket, default <data_dir>/control.sock), else $EVSE_CONTROL_SOCKET,
+else /var/lib/evse/control.sock. The socket is mode 0660: run as the station's
+user or a member of its group."""
+
+
+def _socket_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--socket", metavar="PATH", help="the running station's control socket")
+    p.add_argument(
+        "--config", metavar="FILE", help="the station's config file (for the socket's path)"
+    )
+
+
+def _station_location(p: argparse.ArgumentParser) -> None:
+    _socket_options(p)
     p.add_argument(
         "--data-dir", metavar="DIR", help="the station's data directory (when it is not running)"
     )
 
 
-DESCRIPTION = (
-    "EV charging-station firmware: run the station (evse run), read a device (evse probe), "
-    "simulate the devices (evse sim), see and change a running station (evse status, "
-    "evse config, evse queue), or try it all at once (evse demo)."
-)
+DESCRIPTION = """\
+EV charging-station firmware: the station, its tools, and a simulator.
+
+Run the station:
+  evse run --config FILE      on the hardware the file names (systemd runs this)
+  evse run --sim              on the built-in device simulator
+  evse demo                   simulator + central system + one charging session
+
+Look at and drive a running station (through its control socket):
+  evse status [--watch]       state, offered current, meter, transaction, link
+  evse authorize TAG          present an id tag, as at the reader
+  evse stop                   stop the running transaction
+  evse transactions           the latest transactions, with their energy
+  evse queue                  OCPP messages waiting, and the dead letters
+  evse config list|get|set    settings (OCPP keys and installer settings)
+
+Devices:
+  evse probe KIND PORT        read one meter or board once
+  evse sim                    the device simulator, for benches and tests
+
+"evse COMMAND --help" shows a command's options, examples and exit codes."""
+
+EPILOG = """\
+exit codes (each command's --help has its own):
+  0   done
+  1   the operation failed (device, bus, store, no station answering, a tag
+      refused, nothing to stop)
+  2   bad command line (an option, a value, an unknown setting)
+  78  the config file given with --config is refused
+  evse run adds 69 (a device did not answer at start), 70 (internal error),
+  75 (another station holds the data directory or the board)."""
+
+PROBE = """\
+Reads one device once and prints its normalized reading as JSON: a meter's
+voltage, current and power per phase (V, A, W), total power (W), imported
+energy (Wh), frequency (Hz); a board's pilot state, cable limit, offered
+current, contactor and fault flags, and its capabilities. Values a model
+lacks are null.
+
+examples:
+  evse probe sdm630 tcp://127.0.0.1:5020 --unit 2
+  evse probe evse-din "rtu:///dev/ttyUSB0?baud=9600&parity=N&stopbits=1" \\
+             --unit 1
+
+exit codes:
+  0  read
+  1  the device or bus failed (timeout, CRC error, exception reply,
+     connection refused): one line naming the port, unit and reason
+  2  the command was wrong (unknown kind, malformed port, unit outside 1..247)"""
+
+SIM = """\
+The device simulator: the register maps the drivers read, over Modbus TCP and
+over RTU on a pseudo-terminal, with an EV that can be plugged in, charge and
+pause, a meter that integrates energy, and faults to inject. When ready it
+prints one JSON line {"ready": {"tcp", "rtu", "control", "devices"}};
+"control" is its HTTP control interface (README.md, "evse sim").
+
+examples:
+  evse sim
+  evse sim --device evse-din:1 --device sdm630:2 --tcp-port 5020 \\
+           --control-port 8020 --rtu-link /tmp/evse-rtu
+  curl -s -XPOST localhost:8020/plug -d '{"phases": 1}'
+
+exit codes:
+  0  stopped by SIGINT or SIGTERM
+  1  it cannot serve (a port in use, an address it cannot bind, a link it
+     cannot make): one line naming what, where and why
+  2  a bad option"""
+
+RUN = """\
+Runs the station: from the TOML config file (what systemd runs), or with --sim
+on the built-in simulator, started by this command on free ports (its ready
+line names the simulator's endpoints, the control socket and the data
+directory; local tags 04A2B3C4 and DEMOTAG1 are accepted). SIGTERM or SIGINT
+stops it: the running transaction ends (Reboot) and the board is switched off.
+
+Logs go to stderr: under systemd (stderr is the journal) each line carries its
+syslog priority ("<4>evse.station: ...") and no timestamp; otherwise a
+timestamped line; --log-format json writes one JSON object per line (ts,
+level, logger, message, exc).
+
+examples:
+  evse run --config /etc/evse/evse.toml
+  evse run --sim
+  evse run --sim --csms-url ws://127.0.0.1:9000/ocpp/ --id CP-1
+  evse run --sim --data-dir /tmp/station --log-format json
+
+exit codes (ops/systemd.py has systemd's view of each):
+  0   stopped on request (SIGTERM, SIGINT)
+  1   failed while running (e.g. the store)
+  2   bad command line
+  69  a device did not answer at start (one line: device, port, reason)
+  70  internal error, or the liveness probe failed (switched off first)
+  75  another station holds the data directory or the board (pid, lock file)
+  78  the config file is refused (file, key, reason), a data directory that
+      does not exist or a lock directory that cannot be used"""
+
+STATUS = f"""\
+The running station's state, for people: connector status and error code,
+pilot, offered current and what bounds it, power, current and meter, the
+running transaction, a transaction ended as PowerLoss at the last start, the
+central-system connection and why it is in that state, messages waiting and
+dead letters, faults, transfers in progress. --json prints the control
+socket's answer as it is, for scripts; --watch redraws until Ctrl-C.
+
+{FIND_STATION}
+
+examples:
+  evse status
+  evse status --watch        redraw every second
+  evse status --watch 5      every 5 seconds
+  evse status --json | jq .offered_a
+  evse status --config /etc/evse/evse.toml
+
+exit codes:
+  0   shown (with --watch: stopped by Ctrl-C)
+  1   no station answers at the socket (one line naming it and why)
+  2   a bad option
+  78  the file given with --config is refused"""
+
+AUTHORIZE = f"""\
+Presents an id tag to the station, as the RFID reader would: the station's
+authorization chain decides (installer tags, local list, cache, central
+system). Accepted with an EV plugged in starts a transaction; the tag that
+started the running transaction stops it. Prints the answer and who gave it.
+
+{FIND_STATION}
+
+examples:
+  evse authorize 04A2B3C4
+  evse authorize DEMOTAG1 --socket /tmp/station/control.sock
+
+exit codes:
+  0  accepted
+  1  not accepted (Invalid, Blocked, Expired, ConcurrentTx: named), or no
+     station answers at the socket
+  2  a malformed tag (empty, more than 20 characters) or option"""
+
+STOP = f"""\
+Stops the running transaction: the current is switched off at once, then the
+transaction ends with the reason given (OCPP 1.6 StopTransaction reason,
+default Local) and its StopTransaction is queued for the central system.
+
+{FIND_STATION}
+
+examples:
+  evse stop
+  evse stop --reason EmergencyStop
+
+exit codes:
+  0  stopped
+  1  no transaction was running, or no station answers at the socket
+  2  a reason that is not one of the choices"""
+
+TRANSACTIONS = f"""\
+The latest transactions, newest first: id, id tag, start, end, energy and the
+stop reason (a running one has no end yet; its energy is up to the last
+reading on disk). --json prints the control socket's answer.
+
+{FIND_STATION}
+
+examples:
+  evse transactions
+  evse transactions --limit 100 --json
+
+exit codes:
+  0  listed
+  1  no station answers at the socket
+  2  --limit outside 1..1000, or another bad option"""
+
+QUEUE = f"""\
+Transaction messages (StartTransaction, StopTransaction, MeterValues) waiting
+for the central system's answer, oldest first, and the dead letters: messages
+given up after TransactionMessageAttempts failures, with the reason. A table
+by default; --json for scripts. Without a running station it reads the
+station's store, given --data-dir or --config.
+
+{FIND_STATION}
+
+examples:
+  evse queue
+  evse queue --data-dir /var/lib/evse --json
+
+exit codes:
+  0   listed
+  1   no station answers and no --data-dir or --config to read the store,
+      or the store cannot be read
+  2   a bad option (a --data-dir that does not exist)
+  78  the file given with --config is refused"""
+
+CONFIG = f"""\
+Reads or changes one setting: an OCPP configuration key (HeartbeatInterval) or
+an installer setting (connection.central_system_address), the same registry
+and validation as OCPP ChangeConfiguration. With a running station the change
+goes through its control socket and applies at once; without one it is
+written to the store (--data-dir or --config).
+
+{FIND_STATION}
+
+examples:
+  evse config list
+  evse config get HeartbeatInterval
+  evse config set connection.central_system_address wss://cs.example.com/ocpp/
+  evse config set FallbackLimit 10 --config /etc/evse/evse.toml
+
+exit codes:
+  0   shown, or changed (Accepted, or RebootRequired: applies at the next start)
+  1   no station answers and no --data-dir or --config, or the store failed
+  2   an unknown setting, a value refused (the reason named), a bad option
+  78  the file given with --config is refused"""
+
+DEMO = """\
+The README's first command: the simulator, a local central system and the
+station, through one charging session (plug in, tag, charge with a live status
+line, tag again to stop, unplug), the OCPP exchange shown as it happens.
+
+examples:
+  evse demo
+  evse demo --seconds 10 --transport rtu
+
+exit codes:
+  0    the transaction is on disk with its energy, and the central system has
+       its StopTransaction
+  1    the session did not complete (the line says where it stopped)
+  2    a bad option
+  130  interrupted (Ctrl-C)"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="evse", description=DESCRIPTION)
+    parser = _Parser(prog="evse", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--version", action=_Version, help="print the installed version and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     # -v after the command works too (evse run --sim -v).
     common = _Parser(add_help=False)
@@ -97,26 +402,26 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command", required=True, metavar="COMMAND", parser_class=_Parser
     )
 
-    p = sub.add_parser(
-        "probe", parents=[common], help="read one device once and print its reading as JSON"
-    )
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=summary, description=description)
+
+    p = command("probe", "read one device once and print its reading as JSON", PROBE)
     p.add_argument("kind", metavar="KIND", help=f"device model: {', '.join(KINDS)}")
     p.add_argument(
         "port",
         metavar="PORT",
-        help="tcp://HOST:PORT or rtu:///dev/ttyX?baud=9600&parity=N&stopbits=1",
+        help="tcp://HOST[:PORT] (default port 502) or "
+        "rtu:///dev/ttyX?baud=9600&parity=N&stopbits=1",
     )
     p.add_argument("--unit", type=_unit, default=None, help="Modbus unit id 1..247")
     p.add_argument("--timeout", type=_seconds, default=1.0, help="seconds per request (default 1)")
 
-    s = sub.add_parser(
-        "sim", parents=[common], help="run the device simulator (Modbus TCP, RTU on a pty, HTTP)"
-    )
+    s = command("sim", "run the device simulator (Modbus TCP, RTU on a pty, HTTP)", SIM)
     s.add_argument(
         "--device",
         action="append",
         metavar="KIND[:UNIT]",
-        help="simulated device (repeatable; default evse-din:1 and sdm630:2)",
+        help="simulated device (repeatable, at most one board; default evse-din:1 and sdm630:2)",
     )
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     s.add_argument(
@@ -127,7 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--no-tcp", action="store_true", help="do not serve Modbus TCP")
     s.add_argument("--no-rtu", action="store_true", help="do not serve RTU on a pty")
-    s.add_argument("--rtu-link", metavar="PATH", help="symlink to the pty's serial device")
+    s.add_argument(
+        "--rtu-link",
+        metavar="PATH",
+        help="symlink to the pty's serial device (an existing symlink is replaced, any "
+        "other file refused)",
+    )
     s.add_argument(
         "--control-port",
         type=_port_number,
@@ -135,9 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="HTTP control port (default 8020, 0 = any free port)",
     )
 
-    r = sub.add_parser(
-        "run", parents=[common], help="run the station (from a config file, or on the simulator)"
-    )
+    r = command("run", "run the station (from a config file, or on the simulator)", RUN)
     source = r.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", metavar="FILE", help="the station's TOML config file")
     source.add_argument(
@@ -172,18 +480,54 @@ def build_parser() -> argparse.ArgumentParser:
         "--sim-control-port",
         type=_port_number,
         default=None,
+        metavar="PORT",
         help="with --sim: the simulator's HTTP control port (default 0: any free port; "
         "the ready line names it)",
     )
-
-    st = sub.add_parser("status", parents=[common], help="show the running station's state")
-    st.add_argument("--socket", metavar="PATH", help="the station's control socket")
-    st.add_argument("--config", metavar="FILE", help="take the socket path from this config")
-    st.add_argument("--json", action="store_true", help="print the full state as JSON")
-
-    cf = sub.add_parser(
-        "config", parents=[common], help="read or change a setting (OCPP key or installer setting)"
+    r.add_argument(
+        "--log-format",
+        type=_log_format,
+        default=None,
+        metavar="FORMAT",
+        help="auto (journal under systemd, else text), journal, text or json "
+        "(default: the config file's logging.format, else auto)",
     )
+
+    st = command("status", "show the running station's state", STATUS)
+    _socket_options(st)
+    output = st.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the full state as JSON")
+    output.add_argument(
+        "--watch",
+        type=_seconds,
+        nargs="?",
+        const=WATCH_INTERVAL,
+        default=None,
+        metavar="SECONDS",
+        help=f"redraw every SECONDS (default {WATCH_INTERVAL:g}) until Ctrl-C",
+    )
+
+    a = command("authorize", "present an id tag to the running station", AUTHORIZE)
+    a.add_argument("tag", metavar="TAG", type=_id_tag, help="the id tag (up to 20 characters)")
+    _socket_options(a)
+
+    sp = command("stop", "stop the running transaction", STOP)
+    sp.add_argument(
+        "--reason",
+        choices=STOP_REASONS,
+        default="Local",
+        help="the StopTransaction reason (default Local)",
+    )
+    _socket_options(sp)
+
+    t = command("transactions", "the latest transactions, with their energy", TRANSACTIONS)
+    t.add_argument(
+        "--limit", type=_limit, default=20, metavar="N", help="how many (1..1000, default 20)"
+    )
+    t.add_argument("--json", action="store_true", help="print the control socket's answer")
+    _socket_options(t)
+
+    cf = command("config", "read or change a setting (OCPP key or installer setting)", CONFIG)
     cf.add_argument("action", choices=("get", "set", "list"), help="what to do")
     cf.add_argument(
         "key",
@@ -194,14 +538,11 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("value", nargs="?", help="the new value (set)")
     _station_location(cf)
 
-    q = sub.add_parser(
-        "queue", parents=[common], help="transaction messages waiting, and the dead letters"
-    )
+    q = command("queue", "transaction messages waiting, and the dead letters", QUEUE)
+    q.add_argument("--json", action="store_true", help="print the queue as JSON")
     _station_location(q)
 
-    d = sub.add_parser(
-        "demo", parents=[common], help="simulator + station: a full charging session, then exit"
-    )
+    d = command("demo", "simulator + station: a full charging session, then exit", DEMO)
     d.add_argument("--seconds", type=_seconds, default=4.0, help="how long to charge (default 4)")
     d.add_argument(
         "--transport",
@@ -275,9 +616,10 @@ async def _run_station(args: argparse.Namespace) -> int:
                 "data directory and devices)"
             )
         config = load_config(args.config)
-        logging.getLogger().setLevel(
-            logging.DEBUG if args.verbose else config.logging.level.upper()
-        )
+        # The command line wins over the file's logging.format; getattr: a config
+        # without that key (an older ops/config.py) means auto.
+        fmt = args.log_format or logs.parse_format(getattr(config.logging, "format", "auto"))
+        logs.configure(logging.DEBUG if args.verbose else config.logging.level, fmt)
         return await run_station(config, settings=_connection_settings(args))
     return await _run_on_sim(args)
 
@@ -346,32 +688,131 @@ def _existing_dir(path: os.PathLike[str] | str) -> None:
         raise UsageError(f"--data-dir {path}: not a directory")
 
 
-async def _run_status(args: argparse.Namespace) -> int:
-    from ops.control import query  # noqa: PLC0415
-
+def _socket_path(args: argparse.Namespace) -> str:
+    """The control socket of the station the command is about (FIND_STATION)."""
     if args.socket:
-        path = args.socket
-    elif args.config:
+        return str(args.socket)
+    if args.config:
         from ops.config import load_config  # noqa: PLC0415
 
-        path = str(load_config(args.config).control.socket)
-    else:
-        path = os.environ.get("EVSE_CONTROL_SOCKET", "/var/lib/evse/control.sock")
+        return str(load_config(args.config).control.socket)
+    return os.environ.get("EVSE_CONTROL_SOCKET", DEFAULT_SOCKET)
+
+
+async def _request(
+    path: str, method: str, resource: str, body: dict[str, Any] | None = None
+) -> Any:
+    """One request to the control socket (ops/control.py's interface).
+
+    The HTTP client alone, not ops.control: a command that asks a station must
+    not import the station it asks (a second and more per call on a gateway).
+    """
+    from ops.httpjson import request_json  # noqa: PLC0415
+
+    return await request_json("localhost", 0, method, resource, body, unix_socket=path)
+
+
+async def _ask(path: str, method: str, resource: str, body: dict[str, Any] | None = None) -> Any:
+    """The station's answer; StationUnreachable in one line when none answers."""
     try:
-        view = await query(path, "GET", "/status")
+        return await _request(path, method, resource, body)
     except OSError as exc:
         raise StationUnreachable(f"no station at {path} ({exc.strerror or exc})") from None
     except trio.TooSlowError:
         raise StationUnreachable(f"the station at {path} did not answer within 5 s") from None
+
+
+async def _run_status(args: argparse.Namespace) -> int:
+    path = _socket_path(args)
+    view = await _ask(path, "GET", "/status")
     if args.json:
         print(json.dumps(view, indent=2))
         return EXIT_OK
-    print(format_status(view))
+    if args.watch is None:
+        print(format_status(view))
+        return EXIT_OK
+    return await _watch(path, args.watch, view)
+
+
+async def _watch(path: str, interval: float, view: Any) -> int:
+    """Redraw the status every ``interval`` s until SIGINT (Ctrl-C) or SIGTERM: exit 0.
+
+    The signals are taken by trio's receiver, so Ctrl-C ends the loop instead of
+    raising KeyboardInterrupt through it. A station that goes away while watched
+    (a restart) is shown as such and asked again: the watch outlives it.
+    """
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def until_signal() -> None:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel(reason="signal")
+                    return
+
+            nursery.start_soon(until_signal)
+            await _redraw(path, interval, view)
+    return EXIT_OK
+
+
+async def _redraw(path: str, interval: float, view: Any) -> None:
+    """One frame every ``interval`` s, until cancelled."""
+    # A terminal gets the screen redrawn in place; a pipe or file gets one frame after
+    # another, separated by a blank line.
+    redraw = sys.stdout.isatty()
+    while True:
+        if isinstance(view, StationUnreachable):
+            text = f"evse status: {view}; asking again every {interval:g} s"
+        else:
+            text = format_status(view)
+        # Wall time, for the person reading: which moment the frame shows.
+        stamp = datetime.now().astimezone().strftime("%H:%M:%S")
+        head = f"evse status, every {interval:g} s (Ctrl-C to stop), {stamp}"
+        frame = f"{head}\n\n{text}\n"
+        sys.stdout.write("\x1b[H\x1b[J" + frame if redraw else frame + "\n")
+        sys.stdout.flush()
+        await trio.sleep(interval)
+        try:
+            view = await _ask(path, "GET", "/status")
+        except StationUnreachable as exc:
+            view = exc
+
+
+async def _run_authorize(args: argparse.Namespace) -> int:
+    answer = await _ask(_socket_path(args), "POST", "/authorize", {"id_tag": args.tag})
+    status, source = answer.get("status"), answer.get("source")
+    if status != "Accepted":
+        raise Refused(f"id tag {answer.get('id_tag', args.tag)} not accepted: {status} ({source})")
+    print(f"id tag {answer.get('id_tag', args.tag)}: {status} ({source})")
+    return EXIT_OK
+
+
+async def _run_stop(args: argparse.Namespace) -> int:
+    path = _socket_path(args)
+    before = await _ask(path, "GET", "/status")
+    tx = before.get("transaction") if isinstance(before, dict) else None
+    answer = await _ask(path, "POST", "/stop", {"reason": args.reason})
+    if not answer.get("stopped"):
+        raise Refused("no transaction is running; nothing stopped")
+    name = f"transaction {tx['id']}" if isinstance(tx, dict) else "the transaction"
+    print(f"{name} stopped ({args.reason}); the current is off")
+    return EXIT_OK
+
+
+async def _run_transactions(args: argparse.Namespace) -> int:
+    answer = await _ask(_socket_path(args), "GET", f"/transactions?limit={args.limit}")
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return EXIT_OK
+    print(format_transactions(answer.get("transactions") or []))
     return EXIT_OK
 
 
 class StationUnreachable(Exception):
     pass
+
+
+class Refused(Exception):
+    """The station answered, and the answer is no (a tag refused, nothing to stop)."""
 
 
 def _locate(args: argparse.Namespace) -> tuple[str | None, str | None]:
@@ -395,12 +836,10 @@ async def _ask_station(socket: str | None, method: str, path: str, body: object 
     A station that is there but does not answer is an error, not a reason to
     write its store behind its back.
     """
-    from ops.control import query  # noqa: PLC0415
-
     if socket is None:
         return None
     try:
-        return await query(socket, method, path, body)  # type: ignore[arg-type]
+        return await _request(socket, method, path, body)  # type: ignore[arg-type]
     except OSError:
         return None
     except trio.TooSlowError:
@@ -483,11 +922,16 @@ async def _run_queue(args: argparse.Namespace) -> int:
     answer = await _ask_station(socket, "GET", "/queue")
     if answer is None:
         answer = await trio.to_thread.run_sync(_queue_offline, data_dir)
-    print(json.dumps(answer, indent=2))
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        assert isinstance(answer, dict)
+        print(format_queue(answer))
     return EXIT_OK
 
 
 def _queue_offline(data_dir: str | None) -> object:
+    """The queue from the store, in the control socket's shape (``evse queue`` reads one)."""
     from pathlib import Path  # noqa: PLC0415
 
     from ocpp16.queue import TransactionQueue  # noqa: PLC0415
@@ -502,45 +946,308 @@ def _queue_offline(data_dir: str | None) -> object:
                     "action": m.action,
                     "transaction": m.local_tx_id,
                     "attempts": m.attempts,
+                    "last_error": m.last_error,
                 }
                 for m in queue.pending()
             ],
             "dead_letters": [
-                {"seq": d.seq, "action": d.action, "transaction": d.local_tx_id, "reason": d.reason}
+                {
+                    "seq": d.seq,
+                    "action": d.action,
+                    "transaction": d.local_tx_id,
+                    "attempts": d.attempts,
+                    "reason": d.reason,
+                    "died_at": d.died_at.isoformat().replace("+00:00", "Z"),
+                    "payload": d.payload,
+                }
                 for d in queue.dead_letters()
             ],
         }
 
 
-def format_status(view: dict[str, object]) -> str:
-    """The one-screen summary an installer reads."""
-    lines = [
-        f"connector {view['connector']}: {view['status']}"
-        + (f" ({view['error_code']})" if view["error_code"] != "NoError" else ""),
-        f"  pilot {view['pilot']}, offered {view['offered_a']} A, limit {view['limit']}",
-        f"  power {view['power_w']} W, meter {view['energy_wh']} Wh",
-    ]
+# -- for people: units, rounding, words --------------------------------------------------
+
+#: What bounds the offered current (evse/limits.py's ``bound_by``), in words.
+BOUND_BY = {
+    "hardware": "the board's maximum",
+    "installer": "the installer's maximum",
+    "cable": "the cable's capacity",
+    "smart_charging": "the central system's charging profile",
+    "fallback": "the fallback limit (the central system is unreachable)",
+    "mains lost": "mains power is lost",
+    "starting": "the station is starting",
+    "deauthorized": "the tag was deauthorized",
+}
+#: Causes that are 0 A by themselves (not a limit that happens to be below 6 A).
+ZERO_CAUSES = frozenset({"mains lost", "starting", "deauthorized"})
+BELOW_MINIMUM = " (below 6 A)"
+
+
+def energy(wh: object) -> str:
+    """Wh below 1 kWh (one decimal), kWh above (three: a meter's resolution is 1 Wh)."""
+    if not isinstance(wh, int | float) or isinstance(wh, bool):
+        return "unknown"
+    if abs(wh) < 1000:
+        return f"{wh:.1f} Wh"
+    return f"{wh / 1000:.3f} kWh"
+
+
+def power(w: object) -> str:
+    if not isinstance(w, int | float) or isinstance(w, bool):
+        return "unknown"
+    return f"{w / 1000:.2f} kW"
+
+
+def amps(a: object) -> str:
+    if not isinstance(a, int | float) or isinstance(a, bool):
+        return "unknown"
+    return f"{a:.1f} A"
+
+
+def _parse_time(text: object) -> datetime | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        at = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+def when(text: object) -> str:
+    """A UTC ISO 8601 time as ``2026-12-02 07:10:04 UTC`` (the station's times are UTC)."""
+    at = _parse_time(text)
+    if at is None:
+        return str(text) if text is not None else "unknown"
+    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours} h"
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    if minutes:
+        return f"{minutes} min {secs:02d} s"
+    return f"{secs} s"
+
+
+def _since(text: object, now: datetime) -> str:
+    at = _parse_time(text)
+    if at is None:
+        return when(text)
+    return f"{when(text)} ({duration((now - at).total_seconds())} ago)"
+
+
+def limit_in_words(limit: object) -> str:
+    """``16.0 A, set by the installer's maximum`` / ``0 A: mains power is lost``."""
+    if not isinstance(limit, dict):
+        return "unknown"
+    bound = str(limit.get("bound_by") or "unknown")
+    below = bound.endswith(BELOW_MINIMUM)
+    base = bound.removesuffix(BELOW_MINIMUM)
+    words = BOUND_BY.get(base, base)
+    if base in ZERO_CAUSES:
+        return f"0 A: {words}"
+    if below:
+        return f"0 A: {words} is below 6 A, the least a pilot can offer (no charging)"
+    return f"{amps(limit.get('amps'))}, set by {words}"
+
+
+def central_system_in_words(cs: object) -> str:
+    """The connection, why it is in that state, and where it goes."""
+    if not isinstance(cs, dict):
+        return "unknown"
+    link = cs.get("link")
+    if link is None:
+        # The standalone port knows only that there is none.
+        return "none (standalone)" if cs.get("state") == "not_configured" else str(cs.get("state"))
+    text = str(link)
+    if link == "connected" and cs.get("registration"):
+        text += f", {cs['registration']}"
+    if cs.get("reason"):
+        text += f": {cs['reason']}"
+    address = cs.get("address")
+    if address:
+        cp = cs.get("charge_point_id") or ""
+        text += f" ({address}{cp})" if str(address).endswith("/") else f" ({address})"
+    return text
+
+
+def _plural(n: object, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def format_status(view: dict[str, Any], now: datetime | None = None) -> str:
+    """The one-screen summary an installer reads (``now``: for "ago"; wall time)."""
+    now = now or datetime.now(UTC)
+    status = str(view.get("status", "unknown"))
+    error = view.get("error_code")
+    head = f"connector {view.get('connector', '?')}: {status}"
+    if error and error != "NoError":
+        head += f" ({error})"
+    if view.get("status_since"):
+        head += f" since {_since(view['status_since'], now)}"
+    lines = [head]
+    if "pilot" in view or "limit" in view:
+        lines.append(
+            f"  pilot {view.get('pilot', '?')}, offered {amps(view.get('offered_a'))}"
+            f" (limit {limit_in_words(view.get('limit'))})"
+        )
+    if "power_w" in view or "energy_wh" in view:
+        currents = view.get("current_a")
+        phases = (
+            " / ".join(amps(a) for a in currents).replace(" A /", " /")
+            if isinstance(currents, list) and currents
+            else "unknown"
+        )
+        lines.append(
+            f"  power {power(view.get('power_w'))}, current {phases},"
+            f" meter {energy(view.get('energy_wh'))}"
+        )
     faults = view.get("faults")
     if isinstance(faults, dict) and faults:
-        lines.append("  faults: " + ", ".join(f"{k} ({v})" for k, v in faults.items()))
+        lines.append(
+            "  faults: " + ", ".join(f"{k} ({v})" if v else str(k) for k, v in faults.items())
+        )
     tx = view.get("transaction")
     if isinstance(tx, dict):
         lines.append(
-            f"  transaction {tx['id']} for {tx['id_tag']} since {tx['started_at']}: "
-            f"{tx['energy_wh']} Wh"
+            f"  transaction {tx.get('id')} for {tx.get('id_tag')} since"
+            f" {_since(tx.get('started_at'), now)}: {energy(tx.get('energy_wh'))}"
         )
-    cs = view["central_system"]
-    if isinstance(cs, dict):
-        link = f"{cs.get('state')}"
-        if cs.get("registration"):
-            link += f", {cs['registration']}"
-        if cs.get("reason"):
-            link += f" ({cs['reason']})"
-        if cs.get("queued_messages"):
-            link += f", {cs['queued_messages']} messages queued"
-        lines.append(f"  central system: {link}")
-    lines.append(f"  operative: {view['operative']}")
+    lines.extend(
+        f"  recovered at start: transaction {rec.get('id')} for {rec.get('id_tag')},"
+        f" started {when(rec.get('started_at'))}, ended {rec.get('stop_reason')}"
+        f" at {when(rec.get('stopped_at'))}: {energy(rec.get('energy_wh'))}"
+        for rec in view.get("recovered") or []
+        if isinstance(rec, dict)
+    )
+    if "central_system" in view:
+        lines.append(f"  central system: {central_system_in_words(view['central_system'])}")
+    queue = view.get("queue")
+    cs = view.get("central_system")
+    if isinstance(queue, dict):
+        text = _plural(queue.get("pending"), "message", "messages") + " waiting"
+        dead = queue.get("dead_letters")
+        if dead is not None:
+            text += ", " + _plural(dead, "dead letter", "dead letters")
+            if dead:
+                text += " (evse queue lists them)"
+        lines.append(f"  queue: {text}")
+    elif isinstance(cs, dict) and cs.get("queued_messages") is not None:
+        lines.append(f"  queue: {_plural(cs['queued_messages'], 'message', 'messages')} waiting")
+    lines.extend(
+        f"  transfer {transfer_in_words(t)}"
+        for t in view.get("transfers") or []
+        if isinstance(t, dict)
+    )
+    reader = view.get("rfid_reader")
+    if isinstance(reader, dict):
+        reason = f" ({reader['reason']})" if reader.get("reason") else ""
+        lines.append(f"  rfid reader: {reader.get('status')}{reason}")
+    if view.get("lock") is not None:
+        lines.append(f"  socket lock: {view['lock']}")
+    if "operative" in view:
+        lines.append(f"  operative: {'yes' if view['operative'] else 'no'}")
     return "\n".join(lines)
+
+
+def transfer_in_words(t: dict[str, Any]) -> str:
+    from ops.progress import size  # noqa: PLC0415
+
+    done = size(t.get("bytes") or 0)
+    if t.get("total") is not None:
+        done += f" of {size(t['total'])}"
+        if t.get("percent") is not None:
+            done += f" ({t['percent']:.0f} %)"
+    state = t.get("state")
+    if state == "failed":
+        return f"{t.get('name')}: failed at {done}: {t.get('reason')}"
+    rate = t.get("rate_bps")
+    if state == "running" and rate:
+        done += f", {size(rate)}/s"
+    return f"{t.get('name')}: {'done, ' if state == 'done' else ''}{done}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: set[int]) -> str:
+    """Columns as wide as their widest cell; the columns in ``right`` right-aligned."""
+    cells = [[("" if c is None else str(c)) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(
+            c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(row)
+        ).rstrip()
+
+    return "\n".join([line(list(headers)), *(line(r) for r in cells)])
+
+
+def format_transactions(records: Sequence[dict[str, Any]]) -> str:
+    if not records:
+        return "no transactions"
+    rows = [
+        (
+            r.get("id"),
+            r.get("id_tag"),
+            when(r.get("started_at")).removesuffix(" UTC"),
+            when(r.get("stopped_at")).removesuffix(" UTC") if r.get("stopped_at") else "running",
+            energy(r.get("energy_wh")),
+            r.get("stop_reason") or "",
+        )
+        for r in records
+    ]
+    return table(("id", "id tag", "started (UTC)", "ended (UTC)", "energy", "reason"), rows, {0, 4})
+
+
+def format_queue(answer: dict[str, Any]) -> str:
+    pending = answer.get("pending") or []
+    dead = answer.get("dead_letters") or []
+    parts = []
+    if pending:
+        parts.append(f"waiting for the central system ({len(pending)}, oldest first):")
+        rows = [
+            (
+                m.get("seq"),
+                m.get("action"),
+                m.get("transaction"),
+                m.get("attempts"),
+                m.get("last_error") or "",
+            )
+            for m in pending
+        ]
+        parts.append(
+            table(("seq", "action", "transaction", "attempts", "last error"), rows, {0, 2, 3})
+        )
+    else:
+        parts.append("no messages waiting")
+    if dead:
+        parts.append(f"dead letters ({len(dead)}, given up):")
+        dead_rows = [
+            (
+                d.get("seq"),
+                d.get("action"),
+                d.get("transaction"),
+                d.get("attempts"),
+                when(d.get("died_at")).removesuffix(" UTC") if d.get("died_at") else "",
+                d.get("reason") or "",
+            )
+            for d in dead
+        ]
+        parts.append(
+            table(
+                ("seq", "action", "transaction", "attempts", "given up (UTC)", "reason"),
+                dead_rows,
+                {0, 2, 3},
+            )
+        )
+    else:
+        parts.append("no dead letters")
+    return "\n".join(parts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -550,9 +1257,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:
         # argparse has printed the usage error (or the help); report its code.
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    logs.configure(
+        logging.DEBUG if args.verbose else logging.WARNING,
+        getattr(args, "log_format", None) or "auto",
     )
     runner = {
         "probe": _run_probe,
@@ -560,6 +1267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo": _run_demo,
         "run": _run_station,
         "status": _run_status,
+        "authorize": _run_authorize,
+        "stop": _run_stop,
+        "transactions": _run_transactions,
         "config": _run_config,
         "queue": _run_queue,
     }[args.command]
@@ -576,12 +1286,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 130
         if not isinstance(exc, Exception):
             raise
+        if _broken_pipe(exc):
+            # The reader went away (evse transactions | head): no traceback, and
+            # no second error when Python flushes stdout at exit.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return EXIT_FAILED
         known = _explain(exc)
         if known is None:
             raise
         code, message = known
         print(f"evse {args.command}: {message}", file=sys.stderr)
         return code
+
+
+def _broken_pipe(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        return _broken_pipe(exc.exceptions[0])
+    return isinstance(exc, BrokenPipeError)
 
 
 def _interrupted(exc: BaseException) -> bool:
@@ -621,7 +1343,7 @@ def _explain(exc: BaseException) -> tuple[int, str] | None:
     if isinstance(exc, HTTPError):
         # The station's control socket refused the request (404: unknown setting).
         return (EXIT_USAGE if exc.status in (400, 404) else EXIT_FAILED), f"error: {exc.message}"
-    if isinstance(exc, StationUnreachable | SimulatorError | StoreError | QueueError):
+    if isinstance(exc, StationUnreachable | Refused | SimulatorError | StoreError | QueueError):
         return EXIT_FAILED, f"error: {exc}"
     if isinstance(exc, UsageError | ValueError | PortConfigError):
         return EXIT_USAGE, f"error: {exc}"

@@ -4,8 +4,13 @@
 it (present a tag, stop, availability, reset a latched fault). Only local
 users with access to the socket file (mode 0660) reach it.
 
-* ``GET /status``: the station's state (``Station.view``) and bus counters;
-* ``GET /transactions?limit=N``: the latest transactions (N 1..1000, default 20);
+* ``GET /status``: the station's state (``Station.view``, with ``recovered``: what
+  the last start ended as PowerLoss), bus counters, ``queue`` (``pending`` and
+  ``dead_letters`` counts, null where they could not be counted within
+  ``COUNT_TIMEOUT``), ``transfers`` (ops/progress.py) and the firmware ``version``;
+* ``GET /transactions?limit=N``: the latest transactions, newest first (N 1..1000,
+  default 20), each with its ``energy_wh`` (to its end, or to the last reading on
+  disk while it runs);
 * ``POST /authorize`` ``{"id_tag": "04A2B3C4"}``: the authorization result;
 * ``POST /stop`` ``{"reason": "Local"}`` (optional): ``{"stopped": bool}``;
 * ``POST /availability`` ``{"operative": bool}``: ``{"status": "Accepted"|"Scheduled"}``;
@@ -33,8 +38,22 @@ from ocpp16.config import Configuration
 from ocpp16.queue import TransactionQueue
 from ops import httpjson
 from ops.httpjson import HTTPError, Request, Router
+from ops.progress import Transfers
 
 STARTED = time.monotonic()
+#: ``GET /status`` counts the queue in a worker thread; a store held by a slow fsync
+#: must not hold the answer (``evse status --watch`` asks every second).
+COUNT_TIMEOUT = 1.0
+
+
+def firmware_version() -> str:
+    """The installed distribution's version, for the status view."""
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    try:
+        return version("evse-firmware")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _station(supervisor: Supervisor) -> Station:
@@ -48,8 +67,23 @@ def build_router(
     supervisor: Supervisor,
     registry: Configuration | None = None,
     queue: TransactionQueue | None = None,
+    transfers: Transfers | None = None,
 ) -> Router:
     router = Router()
+    running = firmware_version()
+
+    async def queue_counts() -> dict[str, int | None]:
+        counts: dict[str, int | None] = {"pending": None, "dead_letters": None}
+        if queue is None:
+            return counts
+        with trio.move_on_after(COUNT_TIMEOUT):
+            counts["pending"] = await trio.to_thread.run_sync(
+                queue.pending_count, abandon_on_cancel=True
+            )
+            # Counted up to the listing's own cap: "1000" then reads "1000 or more".
+            dead = await trio.to_thread.run_sync(queue.dead_letters, abandon_on_cancel=True)
+            counts["dead_letters"] = len(dead)
+        return counts
 
     async def status(req: Request) -> Any:
         station = _station(supervisor)
@@ -65,6 +99,9 @@ def build_router(
             if reader is None
             else {"status": reader.state.status.value, "reason": reader.state.reason}
         )
+        view["queue"] = await queue_counts()
+        view["transfers"] = [] if transfers is None else transfers.snapshot()
+        view["version"] = running
         return view
 
     async def transactions(req: Request) -> Any:
@@ -87,6 +124,11 @@ def build_router(
                     if r.stopped_at
                     else None,
                     "meter_stop_wh": r.meter_stop_wh,
+                    "last_meter_wh": r.last_meter_wh,
+                    "energy_wh": (
+                        r.meter_stop_wh if r.meter_stop_wh is not None else r.last_meter_wh
+                    )
+                    - r.meter_start_wh,
                     "stop_reason": r.stop_reason,
                 }
                 for r in records
@@ -207,11 +249,14 @@ def build_router(
 
 
 def control_service(
-    path: str, registry: Configuration | None = None, queue: TransactionQueue | None = None
+    path: str,
+    registry: Configuration | None = None,
+    queue: TransactionQueue | None = None,
+    transfers: Transfers | None = None,
 ) -> Service:
     async def run(supervisor: Supervisor) -> None:
         await supervisor.started.wait()
-        await httpjson.serve_unix(build_router(supervisor, registry, queue), path)
+        await httpjson.serve_unix(build_router(supervisor, registry, queue, transfers), path)
 
     return Service("control socket", run)
 
