@@ -15,7 +15,6 @@ import logging
 import sqlite3
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -151,12 +150,9 @@ class OcppPort:
         from ocpp16.transport import ConnectionSettings  # noqa: PLC0415
 
         cp_id = c.get_str("ChargePointId") or self.identity.serial
-        ca_path = c.get_str("CentralSystemRootCertificate")
-        cert_path = c.get_str("ChargePointCertificate")
-        key_path = c.get_str("ChargePointPrivateKey")
-        ca = Path(ca_path).read_text() if ca_path else None
-        cert = Path(cert_path).read_text() if cert_path else None
-        private_key = Path(key_path).read_text() if key_path else None
+        # Only the files the security profile uses, each checked as when it was
+        # set: a certificate gone bad fails only TLS, never a profile 0/1 connection.
+        ca, cert, private_key = c.connection_files()
         key = c.get_str("AuthorizationKey")
         return ConnectionSettings(
             central_system_url=address,
@@ -266,6 +262,9 @@ class OcppPort:
             "address": self.config.get_str("CentralSystemAddress"),
             "charge_point_id": self.config.get_str("ChargePointId") or self.identity.serial,
             "security_profile": self.config.get_int("SecurityProfile"),
+            # "disabled" has two causes the link alone does not tell apart:
+            # switched off by the installer, or no address configured.
+            "enabled": self.config.get_bool("ConnectionEnabled"),
             # Counted by a task of its own: this is read from the trio thread (the
             # status view, STATUS=), which must never wait on the SQLite lock a
             # worker thread holds through a slow fsync.

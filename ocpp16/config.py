@@ -2,12 +2,15 @@
 
 Theory of operation
 -------------------
-``KEYS`` declares every setting once: its name, kind, default, range, access,
-whether it needs a restart, whether the central system sees it, its local
-installer name, and a description (the EVerest manifest idea). Everything else
-reads that table: ChangeConfiguration and GetConfiguration (OCPP 1.6 §5.3,
-§5.8, §9.1), the installer's settings page (station-spec §3), validation,
-persistence and the texts shown to people.
+``KEYS`` declares every registry setting once, as ``ocpp16.settings.Key``
+(the one declaration type, shared with the TOML file's table in
+``ops.config``): its name, kind, default, range, access, whether it needs a
+restart, whether the central system sees it, its local installer name, the
+TOML setting that seeds it (``file``), and a description (the EVerest
+manifest idea). Everything else reads that table: ChangeConfiguration and
+GetConfiguration (OCPP 1.6 §5.3, §5.8, §9.1), the installer's settings page
+(station-spec §3), ``evse config``, validation, persistence and the texts
+shown to people.
 
 A value lives in the station's settings store under ``ocpp.<Name>`` as its
 canonical OCPP text ("true", "3600", "Energy.Active.Import.Register,Voltage").
@@ -21,12 +24,23 @@ the keys marked ``ocpp`` and only by OCPP name; a local source ("installer",
 "cli") reaches every key by either name. Either way one value changes.
 
 A change is validated completely before anything is written: the key exists
-for that source, it is writable, the text parses and is in range, a
+for that source, it is writable, the text parses and is in range, the file a
+path names exists and holds the right kind of PEM (``Key.verify``), a
 ``monotonic`` key is not lowered, and the rules that relate keys to each other
-hold (a security profile needs its credentials). Then every changed key is
-written with ONE ``set_settings`` call, which the store makes all-or-nothing,
-so a Rejected change, or a store that fails, leaves everything as it was.
-Only after the write are the cached values replaced and the subscribers told.
+hold (a security profile needs its credentials, a client key its
+certificate). Then every changed key is written with ONE ``set_settings``
+call, which the store makes all-or-nothing, so a Rejected change, or a store
+that fails, leaves everything as it was. Only after the write are the cached
+values replaced and the subscribers told.
+
+The file and the command line: a few keys take their first value from the
+TOML file (``Key.file``: FallbackLimit from ``limits.fallback``, ChargePointId
+from ``station.id``, ...). ``seed`` applies them at every start by one rule,
+with the file value last seeded from kept in the store: a file that changed
+wins, and says so; an unchanged file leaves a value changed since by the
+central system or the installer in force (see ``seed``). ``override`` puts
+values given on the command line in force for one run without storing them.
+``source`` tells which of these a value in force comes from.
 
 Key names are CiString50Type and values CiString500Type (OCPP 1.6 §6.9 and
 the CiString types of §7: "case insensitive"). So ``heartbeatinterval`` finds
@@ -70,14 +84,48 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from enum import Enum
 from typing import Any, Final, Literal, Protocol
 from urllib.parse import urlsplit
 
 import trio
 
 from ocpp16.errors import CallError, ConfigRejected
-from ocpp16.metering import SUPPORTED_MEASURANDS
+from ocpp16.settings import (
+    MAX_VALUE_LENGTH,
+    SECRET_SET,
+    SECRET_UNSET,
+    Access,
+    Key,
+    Kind,
+    Owner,
+    Value,
+    format_number,
+    key_matches_certificate,
+    verify_ca_certificate,
+    verify_client_certificate,
+    verify_private_key,
+)
+
+__all__ = [
+    "BOUND_PREFIX",
+    "GROUPS",
+    "KEYS",
+    "KEY_BY_NAME",
+    "MAX_VALUE_LENGTH",
+    "OCPP",
+    "SECRET_SET",
+    "SECRET_UNSET",
+    "SEED_PREFIX",
+    "STORE_PREFIX",
+    "Access",
+    "ChangeResult",
+    "Configuration",
+    "Key",
+    "Kind",
+    "Owner",
+    "Seeded",
+    "Value",
+]
 
 log = logging.getLogger(__name__)
 
@@ -90,41 +138,17 @@ BOUND_PREFIX: Final = "bound."
 #: The ``source`` of a change made by the central system.
 OCPP: Final = "ocpp"
 
-#: ChangeConfiguration.req ``value`` is CiString500Type (OCPP 1.6 §6.9).
-MAX_VALUE_LENGTH: Final = 500
-
 #: OCPP 1.6 §7 ConfigurationStatus.
 ConfigurationStatus = Literal["Accepted", "Rejected", "RebootRequired", "NotSupported"]
 
-#: A key's typed value: bool, int, float, str, or a tuple of measurand names.
-Value = bool | int | float | str | tuple[str, ...]
-
 Listener = Callable[[str, Value], None]
 
-#: What the installer page shows instead of a secret.
-SECRET_SET: Final = "(set)"  # noqa: S105 -- a placeholder, not a password
-SECRET_UNSET: Final = "(not set)"  # noqa: S105
+#: Settings-store keys of the file values the registry was last seeded from
+#: (``Configuration.seed``), by OCPP name.
+SEED_PREFIX: Final = "seed."
 
-
-class Kind(Enum):
-    """How a key's text is parsed; the value names the kind for people."""
-
-    BOOL = "true or false"
-    INT = "whole number"
-    FLOAT = "number"
-    STR = "text"
-    CHOICE = "one of a list"
-    MEASURANDS = "comma-separated measurands"
-    URL = "websocket URL"
-    PATH = "absolute path"
-
-
-class Access(Enum):
-    """OCPP 1.6 §9 accessibility: R read-only, RW read-write, W write-only (secret)."""
-
-    R = "R"
-    RW = "RW"
-    W = "W"
+#: Where a value in force comes from (``Configuration.source``).
+Source = Literal["default", "file", "registry", "command line"]
 
 
 # --- rules beyond a kind's own checks ----------------------------------------
@@ -135,256 +159,28 @@ class Access(Enum):
 _IDENTITY: Final = re.compile(r"[!-.0-9;-~]{1,48}")
 
 
-def _charge_point_id(text: str) -> None:
-    if text and _IDENTITY.fullmatch(text) is None:
-        raise ValueError(
-            f"{text!r} is not 1..48 printable ASCII characters without whitespace, '/' or ':'"
-        )
+def _charge_point_id(text: str) -> str:
+    if not text or _IDENTITY.fullmatch(text) is not None:
+        return text
+    # The first thing wrong, said so that the installer knows what to fix (the
+    # same words for the file's station.id, which seeds this key).
+    if "/" in text:
+        raise ValueError(f"{text!r} contains '/' (it is the last segment of the URL)")
+    if any(c.isspace() for c in text):
+        raise ValueError(f"{text!r} contains whitespace (it is the last segment of the URL)")
+    if ":" in text:
+        raise ValueError(f"{text!r} contains ':' (the HTTP Basic user-id cannot, RFC 7617)")
+    if not text.isascii():
+        raise ValueError(f"{text!r} has a character that is not printable ASCII")
+    raise ValueError(f"{text!r} is not 1..48 printable ASCII characters")
 
 
-def _authorization_key(text: str) -> None:
+def _authorization_key(text: str) -> str:
     # Never echo the text: it is a password.
     if not all(" " <= c <= "~" for c in text):
         raise ValueError("the key has a character that is not printable ASCII")
-
-
-# --- the declaration ----------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Key:
-    """One configuration key, declared once."""
-
-    name: str  # the OCPP name, also the store key after STORE_PREFIX
-    kind: Kind
-    default: str  # canonical text
-    description: str
-    access: Access = Access.RW
-    #: Inclusive range of an INT or FLOAT, or of a STR's length in characters.
-    lo: int | float | None = None
-    hi: int | float | None = None
-    #: CHOICE: the values, canonical spelling.
-    choices: tuple[str, ...] = ()
-    #: INT: 0 is also allowed and means "off" (OCPP 1.6 §9.1 ClockAlignedDataInterval).
-    zero_disables: bool = False
-    #: May only be raised (Security Whitepaper: SecurityProfile).
-    monotonic: bool = False
-    #: The change takes effect only after a restart: ChangeConfiguration answers RebootRequired.
-    reboot_required: bool = False
-    #: Visible to the central system (GetConfiguration / ChangeConfiguration).
-    ocpp: bool = True
-    #: The local installer name (``group.setting``), or None when not on the installer page.
-    installer: str | None = None
-    unit: str = ""
-    #: A further check of a STR: raises ValueError(reason).
-    rule: Callable[[str], None] | None = None
-    rule_text: str = ""
-    #: ``hi`` is a maximum the station set at open (``Configuration(maxima=)``),
-    #: below the declared one: refusals say so.
-    bounded: bool = False
-
-    @property
-    def secret(self) -> bool:
-        """Write-only: the value is never shown, only whether it is set."""
-        return self.access is Access.W
-
-    @property
-    def readonly(self) -> bool:
-        return self.access is Access.R
-
-    @property
-    def group(self) -> str | None:
-        """The installer page group ("data sending"), from the local name."""
-        if self.installer is None:
-            return None
-        return self.installer.partition(".")[0].replace("_", " ")
-
-    def parse(self, text: str) -> Value:
-        """The typed value of ``text``; ValueError(reason) if it is not valid here."""
-        if len(text) > MAX_VALUE_LENGTH:
-            raise ValueError(f"{len(text)} characters; a value has at most {MAX_VALUE_LENGTH}")
-        parse = _PARSERS[self.kind]
-        return parse(self, text)
-
-    def default_value(self) -> Value:
-        """The typed default. A secret's empty default means "not set yet", a
-        state a change cannot return to (the length rule refuses "")."""
-        if self.secret and self.default == "":
-            return ""
-        return self.parse(self.default)
-
-    def format(self, value: Value) -> str:
-        """The canonical OCPP text of a typed value."""
-        if self.kind is Kind.BOOL:
-            return "true" if value else "false"
-        if self.kind is Kind.MEASURANDS:
-            assert isinstance(value, tuple)
-            return ",".join(value)
-        if self.kind is Kind.FLOAT:
-            assert isinstance(value, float)
-            return _format_float(value)
-        return str(value)
-
-    @property
-    def range_text(self) -> str:
-        """The allowed values, for people (installer page, CLI)."""
-        unit = f" {self.unit}" if self.unit else ""
-        if self.kind is Kind.BOOL:
-            return "true, false"
-        if self.kind in (Kind.INT, Kind.FLOAT):
-            if self.lo is None or self.hi is None:
-                return ""
-            text = f"{_format_number(self.lo)}..{_format_number(self.hi)}{unit}"
-            return f"{text} (0 disables)" if self.zero_disables else text
-        if self.kind is Kind.STR:
-            text = "" if self.lo is None else f"{self.lo}..{self.hi} characters"
-            return f"{text}, {self.rule_text}" if self.rule_text else text
-        if self.kind is Kind.CHOICE:
-            return ", ".join(self.choices)
-        if self.kind is Kind.MEASURANDS:
-            return "" if self.readonly else "comma list of: " + ", ".join(SUPPORTED_MEASURANDS)
-        if self.kind is Kind.URL:
-            return "ws://host[:port]/path/ or wss://..., ending in '/'; empty: none"
-        return "absolute path; empty: none"
-
-
-def _format_number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
-
-
-def _format_float(value: float) -> str:
-    # Exact for every value _FLOAT admits (at most 3 decimals).
-    return f"{value:.3f}".rstrip("0").rstrip(".")
-
-
-_INT: Final = re.compile(r"[+-]?[0-9]{1,18}")
-_FLOAT: Final = re.compile(r"[0-9]{1,6}(\.[0-9]{1,3})?")
-
-
-def _parse_bool(key: Key, text: str) -> Value:
-    # OCPP 1.6 §9.1 types these keys "boolean": "true"/"false". The reference
-    # table writes 0/1, so a central system configured from it may send those.
-    lowered = text.lower()
-    if lowered in ("true", "1"):
-        return True
-    if lowered in ("false", "0"):
-        return False
-    raise ValueError(f"{text!r} is not true or false (or 1 or 0)")
-
-
-def _above_station_maximum(key: Key, value: float) -> None:
-    if key.bounded and key.hi is not None and value > key.hi:
-        unit = f" {key.unit}" if key.unit else ""
-        raise ValueError(
-            f"{_format_number(value)}{unit} is above {_format_number(key.hi)}{unit}, "
-            "the most this station allows"
-        )
-
-
-def _parse_int(key: Key, text: str) -> Value:
-    if _INT.fullmatch(text) is None:
-        raise ValueError(f"{text!r} is not a whole number")
-    value = int(text)
-    if key.zero_disables and value == 0:
-        return 0
-    _above_station_maximum(key, value)
-    if (key.lo is not None and value < key.lo) or (key.hi is not None and value > key.hi):
-        raise ValueError(f"{value} is outside {key.range_text}")
-    return value
-
-
-def _parse_float(key: Key, text: str) -> Value:
-    if _FLOAT.fullmatch(text) is None:
-        raise ValueError(f"{text!r} is not a number like 6 or 10.5 (at most 3 decimals)")
-    value = float(text)
-    _above_station_maximum(key, value)
-    if (key.lo is not None and value < key.lo) or (key.hi is not None and value > key.hi):
-        raise ValueError(f"{_format_float(value)} is outside {key.range_text}")
-    return value
-
-
-def _parse_str(key: Key, text: str) -> Value:
-    shown = "the value" if key.secret else repr(text)
-    if (key.lo is not None and len(text) < key.lo) or (key.hi is not None and len(text) > key.hi):
-        raise ValueError(f"{shown} is {len(text)} characters; {key.lo}..{key.hi} allowed")
-    if not text.isprintable():
-        raise ValueError(f"{shown} contains a control or unprintable character")
-    if key.rule is not None:
-        key.rule(text)
     return text
 
-
-def _parse_choice(key: Key, text: str) -> Value:
-    for choice in key.choices:
-        if choice.lower() == text.lower():
-            return choice
-    raise ValueError(f"{text!r} is not one of {', '.join(key.choices)}")
-
-
-def _parse_measurands(key: Key, text: str) -> Value:
-    if text == "":
-        return ()
-    if key.readonly:
-        raise ValueError(f"{text!r}: only the empty list")
-    canonical = {m.lower(): m for m in SUPPORTED_MEASURANDS}
-    out: list[str] = []
-    for item in text.split(","):
-        name = canonical.get(item.strip().lower())
-        if name is None:
-            raise ValueError(
-                f"{item.strip()!r} is not a supported measurand ({', '.join(SUPPORTED_MEASURANDS)})"
-            )
-        if name in out:
-            raise ValueError(f"{name} is listed twice")
-        out.append(name)
-    return tuple(out)
-
-
-def _parse_url(key: Key, text: str) -> Value:
-    if text == "":
-        return ""
-    if (
-        len(text) > 512
-        or not text.isascii()
-        or any(not c.isprintable() or c.isspace() for c in text)
-    ):
-        raise ValueError(f"{text!r} is not a URL (at most 512 ASCII characters, no whitespace)")
-    try:
-        parts = urlsplit(text)
-        parts.port  # noqa: B018 -- raises ValueError for a bad port
-    except ValueError as exc:
-        raise ValueError(f"{text!r} is not a URL: {exc}") from None
-    if parts.scheme not in ("ws", "wss"):
-        raise ValueError(f"{text!r} is not a ws:// or wss:// URL")
-    if not parts.hostname:
-        raise ValueError(f"{text!r} has no host")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError(f"{text!r} holds credentials; the password is the AuthorizationKey")
-    if parts.query or parts.fragment or "?" in text or "#" in text:
-        raise ValueError(f"{text!r} has a query or fragment; the charge point id is appended")
-    if not text.endswith("/"):
-        raise ValueError(f"{text!r} does not end with '/' (the charge point id is appended)")
-    return parts.scheme + text[len(parts.scheme) :]  # the scheme in lower case (RFC 3986 §3.1)
-
-
-def _parse_path(key: Key, text: str) -> Value:
-    if text == "":
-        return ""
-    if not text.startswith("/") or not text.isprintable() or len(text.encode()) > 4096:
-        raise ValueError(f"{text!r} is not an absolute path")
-    return text
-
-
-_PARSERS: Final[dict[Kind, Callable[[Key, str], Value]]] = {
-    Kind.BOOL: _parse_bool,
-    Kind.INT: _parse_int,
-    Kind.FLOAT: _parse_float,
-    Kind.STR: _parse_str,
-    Kind.CHOICE: _parse_choice,
-    Kind.MEASURANDS: _parse_measurands,
-    Kind.URL: _parse_url,
-    Kind.PATH: _parse_path,
-}
 
 _R = Access.R
 
@@ -430,6 +226,7 @@ KEYS: Final[tuple[Key, ...]] = (
         lo=1,
         hi=3600,
         unit="s",
+        file="authorization.connection_timeout",
     ),
     Key(
         "ConnectorPhaseRotation",
@@ -722,6 +519,7 @@ KEYS: Final[tuple[Key, ...]] = (
         "appended. Empty: none configured (no connection).",
         ocpp=False,
         installer="connection.central_system_address",
+        file="connection.central_system_address",
     ),
     Key(
         "ChargePointId",
@@ -735,6 +533,7 @@ KEYS: Final[tuple[Key, ...]] = (
         rule_text="printable ASCII, no whitespace, '/' or ':'; empty: the serial number",
         ocpp=False,
         installer="connection.charge_point_id",
+        file="station.id",
     ),
     Key(
         "CentralSystemRootCertificate",
@@ -744,6 +543,8 @@ KEYS: Final[tuple[Key, ...]] = (
         "and 3). Empty: none.",
         ocpp=False,
         installer="security.certificate",
+        rule_text="a PEM CA certificate",
+        verify=verify_ca_certificate,
     ),
     Key(
         "ChargePointCertificate",
@@ -753,6 +554,8 @@ KEYS: Final[tuple[Key, ...]] = (
         "(security profile 3). Empty: none.",
         ocpp=False,
         installer="security.client_certificate",
+        rule_text="a PEM certificate (chain)",
+        verify=verify_client_certificate,
     ),
     Key(
         "ChargePointPrivateKey",
@@ -761,6 +564,8 @@ KEYS: Final[tuple[Key, ...]] = (
         "PEM file of the private key of the client certificate (security profile 3). Empty: none.",
         ocpp=False,
         installer="security.client_key",
+        rule_text="an unencrypted PEM private key",
+        verify=verify_private_key,
     ),
     Key(
         "FallbackLimit",
@@ -777,6 +582,7 @@ KEYS: Final[tuple[Key, ...]] = (
         unit="A",
         ocpp=False,
         installer="monitoring.fallback_limit",
+        file="limits.fallback",
     ),
     Key(
         "ReconnectFrequency",
@@ -794,17 +600,33 @@ KEYS: Final[tuple[Key, ...]] = (
 #: Installer page groups, in station-spec §3 order.
 GROUPS: Final = ("connection", "security", "monitoring", "data sending", "metering")
 
+#: Every registry key by its OCPP name.
+KEY_BY_NAME: Final[Mapping[str, Key]] = {k.name: k for k in KEYS}
+
 
 def _check_declaration(keys: Sequence[Key]) -> None:
     """Refuse a table with clashing names or a default its own rules refuse."""
     seen: set[str] = set()
+    seats: set[str] = set()
     for key in keys:
+        if key.owner is not Owner.REGISTRY:
+            raise ValueError(f"{key.name}: a file setting is not a registry key")
         for name in (key.name.lower(), key.installer):
             if name is None:
                 continue
             if name in seen:
                 raise ValueError(f"configuration name {name!r} is declared twice")
             seen.add(name)
+        if key.file is not None:
+            if key.file in seats or key.file.count(".") != 1:
+                raise ValueError(
+                    f"{key.name}: file setting {key.file!r} is not one new dotted name"
+                )
+            if key.readonly or key.secret:
+                raise ValueError(f"{key.name}: only a writable, visible key is seeded by the file")
+            seats.add(key.file)
+        if key.verify is not None and key.kind is not Kind.PATH:
+            raise ValueError(f"{key.name}: only a path names a file to verify")
         if key.installer is not None and key.group not in GROUPS:
             raise ValueError(f"{key.name}: installer group {key.group!r} is not one of {GROUPS}")
         value = key.default_value()
@@ -828,7 +650,7 @@ def _narrow(key: Key, maximum: float) -> Key:
     assert isinstance(default, int | float)
     if (key.lo is not None and top < key.lo) or top < default:
         raise ValueError(
-            f"{key.name}: maximum {_format_number(top)} is below its default {key.default} "
+            f"{key.name}: maximum {format_number(top)} is below its default {key.default} "
             f"or its lowest value"
         )
     return replace(key, hi=top, bounded=True)
@@ -876,6 +698,53 @@ class _Plan:
     keys: list[str] = field(default_factory=list)  # every key given, OCPP names
 
 
+SeedAction = Literal["seeded", "file wins", "kept", "unchanged"]
+
+
+@dataclass(frozen=True, slots=True)
+class Seeded:
+    """What ``Configuration.seed`` did with one value of the file."""
+
+    name: str  # the OCPP name
+    file_key: str  # the dotted TOML name
+    #: seeded: first value from the file; file wins: the file changed since the
+    #: last start and replaced the registry's value; kept: a value stored before
+    #: the file was known stays; unchanged: the file is as at the last start.
+    action: SeedAction
+    file_value: str
+    #: The registry's value before (canonical text).
+    before: str
+    #: The file value the registry was seeded from at the last start, if any.
+    last_seed: str | None
+
+    @property
+    def changed(self) -> bool:
+        return self.before != self.file_value and self.action in ("seeded", "file wins")
+
+    def message(self) -> str:
+        """One log line for the start (empty when there is nothing to say)."""
+        if self.action == "file wins":
+            return (
+                f"{self.file_key} changed in the file from {self.last_seed!r} to "
+                f"{self.file_value!r}: the file wins, {self.name} {self.before!r} -> "
+                f"{self.file_value!r}"
+            )
+        if self.action == "kept":
+            return (
+                f"{self.name} stays {self.before!r} (stored before the file was read); the "
+                f"file's {self.file_key} {self.file_value!r} is now its seed: change the file "
+                "to make it win"
+            )
+        if self.action == "unchanged" and self.before != self.file_value:
+            return (
+                f"{self.name} is {self.before!r}, changed at run time; the file's "
+                f"{self.file_key} is unchanged ({self.file_value!r}), so that change stays"
+            )
+        if self.changed:
+            return f"{self.name} = {self.file_value!r} from the file's {self.file_key}"
+        return ""
+
+
 # --- the registry ---------------------------------------------------------------
 
 
@@ -883,7 +752,7 @@ class Configuration:
     """The station's configuration: typed reads, validated atomic changes, listeners.
 
     One instance per store: it keeps the values in memory and is the only
-    writer of the ``ocpp.*`` settings.
+    writer of the ``ocpp.*`` and ``seed.*`` settings.
 
     ``profile_check(profile)`` is asked before SecurityProfile is raised and
     returns why the station cannot run that profile (no CentralSystemRootCertificate
@@ -893,6 +762,11 @@ class Configuration:
     this station (FallbackLimit: ``ops.config.registry_maxima``); they are
     stored, and a registry opened without them uses the stored ones. A maximum
     below a key's lowest value or its default raises ValueError.
+
+    Where a value comes from (``source``): the key's default, the file (the
+    value is the one the file seeded, ``seed``), the registry (changed by the
+    central system or the installer), or the command line (``override``: this
+    run only).
     """
 
     def __init__(
@@ -912,7 +786,18 @@ class Configuration:
         self._by_local = {k.installer: k for k in self._keys if k.installer is not None}
         self._listeners: tuple[Listener, ...] = ()
         self._lock = threading.Lock()
+        #: Keys whose value in force was read from the store.
+        self._stored: set[str] = set()
         self._values: dict[str, Value] = {k.name: self._load(k) for k in self._keys}
+        #: The file values the registry was last seeded from, by OCPP name.
+        self._seeds: dict[str, str] = {}
+        for key in self._keys:
+            if key.file is not None:
+                seed = store.get_setting(SEED_PREFIX + key.name)
+                if seed is not None:
+                    self._seeds[key.name] = seed
+        #: Values given for this run only (``override``), by OCPP name.
+        self._overrides: dict[str, str] = {}
 
     def _bounded(self, keys: tuple[Key, ...], maxima: dict[str, float]) -> tuple[Key, ...]:
         """The keys with the maxima given (stored when they differ) or stored before."""
@@ -925,7 +810,7 @@ class Configuration:
         for key in keys:
             if key.name in maxima:
                 bounded.append(_narrow(key, maxima[key.name]))
-                text = _format_number(maxima[key.name])
+                text = format_number(maxima[key.name])
                 if self._store.get_setting(BOUND_PREFIX + key.name) != text:
                     to_store[BOUND_PREFIX + key.name] = text
                 continue
@@ -954,20 +839,23 @@ class Configuration:
         if text is None:
             return default
         try:
-            return key.parse(text)
+            value = key.parse(text)
         except ValueError as exc:
             held = self._held_at_maximum(key, text)
             if held is not None:
+                self._stored.add(key.name)
                 return held
             # A value an older firmware allowed, or a damaged row: the default
             # is safer than refusing to start.
             log.error(
                 "configuration %s: stored value refused (%s); using the default %r",
                 key.name,
-                "hidden" if key.secret else exc,
+                SECRET_SET if key.secret else exc,
                 key.default,
             )
             return default
+        self._stored.add(key.name)
+        return value
 
     def _held_at_maximum(self, key: Key, text: str) -> Value | None:
         """A stored value valid before the station's maximum was lowered reads as the
@@ -1070,6 +958,66 @@ class Configuration:
             return SECRET_SET if value else SECRET_UNSET
         return key.format(value)
 
+    def source(self, name: str) -> Source:
+        """Where the value in force of a key comes from.
+
+        "command line": given for this run (``override``); "file": the value the
+        file seeded and nothing changed since; "registry": stored by a change
+        (the central system, the installer); "default": nothing stored (and
+        every read-only key, which always reads its default).
+        """
+        key = self._key(name)
+        if key.name in self._overrides:
+            return "command line"
+        if key.readonly or key.name not in self._stored:
+            return "default"
+        seed = self._seeds.get(key.name)
+        if seed is not None and seed == key.format(self._values[key.name]):
+            return "file"
+        return "registry"
+
+    def connection_files(self) -> tuple[str | None, str | None, str | None]:
+        """The PEM texts the security profile in force uses: (root certificate,
+        client certificate, client key), None where it uses none.
+
+        Only those files are read, so a certificate that went missing or bad
+        after it was set fails only the TLS profiles (2, 3) that need it, never
+        a profile 0 or 1 connection. Each is checked as when it was set; a
+        problem raises ValueError naming the setting, the file and the reason
+        (the central-system status shows it). Reads files: not on the station
+        loop's path.
+        """
+        profile = self._values.get("SecurityProfile", 0)
+        assert isinstance(profile, int)
+        wanted = {
+            "CentralSystemRootCertificate": profile >= 2,
+            "ChargePointCertificate": profile == 3,
+            "ChargePointPrivateKey": profile == 3,
+        }
+        texts: list[str | None] = []
+        for name, used in wanted.items():
+            key = self._declared.get(name)
+            path = self._values.get(name) if key is not None else None
+            if not used or not isinstance(path, str) or not path:
+                texts.append(None)
+                continue
+            assert key is not None
+            try:
+                if key.verify is not None:
+                    key.verify(path)
+                with open(path, encoding="ascii") as file:
+                    texts.append(file.read())
+            except ValueError as exc:  # the verifier's reason names the file
+                raise ValueError(f"{key.label}: {exc}") from None
+            except OSError as exc:
+                raise ValueError(f"{key.label}: {path}: {exc.strerror or exc}") from None
+        ca, cert, private = texts
+        return ca, cert, private
+
+    def file_seed(self, name: str) -> str | None:
+        """The file value this key was last seeded from (``seed``), or None."""
+        return self._seeds.get(self._key(name).name)
+
     def get_configuration(
         self, keys: Sequence[str] | None = None
     ) -> tuple[list[dict[str, Any]], list[str]]:
@@ -1111,34 +1059,131 @@ class Configuration:
             entry["value"] = key.format(self._values[key.name])
         return entry
 
-    def installer_view(self) -> list[dict[str, Any]]:
-        """The installer settings page: every installer setting, grouped as in §3.
+    def row(self, key: Key) -> dict[str, Any]:
+        """Everything people are shown of one key (the installer page, ``evse config``).
 
-        ``value`` and ``default`` are texts; a secret shows "(set)" or "(not set)".
-        ``ocpp`` is the OCPP name when the central system also sees the setting.
+        ``value`` and ``default`` are texts; a secret reads "set" or "not set".
+        ``ocpp`` is the OCPP name when the central system also sees the key.
         """
+        return {
+            "group": key.group,
+            "name": key.label,
+            "ocpp": key.name if key.ocpp else None,
+            "key": key.name,
+            "value": self._text(key),
+            "default": (SECRET_SET if key.default else SECRET_UNSET) if key.secret else key.default,
+            "range": key.range_text,
+            "unit": key.unit,
+            "readonly": key.readonly,
+            "secret": key.secret,
+            "access": key.access_text,
+            "source": self.source(key.name),
+            "file": key.file,
+            "file_seed": self._seeds.get(key.name),
+            "reboot_required": key.reboot_required,
+            "description": key.description,
+        }
+
+    def installer_view(self) -> list[dict[str, Any]]:
+        """The installer settings page: every installer setting, grouped as in §3
+        (the fields of ``row``)."""
         rows = [
             (GROUPS.index(k.group), i, k)
             for i, k in enumerate(self._keys)
             if k.installer is not None and k.group is not None
         ]
-        return [
-            {
-                "group": key.group,
-                "name": key.installer,
-                "ocpp": key.name if key.ocpp else None,
-                "value": self._text(key),
-                "default": (SECRET_SET if key.default else SECRET_UNSET)
-                if key.secret
-                else key.default,
-                "range": key.range_text,
-                "unit": key.unit,
-                "readonly": key.readonly,
-                "reboot_required": key.reboot_required,
-                "description": key.description,
-            }
-            for _, _, key in sorted(rows, key=lambda row: (row[0], row[1]))
-        ]
+        return [self.row(key) for _, _, key in sorted(rows, key=lambda row: (row[0], row[1]))]
+
+    # -- the file and the command line ---------------------------------------
+
+    def seed(self, values: Mapping[str, str]) -> list[Seeded]:
+        """Apply the file's values of the keys it seeds (OCPP name -> canonical text).
+
+        The rule, per key, against the file value it was last seeded from
+        (kept in the store as ``seed.<Name>``):
+
+        * never seeded, nothing stored: the file's value is stored ("seeded");
+        * never seeded, a value stored (by an older firmware, or set before the
+          file was known): that value stays and the file's becomes the seed
+          ("kept", logged: changing the file later makes it win);
+        * the file is as at the last seed: the value in force stays, whether
+          or not the central system or the installer changed it since
+          ("unchanged");
+        * the file changed since: the file wins ("file wins"), and the log
+          names the key, the old and the new value.
+
+        A file value the registry refuses (a rule between keys: a ws:// address
+        while the security profile is TLS) raises ``ConfigRejected`` naming the
+        file's setting, both values and the reason; nothing changes then. The
+        values and the seeds are written in one all-or-nothing store call.
+        """
+        with self._lock:
+            outcomes: list[Seeded] = []
+            wins: dict[str, str] = {}
+            seeds: dict[str, str] = {}
+            for name, text in values.items():
+                key = self._declared.get(name)
+                if key is None or key.file is None:
+                    raise ValueError(f"{name!r} is not a key the file seeds")
+                before = self._text(key)
+                last = self._seeds.get(name)
+                action: SeedAction
+                if last is None and name in self._stored:
+                    action = "kept" if before != text else "unchanged"
+                elif last is None:
+                    action = "seeded"
+                elif last != text:
+                    action = "file wins"
+                else:
+                    action = "unchanged"
+                if action in ("seeded", "file wins"):
+                    wins[name] = text
+                if last != text:
+                    seeds[SEED_PREFIX + name] = text
+                outcomes.append(Seeded(name, key.file, action, text, before, last))
+            plan = self._plan(wins, "config file")
+            if isinstance(plan, ChangeResult):
+                blamed = next((o for o in outcomes if o.name == plan.key), None)
+                if blamed is None:
+                    # A rule between keys blamed one the file does not give.
+                    blamed = next(o for o in outcomes if o.name in wins)
+                raise ConfigRejected(
+                    blamed.file_key,
+                    f"{blamed.file_value!r} cannot become {blamed.name} (now {blamed.before!r}): "
+                    f"{plan.reason}",
+                )
+            writes = {STORE_PREFIX + n: t for n, t in plan.texts.items()} | seeds
+            if writes:
+                self._store.set_settings(writes)
+            old = self._values
+            self._values = {**old, **plan.values}
+            self._stored |= set(plan.values)
+            self._seeds.update({k.removeprefix(SEED_PREFIX): t for k, t in seeds.items()})
+        self._notify([(n, v) for n, v in plan.values.items() if old[n] != v])
+        return outcomes
+
+    def override(self, values: Mapping[str, str], *, source: str = "command line") -> ChangeResult:
+        """Values for this run only (``evse run --csms-url/--id``), never stored.
+
+        Validated like a change (all or nothing); then they are in force and
+        ``source`` says "command line" until the process ends or a change of
+        the same key (which is stored) replaces them.
+        """
+        with self._lock:
+            plan = self._plan(values, source)
+            if isinstance(plan, ChangeResult):
+                return plan
+            old = self._values
+            self._values = {**old, **plan.values}
+            self._overrides.update(plan.texts)
+        for name, text in plan.texts.items():
+            key = self._declared[name]
+            shown = SECRET_SET if key.secret else text
+            log.info(
+                "configuration %s = %s for this run only (%s; not stored)", name, shown, source
+            )
+        self._notify([(n, v) for n, v in plan.values.items() if old[n] != v])
+        return ChangeResult("Accepted", plan.keys[0] if plan.keys else "")
 
     # -- changes -------------------------------------------------------------
 
@@ -1160,9 +1205,10 @@ class Configuration:
     def change(self, name: str, text: str, *, source: str) -> ChangeResult:
         """ChangeConfiguration (OCPP 1.6 §5.3) or a local change of one key.
 
-        Unknown key: NotSupported. Read-only, malformed, out of range, a
-        monotonic key lowered, a rule between keys broken, or the store failing:
-        Rejected, and nothing changed. Never raises for any name or text.
+        Unknown key: NotSupported. Read-only, malformed, out of range, a file
+        that a path names missing or of the wrong kind, a monotonic key
+        lowered, a rule between keys broken, or the store failing: Rejected,
+        and nothing changed. Never raises for any name or text.
         """
         return self.change_many({name: text}, source=source)
 
@@ -1181,7 +1227,8 @@ class Configuration:
         return await self.change_many_async({name: text}, source=source)
 
     async def change_many_async(self, values: Mapping[str, str], *, source: str) -> ChangeResult:
-        """``change_many`` for trio code: the write runs in a worker thread."""
+        """``change_many`` for trio code: the write (and the reading of the files a
+        path names) runs in a worker thread."""
         result, changed = await trio.to_thread.run_sync(self._apply, dict(values), source)
         self._notify(changed)
         return result
@@ -1211,10 +1258,14 @@ class Configuration:
                 return ChangeResult("Rejected", first, f"cannot store the value: {exc}"), []
             old = self._values
             self._values = {**old, **plan.values}  # one assignment: readers see all or none
+            self._stored |= set(plan.values)
+            for name in plan.values:
+                # A stored change replaces what the command line gave for this run.
+                self._overrides.pop(name, None)
         changed = [(name, value) for name, value in plan.values.items() if old[name] != value]
         for name, _ in changed:
             key = self._by_name[name.lower()]
-            shown = "(hidden)" if key.secret else plan.texts[name]
+            shown = SECRET_SET if key.secret else plan.texts[name]
             log.info("configuration %s = %s (by %s)", name, shown, source)
         status: ConfigurationStatus = "RebootRequired" if plan.reboot_required else "Accepted"
         return ChangeResult(status, first), changed
@@ -1241,6 +1292,13 @@ class Configuration:
                 return ChangeResult(
                     "Rejected", key.name, f"may only be raised: {current} is set, {value} is lower"
                 )
+            if key.verify is not None and isinstance(value, str):
+                # Read here, under the lock and in the caller's thread (a worker
+                # thread for change_async): the file as it is when it is set.
+                try:
+                    key.verify(value)
+                except ValueError as exc:
+                    return ChangeResult("Rejected", key.name, str(exc))
             new[key.name] = value
             texts[key.name] = key.format(value)
             given.append(key.name)
@@ -1258,6 +1316,25 @@ class Configuration:
         Checked only when a key they involve changes, so a stored state that
         breaks one (from an older firmware) does not block unrelated changes.
         """
+        pair = {"ChargePointCertificate", "ChargePointPrivateKey"}
+        cert, private = values.get("ChargePointCertificate"), values.get("ChargePointPrivateKey")
+        if (
+            changed & pair
+            and isinstance(cert, str)
+            and isinstance(private, str)
+            and cert
+            and private
+        ):
+            # Both files were verified on their own; a key that is not the
+            # certificate's would fail every TLS handshake of profile 3.
+            reason = key_matches_certificate(cert, private)
+            if reason is not None:
+                blamed = (
+                    "ChargePointPrivateKey"
+                    if "ChargePointPrivateKey" in changed
+                    else ("ChargePointCertificate")
+                )
+                return blamed, reason
         profile = values.get("SecurityProfile")
         if not isinstance(profile, int) or "SecurityProfile" not in self._values:
             return None

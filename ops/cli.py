@@ -854,14 +854,20 @@ async def _run_config(args: argparse.Namespace) -> int:
         raise UsageError(f"config {args.action} needs a KEY")
     if args.action == "set" and args.value is None:
         raise UsageError("config set needs a VALUE")
-    if args.action == "list":
-        answer = await _ask_station(socket, "GET", "/config")
-    elif args.action == "get":
-        answer = await _ask_station(socket, "GET", "/config?" + _query({"key": args.key}))
-    else:
-        answer = await _ask_station(
-            socket, "POST", "/config", {"key": args.key, "value": args.value}
-        )
+    from ops.httpjson import HTTPError  # noqa: PLC0415
+
+    answer: object
+    try:
+        if args.action == "list":
+            answer = await _ask_station(socket, "GET", "/config")
+        elif args.action == "get":
+            answer = await _ask_station(socket, "GET", "/config?" + _query({"key": args.key}))
+        else:
+            answer = await _ask_station(
+                socket, "POST", "/config", {"key": args.key, "value": args.value}
+            )
+    except HTTPError as exc:  # an unknown key, a file-owned one: the station says why
+        answer = {"error": exc.message}
     if answer is None:
         answer = await trio.to_thread.run_sync(_config_offline, args, data_dir)
     return _print_config(args, answer)
@@ -874,47 +880,23 @@ def _query(params: dict[str, str]) -> str:
 
 
 def _config_offline(args: argparse.Namespace, data_dir: str | None) -> object:
-    from pathlib import Path  # noqa: PLC0415
-
-    from evse.store import Store  # noqa: PLC0415
-    from ocpp16.config import Configuration  # noqa: PLC0415
+    from ops import settings_view  # noqa: PLC0415
+    from ops.config import load_config  # noqa: PLC0415
 
     if data_dir is None:
         raise StationUnreachable("no running station; give --config or --data-dir")
-    with Store.open(Path(data_dir) / "station.sqlite") as store:
-        registry = Configuration(store)
-        if args.action == "list":
-            return {
-                "settings": registry.installer_view(),
-                "ocpp": registry.get_configuration(None)[0],
-            }
-        key = registry.resolve(args.key)
-        if key is None:
-            raise UsageError(f"unknown setting {args.key!r}")
-        if args.action == "get":
-            return {"key": key.name, "value": registry.text(key.name), "readonly": key.readonly}
-        result = registry.change(args.key, args.value, source="installer")
-        return {"status": result.status, "reason": result.reason}
+    config = load_config(args.config) if args.config else None
+    return settings_view.offline(args.action, args.key, args.value, data_dir, config)
 
 
 def _print_config(args: argparse.Namespace, answer: object) -> int:
+    from ops import settings_view  # noqa: PLC0415
+
     assert isinstance(answer, dict)
-    if args.action == "list":
-        for row in answer["settings"]:
-            print(f"{row['name']:<42} {row['value']}")
-        for entry in answer["ocpp"]:
-            print(f"{entry['key']:<42} {entry.get('value', '(hidden)')}")
-        return EXIT_OK
-    if args.action == "get":
-        print(answer["value"])
-        return EXIT_OK
-    if answer["status"] in ("Accepted", "RebootRequired"):
-        print(answer["status"])
-        return EXIT_OK
-    print(
-        f"evse config: error: {args.key}: {answer['status']}: {answer['reason']}", file=sys.stderr
-    )
-    return EXIT_USAGE
+    code, out, err = settings_view.render(args.action, args.key, answer)
+    sys.stdout.write(out)
+    sys.stderr.write(err)
+    return code
 
 
 async def _run_queue(args: argparse.Namespace) -> int:

@@ -1,10 +1,24 @@
 """The station's configuration file (TOML), declared once as a table.
 
-Theory of operation: ``SECTIONS`` below lists every setting with its type,
-default, range or choices, unit and description (the EVerest manifest idea).
-Everything else reads that table: validation, defaults, the dataclasses'
-contents, the error messages and the documented example file
-(``example_toml()``, shipped as ``docs/config.example.toml``).
+Theory of operation: ``SECTIONS`` below lists every setting of the file with
+its type, default, range or choices, unit and description (the EVerest
+manifest idea), as ``ocpp16.settings.Key``: the one declaration type, shared
+with the registry's table (``ocpp16.config.KEYS``). Everything else reads
+that table: validation, defaults, the dataclasses' contents, the error
+messages, ``evse config list`` (``ops.settings_view``) and the documented
+example file (``example_toml()``, shipped as ``docs/config.example.toml``).
+
+Ownership: the file's own settings (hardware, installation) are read at start
+and read-only at run time. A few registry keys take their first value from
+the file: their *seats* (``seat``: ``station.id`` is ChargePointId,
+``limits.fallback`` FallbackLimit, ``authorization.connection_timeout``
+ConnectionTimeOut, ``connection.central_system_address``
+CentralSystemAddress) are made from the registry key itself, so range, unit,
+rules and description are declared once, and a seat's value is checked by
+the key's own parser too (the file cannot hold what the registry refuses).
+At start ``seed_registry`` applies them by the registry's rule
+(``Configuration.seed``): a changed file wins and is logged, an unchanged one
+leaves a change made at run time in force.
 
 A bad file is refused as a whole with ONE ``ConfigError`` naming the file,
 the setting (dotted, ``board.unit``, ``authorization.tags[2]``) and the
@@ -25,22 +39,25 @@ from __future__ import annotations
 import datetime as dt
 import difflib
 import json
+import logging
 import math
 import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from enum import Enum
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from evse.budget import off_budget
-from evse.limits import MIN_CURRENT, effective_fallback, fallback_max
+from evse.limits import effective_fallback, fallback_max
 from fieldbus.boards import BOARD_MODELS, BoardModel
 from fieldbus.errors import PortConfigError
 from fieldbus.meters import METER_MODELS, MeterModel
 from fieldbus.ports import STANDARD_BAUDS, PortSpec, RtuPort, parse_port
+from ocpp16.config import KEY_BY_NAME, KEYS, Configuration, Seeded
+from ocpp16.errors import ConfigRejected
+from ocpp16.settings import REQUIRED, Access, Derived, Key, Kind, Owner, format_float
 
 #: Retries the station's plan gives each device's requests (ops.run.plan_from_config):
 #: the board one (a lost reply is retried once), the meter none (its next poll is the retry).
@@ -51,6 +68,8 @@ METER_RETRIES = 0
 MAX_SOCKET_PATH = 107
 
 BUILTIN_SOURCE = "<builtin>"
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(Exception):
@@ -73,69 +92,104 @@ class _SettingError(Exception):
 
 
 # --- the declaration --------------------------------------------------------
+#
+# A file setting is an ``ocpp16.settings.Key`` (the one declaration type, shared
+# with the registry) owned by the file: read-only at run time. A seat is the
+# file's place for a registry key that the file seeds: made from that key, so
+# its range, unit, rules and description are declared once, in ocpp16/config.py.
 
 
-class Kind(Enum):
-    """A setting's TOML type; the value is its name in messages and docs."""
+def file_setting(
+    name: str,
+    kind: Kind,
+    description: str,
+    *,
+    default: Any = REQUIRED,
+    lo: float | None = None,
+    hi: float | None = None,
+    choices: tuple[Any, ...] = (),
+    unit: str = "",
+    rule: Callable[[Any], Any] | None = None,
+    rule_text: str = "",
+    example: Any = None,
+) -> Key:
+    """A setting of the file (hardware, installation): read at start only.
 
-    TEXT = "text"
-    INT = "whole number"
-    FLOAT = "number"
-    BOOL = "true or false"
-    PATH = "absolute path"
-    TAGS = "list of id tags"
+    ``default``: a value, ``REQUIRED`` or a ``Derived``. ``rule`` returns the
+    normalized value or raises ValueError(reason); ``rule_text`` says what it
+    demands, for the example file. ``example`` is written uncommented in the
+    example file (required settings must have one).
+    """
+    return Key(
+        name,
+        kind,
+        default,
+        description,
+        access=Access.R,
+        lo=lo,
+        hi=hi,
+        choices=choices,
+        ocpp=False,
+        unit=unit,
+        rule=rule,
+        rule_text=rule_text,
+        owner=Owner.FILE,
+        example=example,
+    )
 
 
-class _Required:
-    def __repr__(self) -> str:
-        return "REQUIRED"
+def seat(
+    ocpp_name: str,
+    *,
+    default: Any = None,
+    lo: float | None = None,
+    description: str | None = None,
+    rule_text: str | None = None,
+) -> Key:
+    """The file's place for the registry key ``ocpp_name`` (its ``Key.file``).
 
-
-#: The default of a setting that must be given.
-REQUIRED: Any = _Required()
-
-
-@dataclass(frozen=True, slots=True)
-class Derived:
-    """A default computed from settings read before this one (dotted key -> value)."""
-
-    text: str
-    compute: Callable[[Mapping[str, Any]], Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Setting:
-    name: str
-    kind: Kind
-    description: str
-    #: A value, ``REQUIRED`` or a ``Derived``.
-    default: Any = REQUIRED
-    #: Inclusive range of a number, or of a text's length.
-    lo: float | None = None
-    hi: float | None = None
-    choices: tuple[Any, ...] | None = None
-    unit: str = ""
-    #: A further rule: returns the normalized value or raises ValueError(reason).
-    rule: Callable[[Any], Any] | None = None
-    #: What the rule demands, for the example file.
-    rule_text: str = ""
-    #: Written uncommented in the example file (required settings must have one).
-    example: Any = None
-
-    @property
-    def required(self) -> bool:
-        return self.default is REQUIRED
+    Its value is read and checked like any file setting, then by the key's own
+    parser (``check_seat``), and seeds the registry at start
+    (``Configuration.seed``, from ``file_seeds``). ``default``, ``lo``,
+    ``description`` and ``rule_text`` are what the file says differently (the
+    charge point id defaults to the serial number); all else is the key's.
+    """
+    key = KEY_BY_NAME[ocpp_name]
+    assert key.file is not None, ocpp_name
+    where = key.installer or key.name
+    note = (
+        f"At start this seeds {where}: a change of this line wins at the next start "
+        "(logged); while it is unchanged, a change made since (evse config, the "
+        "installer page" + (", the central system" if key.ocpp else "") + ") stays."
+    )
+    return Key(
+        key.file.partition(".")[2],
+        key.kind,
+        key.default_value() if default is None else default,
+        f"{description or key.description} {note}",
+        access=Access.R,
+        lo=key.lo if lo is None else lo,
+        hi=key.hi,
+        choices=key.choices,
+        zero_disables=key.zero_disables,
+        ocpp=False,
+        unit=key.unit,
+        rule_text=key.rule_text if rule_text is None else rule_text,
+        owner=Owner.FILE,
+        file=key.file,
+        seeds=key.name,
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class Section:
     name: str
     description: str
-    settings: tuple[Setting, ...]
+    settings: tuple[Key, ...]
     #: An optional section that is absent gives ``None`` instead of defaults.
     optional: bool = False
 
-    def setting(self, name: str) -> Setting:
+    def setting(self, name: str) -> Key:
         for s in self.settings:
             if s.name == name:
                 return s
@@ -148,15 +202,6 @@ class Section:
 def _printable(value: str) -> str:
     if not value.isprintable():
         raise ValueError(f"{_show(value)} contains a control or unprintable character")
-    return value
-
-
-def _station_id(value: str) -> str:
-    _printable(value)
-    if "/" in value:
-        raise ValueError(f"{_show(value)} contains '/' (it is the last segment of the URL)")
-    if any(c.isspace() for c in value):
-        raise ValueError(f"{_show(value)} contains whitespace (it is the last segment of the URL)")
     return value
 
 
@@ -219,9 +264,9 @@ SECTIONS: tuple[Section, ...] = (
         "station",
         "The charge point: identity, state directory and connector.",
         (
-            Setting(
+            file_setting(
                 "serial",
-                Kind.TEXT,
+                Kind.STR,
                 "Serial number, sent as OCPP chargePointSerialNumber (CiString25).",
                 lo=1,
                 hi=25,
@@ -229,25 +274,24 @@ SECTIONS: tuple[Section, ...] = (
                 rule_text="printable",
                 example="EVSE-0001",
             ),
-            Setting(
-                "id",
-                Kind.TEXT,
-                "Charge point id: the last segment of the central system URL.",
+            # The charge point id (ChargePointId): the serial number unless given.
+            seat(
+                "ChargePointId",
                 default=Derived("same as station.serial", lambda v: v["station.serial"]),
                 lo=1,
-                hi=48,
-                rule=_station_id,
-                rule_text="printable, no '/' and no whitespace",
+                description="Charge point id: the last segment of the central system URL "
+                "and the HTTP Basic user-id.",
+                rule_text="printable ASCII, no whitespace, '/' or ':'",
             ),
-            Setting(
+            file_setting(
                 "data_dir",
                 Kind.PATH,
                 "Where transactions, the message queue and settings are kept.",
                 example="/var/lib/evse",
             ),
-            Setting(
+            file_setting(
                 "connector",
-                Kind.TEXT,
+                Kind.STR,
                 "socket: a socket outlet (the plugged cable's PP rating also limits "
                 "the current; on a board that drives a socket lock, ev-cc-basic, the "
                 "plug is locked before charging and released after); cable: a fixed "
@@ -255,7 +299,7 @@ SECTIONS: tuple[Section, ...] = (
                 default="socket",
                 choices=("socket", "cable"),
             ),
-            Setting(
+            file_setting(
                 "phases",
                 Kind.INT,
                 "Phases wired to the connector.",
@@ -268,7 +312,7 @@ SECTIONS: tuple[Section, ...] = (
         "limits",
         "Currents per phase.",
         (
-            Setting(
+            file_setting(
                 "installer_max",
                 Kind.FLOAT,
                 "Largest current the installation may supply (the circuit's rating); "
@@ -278,41 +322,30 @@ SECTIONS: tuple[Section, ...] = (
                 hi=80,
                 unit="A",
             ),
-            Setting(
-                "fallback",
-                Kind.FLOAT,
-                "Current applied when the central system cannot be reached and no "
-                "limit can be obtained, and the current a board with a hardware "
-                "failsafe falls back to on its own. At most limits.installer_max. "
-                f"Below {MIN_CURRENT:g} A means 0 A: no charging (IEC 61851-1: "
-                f"{MIN_CURRENT:g} A is the lowest current a vehicle can be offered).",
-                default=MIN_CURRENT,
-                lo=0,
-                hi=80,
-                unit="A",
-            ),
+            # FallbackLimit; the cross-checks keep it at most limits.installer_max.
+            seat("FallbackLimit"),
         ),
     ),
     Section(
         "board",
         "The EVSE controller board (control pilot, contactor).",
         (
-            Setting(
+            file_setting(
                 "kind",
-                Kind.TEXT,
+                Kind.STR,
                 "Board model.",
                 choices=tuple(BOARD_MODELS),
                 example="evse-din",
             ),
-            Setting(
+            file_setting(
                 "port",
-                Kind.TEXT,
+                Kind.STR,
                 "The bus the board is on.",
                 rule=_port,
                 rule_text=_PORT_TEXT,
                 example="rtu:///dev/ttyUSB0?baud=9600&parity=N&stopbits=1",
             ),
-            Setting(
+            file_setting(
                 "unit",
                 Kind.INT,
                 "Modbus unit id.",
@@ -322,7 +355,7 @@ SECTIONS: tuple[Section, ...] = (
                 lo=1,
                 hi=247,
             ),
-            Setting(
+            file_setting(
                 "poll_interval",
                 Kind.FLOAT,
                 "Time between status reads.",
@@ -331,7 +364,7 @@ SECTIONS: tuple[Section, ...] = (
                 hi=2,
                 unit="s",
             ),
-            Setting(
+            file_setting(
                 "timeout",
                 Kind.FLOAT,
                 "Time to wait for a reply to one request.",
@@ -340,7 +373,7 @@ SECTIONS: tuple[Section, ...] = (
                 hi=5,
                 unit="s",
             ),
-            Setting(
+            file_setting(
                 "failsafe_watchdog",
                 Kind.FLOAT,
                 "Hardware failsafe: with no request for this long the board falls "
@@ -357,22 +390,22 @@ SECTIONS: tuple[Section, ...] = (
         "meter",
         "The energy meter of the connector.",
         (
-            Setting(
+            file_setting(
                 "kind",
-                Kind.TEXT,
+                Kind.STR,
                 "Meter model.",
                 choices=tuple(METER_MODELS),
                 example="sdm630",
             ),
-            Setting(
+            file_setting(
                 "port",
-                Kind.TEXT,
+                Kind.STR,
                 "The bus the meter is on (may be the board's bus, with another unit id).",
                 rule=_port,
                 rule_text=_PORT_TEXT,
                 example="rtu:///dev/ttyUSB0?baud=9600&parity=N&stopbits=1",
             ),
-            Setting(
+            file_setting(
                 "unit",
                 Kind.INT,
                 "Modbus unit id.",
@@ -383,7 +416,7 @@ SECTIONS: tuple[Section, ...] = (
                 hi=247,
                 example=2,
             ),
-            Setting(
+            file_setting(
                 "poll_interval",
                 Kind.FLOAT,
                 "Time between readings.",
@@ -392,7 +425,7 @@ SECTIONS: tuple[Section, ...] = (
                 hi=60,
                 unit="s",
             ),
-            Setting(
+            file_setting(
                 "timeout",
                 Kind.FLOAT,
                 "Time to wait for a reply to one request.",
@@ -407,23 +440,23 @@ SECTIONS: tuple[Section, ...] = (
         "authorization",
         "Who may charge.",
         (
-            Setting(
+            file_setting(
                 "mode",
-                Kind.TEXT,
+                Kind.STR,
                 "free: anyone, transactions are started with free_id_tag; local: an id "
                 "tag must be presented and authorized.",
                 default="local",
                 choices=("free", "local"),
             ),
-            Setting(
+            file_setting(
                 "free_id_tag",
-                Kind.TEXT,
+                Kind.STR,
                 "The id tag of transactions in free mode.",
                 default="FREECHARGING",
                 rule=_id_tag,
                 rule_text=_ID_TAG_TEXT,
             ),
-            Setting(
+            file_setting(
                 "tags",
                 Kind.TAGS,
                 'Id tags always accepted, e.g. ["04A2B3C4D5", "DEADBEEF"].',
@@ -431,7 +464,7 @@ SECTIONS: tuple[Section, ...] = (
                 rule=_id_tag,
                 rule_text=_ID_TAG_TEXT,
             ),
-            Setting(
+            file_setting(
                 "blocked",
                 Kind.TAGS,
                 "Id tags always refused.",
@@ -439,50 +472,49 @@ SECTIONS: tuple[Section, ...] = (
                 rule=_id_tag,
                 rule_text=_ID_TAG_TEXT,
             ),
-            Setting(
-                "connection_timeout",
-                Kind.INT,
-                "Time from authorization to plugging in before it lapses (OCPP ConnectionTimeOut).",
-                default=120,
-                lo=1,
-                hi=3600,
-                unit="s",
-            ),
+            seat("ConnectionTimeOut"),
         ),
+    ),
+    Section(
+        "connection",
+        "The central system (OCPP 1.6J). The rest of its settings (security "
+        "profile, access key, certificates, intervals) live in the station's "
+        "registry: evse config list shows them all, evse config set changes them.",
+        (seat("CentralSystemAddress"),),
     ),
     Section(
         "rfid",
         "RFID reader on a serial line (optional: leave the section out for none).",
         (
-            Setting(
+            file_setting(
                 "device",
                 Kind.PATH,
                 "Serial device of the reader.",
                 example="/dev/ttyACM0",
             ),
-            Setting(
+            file_setting(
                 "baud",
                 Kind.INT,
                 "Baud rate.",
                 default=9600,
                 choices=STANDARD_BAUDS,
             ),
-            Setting(
+            file_setting(
                 "pattern",
-                Kind.TEXT,
+                Kind.STR,
                 "Regular expression matched against each line the reader sends; its "
                 "group is the tag.",
                 default=_DEFAULT_RFID_PATTERN,
                 rule=_one_group_regex,
                 rule_text="exactly one group",
             ),
-            Setting(
+            file_setting(
                 "reverse_bytes",
                 Kind.BOOL,
                 "Reverse the byte order of the tag (readers differ in UID byte order).",
                 default=False,
             ),
-            Setting(
+            file_setting(
                 "debounce",
                 Kind.FLOAT,
                 "The same tag read again within this time is ignored.",
@@ -498,7 +530,7 @@ SECTIONS: tuple[Section, ...] = (
         "safety",
         "Fault detection. Every fault switches the contactor off.",
         (
-            Setting(
+            file_setting(
                 "board_timeout",
                 Kind.FLOAT,
                 "No good board reading for this long is a fault.",
@@ -507,7 +539,7 @@ SECTIONS: tuple[Section, ...] = (
                 hi=10,
                 unit="s",
             ),
-            Setting(
+            file_setting(
                 "meter_timeout",
                 Kind.FLOAT,
                 "No good meter reading for this long is a fault.",
@@ -516,7 +548,7 @@ SECTIONS: tuple[Section, ...] = (
                 hi=60,
                 unit="s",
             ),
-            Setting(
+            file_setting(
                 "overcurrent_margin",
                 Kind.FLOAT,
                 "Measured current above the offered current plus this margin is overcurrent.",
@@ -525,7 +557,7 @@ SECTIONS: tuple[Section, ...] = (
                 hi=10,
                 unit="A",
             ),
-            Setting(
+            file_setting(
                 "overcurrent_time",
                 Kind.FLOAT,
                 "Overcurrent lasting this long is a fault (IEC 61851-1 Annex A gives "
@@ -535,7 +567,7 @@ SECTIONS: tuple[Section, ...] = (
                 hi=60,
                 unit="s",
             ),
-            Setting(
+            file_setting(
                 "welded_time",
                 Kind.FLOAT,
                 "Current flowing this long after the contactor was opened means it is welded.",
@@ -544,7 +576,7 @@ SECTIONS: tuple[Section, ...] = (
                 hi=10,
                 unit="s",
             ),
-            Setting(
+            file_setting(
                 "off_deadline",
                 Kind.FLOAT,
                 "Time the whole switch-off (current 0, then disable) may take before "
@@ -558,7 +590,7 @@ SECTIONS: tuple[Section, ...] = (
                 hi=60,
                 unit="s",
             ),
-            Setting(
+            file_setting(
                 "persist_interval",
                 Kind.FLOAT,
                 "How often the running transaction's meter reading is written to disk.",
@@ -567,7 +599,7 @@ SECTIONS: tuple[Section, ...] = (
                 hi=300,
                 unit="s",
             ),
-            Setting(
+            file_setting(
                 "start_timeout",
                 Kind.FLOAT,
                 "How long the board and the meter may take to answer at start. "
@@ -578,7 +610,7 @@ SECTIONS: tuple[Section, ...] = (
                 hi=600,
                 unit="s",
             ),
-            Setting(
+            file_setting(
                 "power_status_file",
                 Kind.PATH,
                 "Where the UPS daemon says, on SIGPWR, whether mains power is lost (the "
@@ -586,7 +618,7 @@ SECTIONS: tuple[Section, ...] = (
                 "file missing counts as lost.",
                 default="/run/powerstatus",
             ),
-            Setting(
+            file_setting(
                 "mains_lost_voltage",
                 Kind.FLOAT,
                 "Mains is lost when the meter reads less than this on every phase "
@@ -602,7 +634,7 @@ SECTIONS: tuple[Section, ...] = (
         "control",
         "The local control interface (evse status and friends).",
         (
-            Setting(
+            file_setting(
                 "socket",
                 Kind.PATH,
                 "Unix socket of the control interface.",
@@ -619,9 +651,9 @@ SECTIONS: tuple[Section, ...] = (
         "logging",
         "Log output (to standard error: the journal under systemd).",
         (
-            Setting(
+            file_setting(
                 "level",
-                Kind.TEXT,
+                Kind.STR,
                 "Least severe messages logged.",
                 default="info",
                 choices=("debug", "info", "warning", "error"),
@@ -633,9 +665,25 @@ SECTIONS: tuple[Section, ...] = (
 SECTION_BY_NAME: Mapping[str, Section] = {s.name: s for s in SECTIONS}
 
 #: Every setting by its dotted key, in table order.
-SETTINGS: Mapping[str, Setting] = {
-    f"{sec.name}.{s.name}": s for sec in SECTIONS for s in sec.settings
+SETTINGS: Mapping[str, Key] = {f"{sec.name}.{s.name}": s for sec in SECTIONS for s in sec.settings}
+
+#: The seats: dotted file key -> the registry key it seeds (OCPP name).
+SEATS: Mapping[str, str] = {
+    dotted: s.seeds for dotted, s in SETTINGS.items() if s.seeds is not None
 }
+
+
+def _check_table() -> None:
+    """Every registry key the file seeds has exactly its seat, where it says."""
+    wanted = {k.file: k.name for k in KEYS if k.file is not None}
+    if wanted != dict(SEATS):
+        raise ValueError(f"the file's seats {dict(SEATS)} are not the registry's {wanted}")
+    for dotted, s in SETTINGS.items():
+        if s.owner is not Owner.FILE or not s.readonly:
+            raise ValueError(f"{dotted}: a file setting is owned by the file and read-only")
+
+
+_check_table()
 
 
 # --- the result -----------------------------------------------------------------
@@ -648,6 +696,12 @@ class StationConfig:
     data_dir: Path
     connector: str
     phases: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionConfig:
+    #: Empty: none configured (the station charges on its own).
+    central_system_address: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -745,6 +799,7 @@ SECTION_CLASSES: Mapping[str, type[Any]] = {
     "board": BoardConfig,
     "meter": MeterConfig,
     "authorization": AuthorizationConfig,
+    "connection": ConnectionConfig,
     "rfid": RfidConfig,
     "safety": SafetyConfig,
     "control": ControlConfig,
@@ -759,12 +814,15 @@ class Config:
     board: BoardConfig
     meter: MeterConfig
     authorization: AuthorizationConfig
+    connection: ConnectionConfig
     rfid: RfidConfig | None
     safety: SafetyConfig
     control: ControlConfig
     logging: LoggingConfig
     #: The file it was read from; None when built in memory.
     source: Path | None = None
+    #: The dotted settings written in the file (the others have their default).
+    given: frozenset[str] = field(default=frozenset(), compare=False)
 
     @property
     def fallback_max(self) -> float:
@@ -783,6 +841,40 @@ def registry_maxima(config: Config) -> dict[str, float]:
     any source (``evse config set``, the installer page, the control socket).
     """
     return {"FallbackLimit": config.fallback_max}
+
+
+def file_seeds(config: Config) -> dict[str, str]:
+    """The file's values of the registry keys it seeds: OCPP name -> canonical text
+    (``Configuration.seed``). A value left out of the file seeds its default."""
+    seeds: dict[str, str] = {}
+    for dotted, name in SEATS.items():
+        section, _, attribute = dotted.partition(".")
+        value = getattr(getattr(config, section), attribute)
+        seeds[name] = seed_text(SETTINGS[dotted], value)
+    return seeds
+
+
+def seed_registry(registry: Configuration, config: Config) -> list[Seeded]:
+    """Apply the file's seats to the registry by its one rule (``Configuration.seed``)
+    and say what happened: one log line per key whose value the file set or could
+    not set (key, old and new value).
+
+    A value the registry refuses (a rule between keys) is a ``ConfigError``
+    naming the file, its setting, both values and the reason; nothing changes.
+    """
+    try:
+        outcomes = registry.seed(file_seeds(config))
+    except ConfigRejected as exc:
+        raise ConfigError(config.source or BUILTIN_SOURCE, exc.key, exc.reason) from None
+    for outcome in outcomes:
+        text = outcome.message()
+        if not text:
+            continue
+        if outcome.action in ("file wins", "kept"):
+            log.warning("configuration: %s", text)
+        else:
+            log.info("configuration: %s", text)
+    return outcomes
 
 
 # --- checking ---------------------------------------------------------------------
@@ -832,10 +924,10 @@ def _suggest(word: str, candidates: Sequence[str]) -> str | None:
     return close[0] if close else None
 
 
-def _check_item(setting: Setting, key: str, value: Any) -> Any:
+def _check_item(setting: Key, key: str, value: Any) -> Any:
     """Check one value (not a list) of ``setting``; raises _SettingError."""
     kind = setting.kind
-    text_kinds = (Kind.TEXT, Kind.PATH, Kind.TAGS)
+    text_kinds = (Kind.STR, Kind.PATH, Kind.TAGS, Kind.URL, Kind.CHOICE, Kind.MEASURANDS)
     if kind in text_kinds and not isinstance(value, str):
         expected = "an id tag (text)" if kind is Kind.TAGS else kind.value
         raise _SettingError(key, f"expected {expected}, got {_describe(value)}")
@@ -858,7 +950,7 @@ def _check_item(setting: Setting, key: str, value: Any) -> Any:
                 f"{_num(lo)}..{_with_unit(hi, setting.unit)}",
             )
     if (
-        kind is Kind.TEXT
+        kind is Kind.STR
         and setting.lo is not None
         and setting.hi is not None
         and not setting.lo <= len(value) <= setting.hi
@@ -868,7 +960,7 @@ def _check_item(setting: Setting, key: str, value: Any) -> Any:
             f"{_show(value)} is {len(value)} characters; allowed "
             f"{_num(setting.lo)}..{_num(setting.hi)}",
         )
-    if setting.choices is not None and value not in setting.choices:
+    if setting.choices and value not in setting.choices:
         allowed = ", ".join(_show(c) for c in setting.choices)
         hint = ""
         if isinstance(value, str):
@@ -890,10 +982,37 @@ def _check_item(setting: Setting, key: str, value: Any) -> Any:
             value = setting.rule(value)
         except ValueError as exc:
             raise _SettingError(key, str(exc)) from None
+    if setting.seeds is not None:
+        value = _check_seat(setting, key, value)
     return value
 
 
-def _check_value(setting: Setting, key: str, value: Any) -> Any:
+def seed_text(setting: Key, value: Any) -> str:
+    """The registry's canonical text of a seat's value (what ``file_seeds`` gives)."""
+    if isinstance(value, float):
+        return format_float(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _check_seat(setting: Key, key: str, value: Any) -> Any:
+    """A seat's value is also one its registry key takes: the same parser, so the
+    file cannot hold what the registry would refuse at start."""
+    assert setting.seeds is not None
+    registry_key = KEY_BY_NAME[setting.seeds]
+    text = seed_text(setting, value)
+    if isinstance(value, float) and float(text) != value:
+        raise _SettingError(
+            key, f"{_with_unit(value, setting.unit)} has more than 3 decimals ({text} is stored)"
+        )
+    try:
+        return registry_key.parse(text)
+    except ValueError as exc:
+        raise _SettingError(key, str(exc)) from None
+
+
+def _check_value(setting: Key, key: str, value: Any) -> Any:
     if setting.kind is not Kind.TAGS:
         return _check_item(setting, key, value)
     if not isinstance(value, list | tuple):
@@ -944,8 +1063,9 @@ def _check_unknown(data: Mapping[str, Any]) -> None:
             raise _SettingError(f"{name}.{key}", f"unknown setting; did you mean {name}.{close}?")
 
 
-def _read_sections(data: Mapping[str, Any]) -> dict[str, Any]:
-    """Dotted key -> checked value, for every setting of every present section."""
+def _read_sections(data: Mapping[str, Any], given: set[str] | None = None) -> dict[str, Any]:
+    """Dotted key -> checked value, for every setting of every present section;
+    ``given`` collects the dotted keys the document writes."""
     values: dict[str, Any] = {}
     for section in SECTIONS:
         content = data.get(section.name)
@@ -956,6 +1076,8 @@ def _read_sections(data: Mapping[str, Any]) -> dict[str, Any]:
             key = f"{section.name}.{setting.name}"
             if setting.name in content:
                 values[key] = _check_value(setting, key, content[setting.name])
+                if given is not None:
+                    given.add(key)
             elif setting.required:
                 raise _SettingError(key, "required setting is missing")
             elif isinstance(setting.default, Derived):
@@ -1089,9 +1211,10 @@ def config_from_dict(data: Mapping[str, Any], source: str | Path = BUILTIN_SOURC
 
     ``evse run --sim`` builds its configuration this way, in memory.
     """
+    given: set[str] = set()
     try:
         _check_unknown(data)
-        values = _read_sections(data)
+        values = _read_sections(data, given)
         _cross_check(values)
     except _SettingError as exc:
         raise ConfigError(source, exc.key, exc.reason) from None
@@ -1105,7 +1228,9 @@ def config_from_dict(data: Mapping[str, Any], source: str | Path = BUILTIN_SOURC
         parts[section.name] = cls(
             **{s.name: values[f"{section.name}.{s.name}"] for s in section.settings}
         )
-    return Config(**parts, source=source if isinstance(source, Path) else None)
+    return Config(
+        **parts, source=source if isinstance(source, Path) else None, given=frozenset(given)
+    )
 
 
 _TOML_POSITION = re.compile(
@@ -1179,13 +1304,13 @@ def _example_data() -> dict[str, dict[str, Any]]:
     return data
 
 
-def _type_line(s: Setting) -> str:
+def _type_line(s: Key) -> str:
     parts = [s.kind.value + (f" ({s.unit})" if s.unit else "")]
-    if s.kind is Kind.TEXT and s.lo is not None and s.hi is not None:
+    if s.kind is Kind.STR and s.lo is not None and s.hi is not None:
         parts.append(f"{_num(s.lo)}..{_num(s.hi)} characters")
     elif s.lo is not None and s.hi is not None:
         parts.append(f"{_num(s.lo)}..{_num(s.hi)}")
-    if s.choices is not None:
+    if s.choices:
         parts.append("one of " + ", ".join(_toml(c) for c in s.choices))
     if s.rule_text:
         parts.append(s.rule_text)

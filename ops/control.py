@@ -36,7 +36,8 @@ from evse.station import Station
 from evse.supervisor import Service, Supervisor
 from ocpp16.config import Configuration
 from ocpp16.queue import TransactionQueue
-from ops import httpjson
+from ops import httpjson, settings_view
+from ops.config import Config
 from ops.httpjson import HTTPError, Request, Router
 from ops.progress import Transfers
 
@@ -68,6 +69,7 @@ def build_router(
     registry: Configuration | None = None,
     queue: TransactionQueue | None = None,
     transfers: Transfers | None = None,
+    config: Config | None = None,
 ) -> Router:
     router = Router()
     running = firmware_version()
@@ -181,13 +183,12 @@ def build_router(
     async def get_config(req: Request) -> Any:
         reg = need_registry()
         name = req.query.get("key")
-        rows = reg.installer_view() if name is None else None
         if name is None:
-            return {"settings": rows, "ocpp": reg.get_configuration(None)[0]}
-        key = reg.resolve(name)
-        if key is None:
-            raise HTTPError(404, f"unknown setting {name!r}")
-        return {"key": key.name, "value": reg.text(key.name), "readonly": key.readonly}
+            return settings_view.listing(reg, config)  # rows + settings + ocpp
+        try:
+            return settings_view.lookup(reg, config, name)
+        except ValueError as exc:  # UnknownSetting, FileNeeded
+            raise HTTPError(404, str(exc)) from None
 
     async def set_config(req: Request) -> Any:
         reg = need_registry()
@@ -203,7 +204,10 @@ def build_router(
             key, value = data.get("key"), data.get("value")
             if not isinstance(key, str) or not isinstance(value, str):
                 raise HTTPError(400, "key and value (strings) are required")
-            result = await reg.change_async(key, value, source="installer")
+            try:
+                return await settings_view.change_async(reg, config, key, value, source="installer")
+            except settings_view.UnknownSetting as exc:
+                return {"status": "NotSupported", "key": key, "reason": str(exc), "note": ""}
         return {"status": result.status, "reason": result.reason}
 
     async def get_queue(req: Request) -> Any:
@@ -253,10 +257,12 @@ def control_service(
     registry: Configuration | None = None,
     queue: TransactionQueue | None = None,
     transfers: Transfers | None = None,
+    config: Config | None = None,
 ) -> Service:
     async def run(supervisor: Supervisor) -> None:
         await supervisor.started.wait()
-        await httpjson.serve_unix(build_router(supervisor, registry, queue, transfers), path)
+        router = build_router(supervisor, registry, queue, transfers, config)
+        await httpjson.serve_unix(router, path)
 
     return Service("control socket", run)
 

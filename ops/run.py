@@ -49,8 +49,10 @@ from ops.config import (
     ConfigError,
     config_from_dict,
     registry_maxima,
+    seed_registry,
 )
 from ops.control import control_service
+from ops.progress import Transfers
 
 log = logging.getLogger(__name__)
 
@@ -108,20 +110,22 @@ class Central:
 def open_central(config: Config) -> Central:
     """Open the configuration registry and the transaction queue; build the port.
 
-    The TOML file's ConnectionTimeOut and fallback limit seed the registry
-    only while it has no value of its own: after that, the value an operator
-    (ChangeConfiguration) or installer (``evse config set``) wrote persists.
+    The file's values of the registry keys it seeds (``ops.config.SEATS``:
+    station.id is the charge point id, the central system address, the
+    fallback limit, ConnectionTimeOut) go through the registry's one rule
+    (``Configuration.seed``): a file changed since the last start wins, and a
+    warning names the key and both values; while the file is unchanged, a
+    value changed since by the central system or the installer stays. A file
+    value the registry refuses is a ConfigError naming both values (exit 78).
     """
     path = store_path(config)
     settings_store = Store.open(path)
-    registry = Configuration(settings_store, maxima=registry_maxima(config))
-    seeds = {
-        "ConnectionTimeOut": str(config.authorization.connection_timeout),
-        "FallbackLimit": f"{config.limits.fallback:g}",
-    }
-    for key, value in seeds.items():
-        if settings_store.get_setting(f"ocpp.{key}") is None:
-            registry.change(key, value, source="config file").raise_for_status()
+    try:
+        registry = Configuration(settings_store, maxima=registry_maxima(config))
+        seed_registry(registry, config)
+    except BaseException:
+        settings_store.close()
+        raise
     queue = TransactionQueue.open(path)
     # The list's and the cache's policy keys are read at every use (live).
     local_auth = LocalAuth.open(path, settings=lambda: AuthSettings.from_keys(registry.get_bool))
@@ -446,8 +450,10 @@ async def run_station(
     never in a group, and without READY=1.
 
     ``settings`` are installer settings given on the command line (central
-    system address, charge point id): validated and stored like ``evse config
-    set`` would, before anything starts; a refused one raises ConfigRejected.
+    system address, charge point id): validated like ``evse config set``, in
+    force for this run only and never stored (``Configuration.override``: the
+    next start without them has the file's or the stored values again); a
+    refused one raises ConfigRejected before anything starts.
     ``driver`` (the demo) runs once the station is up; when it returns, the
     station shuts down as on SIGTERM.
 
@@ -487,7 +493,9 @@ async def _run_locked(
     central = await trio.to_thread.run_sync(open_central, config)
     try:
         if settings:
-            result = central.registry.change_many(dict(settings), source="command line")
+            # For this run only: a flag on one command line must not change
+            # what the next start (systemd's, without it) connects to.
+            result = central.registry.override(dict(settings), source="command line")
             if not result.ok:
                 raise ConfigRejected(", ".join(settings), result.reason)
         return await _supervise(
@@ -515,9 +523,13 @@ async def _supervise(
     socket_path = str(config.control.socket)
     port = central.port
     central_steps = [] if config.authorization.mode == "free" else port.auth_steps()
+    # Long transfers (firmware download, diagnostics upload) report here; evse status shows them.
+    transfers = Transfers()
     plan = plan_from_config(
         config,
-        services=[control_service(socket_path, central.registry, central.queue)],
+        services=[
+            control_service(socket_path, central.registry, central.queue, transfers, config=config)
+        ],
         registry=central.registry,
         central_steps=central_steps,
     )
@@ -539,7 +551,10 @@ async def _supervise(
     port.on_reset = on_reset
 
     def running() -> None:
-        log.info("station %s running; control socket %s", config.station.id, socket_path)
+        # The identity the central system sees: station.id as seeded, or what
+        # the installer or the command line set since.
+        cp_id = central.registry.get_str("ChargePointId") or config.station.serial
+        log.info("station %s running; control socket %s", cp_id, socket_path)
 
     code = systemd.EXIT_OK
     try:

@@ -403,7 +403,9 @@ def test_config_of_an_unknown_key_through_the_running_station(
     wait_answering(proc, ready["control_socket"])
     result = run_cli("config", "get", "UnknownKey", "--socket", ready["control_socket"])
     assert result.returncode == 2
-    assert one_line(result.stderr) == "evse config: error: unknown setting 'UnknownKey'"
+    assert one_line(result.stderr) == (
+        "evse config: error: UnknownKey: unknown setting 'UnknownKey' (evse config list shows them all)"
+    )
     result = run_cli("config", "set", "UnknownKey", "1", "--socket", ready["control_socket"])
     assert result.returncode == 2, result.stderr
     assert one_line(result.stderr).startswith("evse config: error: UnknownKey: NotSupported")

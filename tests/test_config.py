@@ -83,6 +83,7 @@ DEFAULTS: dict[str, Any] = {
     "station.data_dir": Path("/var/lib/evse"),
     "station.connector": "socket",
     "station.phases": 3,
+    "connection.central_system_address": "",
     "limits.installer_max": 32.0,
     "limits.fallback": 6.0,
     "board.kind": "evse-din",
@@ -179,7 +180,7 @@ def test_given_values_override_derived_defaults() -> None:
 
 def test_dataclasses_match_the_table() -> None:
     assert [s.name for s in SECTIONS] == [
-        f.name for f in dataclasses.fields(Config) if f.name != "source"
+        f.name for f in dataclasses.fields(Config) if f.name not in ("source", "given")
     ]
     for section in SECTIONS:
         cls = SECTION_CLASSES[section.name]
@@ -419,8 +420,21 @@ def test_station_id_refused(value: str, reason: str) -> None:
 
 
 def test_station_id_edges_accepted() -> None:
-    for value in ("c", "x" * 48, "CP-01_ä.b"):
+    for value in ("c", "x" * 48, "CP-01_x.b"):
         assert config_from_dict(with_(minimal(), station__id=value)).station.id == value
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        # station.id is the charge point id (it seeds ChargePointId): the
+        # registry's rule, so the file cannot hold what the station refuses.
+        ("CP-01_ä.b", "not printable ASCII"),
+        ("cp:1", "contains ':' (the HTTP Basic user-id cannot"),
+    ],
+)
+def test_station_id_follows_the_charge_point_id_rule(value: str, reason: str) -> None:
+    assert_refused(with_(minimal(), station__id=value), "station.id", reason)
 
 
 def test_derived_station_id_refusal_says_it_is_the_default() -> None:

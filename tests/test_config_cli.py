@@ -53,7 +53,7 @@ def test_set_and_get_without_a_running_station(data_dir: Path) -> None:
     assert evse("config", "set", "security.access_key", KEY32, *where).returncode == 0
     listing = evse("config", "list", *where).stdout
     assert KEY32 not in listing
-    assert evse("config", "get", "AuthorizationKey", *where).stdout.strip() == "(set)"
+    assert evse("config", "get", "AuthorizationKey", *where).stdout.strip() == "set"
 
 
 def test_set_refuses_a_fallback_above_the_station_maximum(data_dir: Path) -> None:
@@ -97,7 +97,7 @@ def test_set_on_a_running_station_goes_through_it(tmp_path: Path) -> None:
         result = evse("config", "set", "ConnectionTimeOut", "30", "--socket", socket)
         assert (result.returncode, result.stdout) == (0, "Accepted\n")
         assert evse("config", "get", "ConnectionTimeOut", "--socket", socket).stdout == "30\n"
-        queue = json.loads(evse("queue", "--socket", socket).stdout)
+        queue = json.loads(evse("queue", "--socket", socket, "--json").stdout)
         assert queue == {"pending": [], "dead_letters": []}
     finally:
         proc.send_signal(signal.SIGTERM)
