@@ -618,7 +618,7 @@ async def _run_station(args: argparse.Namespace) -> int:
         config = load_config(args.config)
         # The command line wins over the file's logging.format; getattr: a config
         # without that key (an older ops/config.py) means auto.
-        fmt = args.log_format or logs.parse_format(getattr(config.logging, "format", "auto"))
+        fmt = args.log_format or logs.parse_format(config.logging.format)
         logs.configure(logging.DEBUG if args.verbose else config.logging.level, fmt)
         return await run_station(config, settings=_connection_settings(args))
     return await _run_on_sim(args)

@@ -658,6 +658,16 @@ SECTIONS: tuple[Section, ...] = (
                 default="info",
                 choices=("debug", "info", "warning", "error"),
             ),
+            file_setting(
+                "format",
+                Kind.STR,
+                "How each line is written: 'journal' (a syslog priority prefix such as <4>,"
+                " no timestamp: journald adds its own), 'text' (timestamped), 'json' (one"
+                " object per line), or 'auto' (journal when standard error is the journal,"
+                " else text). evse run --log-format overrides it.",
+                default="auto",
+                choices=("auto", "journal", "text", "json"),
+            ),
         ),
     ),
 )
@@ -790,6 +800,7 @@ class ControlConfig:
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: str
+    format: str
 
 
 #: The dataclass of each section; a test checks their fields equal the table.

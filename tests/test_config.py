@@ -114,6 +114,7 @@ DEFAULTS: dict[str, Any] = {
     "safety.mains_lost_voltage": 0.0,
     "control.socket": Path("/var/lib/evse/control.sock"),
     "logging.level": "info",
+    "logging.format": "auto",
 }
 
 RFID_DEFAULTS: dict[str, Any] = {
@@ -313,6 +314,7 @@ def test_non_finite_numbers_refused(value: float) -> None:
         ("station.phases", [1, 3], [2, 0]),
         ("authorization.mode", ["free", "local"], ["open", "LOCAL"]),
         ("logging.level", ["debug", "info", "warning", "error"], ["critical", "warn"]),
+        ("logging.format", ["auto", "journal", "text", "json"], ["syslog", "JSON lines"]),
         ("board.kind", ["evse-din", "heidelberg", "ev-cc"], ["evse_din", "simpleevse"]),
         (
             "meter.kind",
@@ -624,7 +626,7 @@ def test_empty_document_names_the_first_required_setting() -> None:
             "logging__zzz",
             1,
             "logging.zzz",
-            "unknown setting; [logging] has level",
+            "unknown setting; [logging] has level, format",
         ),
     ],
 )
