@@ -2,7 +2,7 @@
 
 Nothing to configure: it starts the device simulator (an EVSE DIN board and
 an SDM630 meter over Modbus TCP, or RTU on a pseudo-terminal) and a local
-OCPP 1.6J central system (ops/csms.py, the ocpp package's asyncio runtime, in
+OCPP 1.6J central system (evse_lab.csms, the ocpp package's asyncio runtime, in
 a process of its own), runs the station on them exactly as ``evse run``
 would, and plays one session: plug in, present a tag, charge with a live
 status line, present the tag again to stop, unplug. The OCPP exchange is
@@ -12,6 +12,7 @@ with the energy it delivered and the central system got its StopTransaction.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import subprocess
@@ -33,6 +34,27 @@ DEMO_TAG = "DEMOTAG1"
 #: The demo stopped by a signal before its session ended (128 + SIGINT).
 EXIT_INTERRUPTED = 130
 CP_ID = "DEMO-CP"
+
+
+#: The bench central system lives in the evse-lab package (lab/), outside the
+#: firmware's wheel: a gateway never installs it, a checkout does.
+LAB_MISSING = (
+    "the demo's central system (package evse-lab) is not installed; "
+    "in the firmware's checkout: pip install -c constraints.txt -e ./lab"
+)
+
+
+def _lab_csms() -> str | None:
+    """The central system's module, or None when evse-lab is not installed.
+
+    Only looked up, not imported: it is asyncio code and runs in its own process.
+    """
+    try:
+        found = importlib.util.find_spec("evse_lab.csms")
+    except (ImportError, ValueError):
+        # ValueError: a module set to None in sys.modules (how tests hide it).
+        return None
+    return None if found is None else "evse_lab.csms"
 
 
 def _say(text: str) -> None:
@@ -120,12 +142,16 @@ async def run_demo(*, seconds: float = 4.0, transport: str = "tcp") -> int:
         SimConfig(devices=[DeviceSpec("evse-din", 1), DeviceSpec("sdm630", 2)], control_port=0)
     )
     outcome: dict[str, Any] = {}
+    csms_module = _lab_csms()
+    if csms_module is None:
+        print(f"evse demo: error: {LAB_MISSING}", file=sys.stderr)
+        return 1
     with tempfile.TemporaryDirectory(prefix="evse-demo-") as tmp:
         csms = await trio.lowlevel.open_process(
             [
                 sys.executable,
                 "-m",
-                "ops.csms",
+                csms_module,
                 "--port",
                 "0",
                 "--control-port",

@@ -1,4 +1,4 @@
-"""Start, stop and drive the bench central system (``python -m ops.csms``) from tests.
+"""Start, stop and drive the bench central system (``python -m evse_lab.csms``) from tests.
 
 Everything here is synchronous (subprocess.Popen, urllib) so that sync tests call
 it directly and trio tests through ``trio.to_thread.run_sync``; no event loop of
@@ -61,8 +61,8 @@ class CsmsError(Exception):
 
 @contextmanager
 def running_csms(*args: str, quiet: bool = True) -> Iterator[Csms]:
-    """Run ``python -m ops.csms ARGS`` (ports default to 0) until the block ends."""
-    argv = [sys.executable, "-m", "ops.csms", *args]
+    """Run ``python -m evse_lab.csms ARGS`` (ports default to 0) until the block ends."""
+    argv = [sys.executable, "-m", "evse_lab.csms", *args]
     if "--port" not in args:
         argv += ["--port", "0"]
     if "--control-port" not in args:
@@ -76,10 +76,10 @@ def running_csms(*args: str, quiet: bool = True) -> Iterator[Csms]:
         with selectors.DefaultSelector() as selector:
             selector.register(process.stdout, selectors.EVENT_READ)
             if not selector.select(READY_TIMEOUT):
-                raise RuntimeError(f"ops.csms printed nothing within {READY_TIMEOUT} s")
+                raise RuntimeError(f"evse_lab.csms printed nothing within {READY_TIMEOUT} s")
         line = process.stdout.readline()
         if not line:
-            raise RuntimeError(f"ops.csms exited with {process.wait()} before it was ready")
+            raise RuntimeError(f"evse_lab.csms exited with {process.wait()} before it was ready")
         ready = json.loads(line)["ready"]
         yield Csms(ready["ws"], ready["control"], process)
     finally:

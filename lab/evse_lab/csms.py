@@ -3,7 +3,7 @@
 Run it as its own process (it is asyncio code, and asyncio never runs in the
 firmware's process)::
 
-    python -m ops.csms [--port 0] [--control-port 0] [--tls-cert C --tls-key K]
+    python -m evse_lab.csms [--port 0] [--control-port 0] [--tls-cert C --tls-key K]
                        [--client-ca CA] [--basic-auth KEY] [--boot-status Pending] ...
 
 When both listeners are up it prints one JSON line on stdout and nothing else
@@ -80,7 +80,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
-LOG = logging.getLogger("ops.csms")
+LOG = logging.getLogger("evse_lab.csms")
 
 BOOT_STATUSES = ("Accepted", "Pending", "Rejected")
 AUTH_STATUSES = ("Accepted", "Blocked", "Expired", "Invalid", "ConcurrentTx")
@@ -1074,7 +1074,7 @@ def _server_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m ops.csms",
+        prog="python -m evse_lab.csms",
         description="A local OCPP 1.6J central system (ocpp package + websockets) for the bench.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="websocket listening address")
