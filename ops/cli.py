@@ -32,7 +32,9 @@ from typing import Any, NoReturn
 import trio
 
 from fieldbus.errors import FieldbusError, PortConfigError
+from ops import install as installer
 from ops import logs
+from ops.privileges import PrivilegeError, run_as_owner_of
 from ops.probe import KINDS, probe
 from ops.systemd import EXIT_CONFIG, EXIT_HARDWARE, EXIT_LOCKED, EXIT_OK, EXIT_USAGE
 from ops.systemd import EXIT_FAILURE as EXIT_FAILED
@@ -176,6 +178,12 @@ Look at and drive a running station (through its control socket):
   evse transactions           the latest transactions, with their energy
   evse queue                  OCPP messages waiting, and the dead letters
   evse config list|get|set    settings (OCPP keys and installer settings)
+  evse passwd                 set the installer's password for the web page
+
+Install on a gateway (as root):
+  evse install                the evse user, /etc/evse, /var/lib/evse, a venv
+                              in /opt/evse, the systemd unit (run again: upgrade)
+  evse uninstall              remove it (keeps data and settings unless --purge)
 
 Devices:
   evse probe KIND PORT        read one meter or board once
@@ -372,6 +380,27 @@ exit codes:
   2   an unknown setting, a value refused (the reason named), a bad option
   78  the file given with --config is refused"""
 
+PASSWD_HELP = """\
+Sets the installer's password for the station's web page (the viewer sees
+values; the installer, logged in, may change settings). It is stored as a
+salted scrypt hash in the station's data directory (web-password, mode 0600),
+never in the config file. Asked twice on a terminal; --password-stdin reads
+one line from standard input instead (for scripts). At least 8 characters.
+Run as root on a data directory owned by the station's user, the file is
+written as that user. A running station uses the new password at the next
+login.
+
+examples:
+  evse passwd --config /etc/evse/evse.toml
+  evse passwd --data-dir /var/lib/evse
+  printf '%s\\n' "$PW" | evse passwd --data-dir /var/lib/evse --password-stdin
+
+exit codes:
+  0   set
+  1   the password file cannot be written
+  2   refused (too short, unprintable, the two entries differ), a bad option
+  78  the file given with --config is refused"""  # noqa: S105 -- a help text, not a password
+
 DEMO = """\
 The README's first command: the simulator, a local central system and the
 station, through one charging session (plug in, tag, charge with a live status
@@ -485,6 +514,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the ready line names it)",
     )
     r.add_argument(
+        "--web-port",
+        type=_port_number,
+        default=None,
+        metavar="PORT",
+        help="with --sim: the installer's page's port on 127.0.0.1 (default 0: any free "
+        "port; the ready line names its URL under 'web')",
+    )
+    r.add_argument(
         "--log-format",
         type=_log_format,
         default=None,
@@ -541,6 +578,17 @@ def build_parser() -> argparse.ArgumentParser:
     q = command("queue", "transaction messages waiting, and the dead letters", QUEUE)
     q.add_argument("--json", action="store_true", help="print the queue as JSON")
     _station_location(q)
+
+    pw = command("passwd", "set the installer's password for the web page", PASSWD_HELP)
+    pw.add_argument("--config", metavar="FILE", help="take the data directory from this config")
+    pw.add_argument(
+        "--data-dir", metavar="DIR", help="the station's data directory (default /var/lib/evse)"
+    )
+    pw.add_argument(
+        "--password-stdin", action="store_true", help="read the password from standard input"
+    )
+
+    installer.add_parsers(sub, parents=[common])
 
     d = command("demo", "simulator + station: a full charging session, then exit", DEMO)
     d.add_argument("--seconds", type=_seconds, default=4.0, help="how long to charge (default 4)")
@@ -607,6 +655,7 @@ async def _run_station(args: argparse.Namespace) -> int:
                 ("--sim-transport", args.sim_transport),
                 ("--sim-board", args.sim_board),
                 ("--sim-control-port", args.sim_control_port),
+                ("--web-port", args.web_port),
             )
             if value is not None
         ]
@@ -616,8 +665,9 @@ async def _run_station(args: argparse.Namespace) -> int:
                 "data directory and devices)"
             )
         config = load_config(args.config)
-        # The command line wins over the file's logging.format; getattr: a config
-        # without that key (an older ops/config.py) means auto.
+        # Started by root (by hand, not by the unit): the store stays the station's user's.
+        run_as_owner_of(config.station.data_dir)
+        # The command line wins over the file's logging.format.
         fmt = args.log_format or logs.parse_format(config.logging.format)
         logs.configure(logging.DEBUG if args.verbose else config.logging.level, fmt)
         return await run_station(config, settings=_connection_settings(args))
@@ -647,6 +697,8 @@ async def _run_on_sim(args: argparse.Namespace) -> int:
     if given is not None:
         _existing_dir(given)
     board = args.sim_board or "evse-din"
+    if args.web_port:
+        _port_free(args.web_port, "--web-port")
     sim = Simulator(
         SimConfig(
             devices=[DeviceSpec(board, 1), DeviceSpec("sdm630", 2)],
@@ -662,22 +714,34 @@ async def _run_on_sim(args: argparse.Namespace) -> int:
         # A new directory only once the simulator serves: a port in use leaves none.
         data_dir = given if given is not None else default_sim_dir()
         port = endpoints.tcp if (args.sim_transport or "tcp") == "tcp" else endpoints.rtu
-        config = sim_config(port, data_dir, board=board)
-        print(
-            json.dumps(
-                {
-                    "ready": {
-                        "simulator": endpoints.to_json(),
-                        "control_socket": str(config.control.socket),
-                        "data_dir": str(data_dir),
-                    }
-                }
-            ),
-            flush=True,
+        config = sim_config(port, data_dir, board=board, web_port=args.web_port or 0)
+        ready: dict[str, Any] = {
+            "simulator": endpoints.to_json(),
+            "control_socket": str(config.control.socket),
+            "data_dir": str(data_dir),
+        }
+
+        def web_ready(url: str) -> None:
+            # The ready line once the page serves too: a script reads every address from it.
+            print(json.dumps({"ready": {**ready, "web": url}}), flush=True)
+
+        code = await run_station(
+            config, settings=_connection_settings(args), on_web_ready=web_ready
         )
-        code = await run_station(config, settings=_connection_settings(args))
         nursery.cancel_scope.cancel(reason="station stopped")
     return code
+
+
+def _port_free(port: int, option: str) -> None:
+    """A port asked for is free now, or the command stops in one line (the page's
+    server would otherwise retry in the background, and the ready line never come)."""
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise UsageError(f"{option} {port}: {exc.strerror or exc}") from None
 
 
 def _existing_dir(path: os.PathLike[str] | str) -> None:
@@ -821,9 +885,12 @@ def _locate(args: argparse.Namespace) -> tuple[str | None, str | None]:
         from ops.config import load_config  # noqa: PLC0415
 
         config = load_config(args.config)
+        # Before anything is opened: what root writes there stays the station's.
+        run_as_owner_of(config.station.data_dir)
         return str(config.control.socket), str(config.station.data_dir)
     if args.data_dir:
         _existing_dir(args.data_dir)
+        run_as_owner_of(args.data_dir)
     if args.socket or args.data_dir:
         socket = args.socket or os.path.join(args.data_dir, "control.sock")
         return socket, args.data_dir
@@ -871,6 +938,45 @@ async def _run_config(args: argparse.Namespace) -> int:
     if answer is None:
         answer = await trio.to_thread.run_sync(_config_offline, args, data_dir)
     return _print_config(args, answer)
+
+
+async def _run_passwd(args: argparse.Namespace) -> int:
+    from pathlib import Path  # noqa: PLC0415
+
+    from ops.web.auth import set_password  # noqa: PLC0415
+    from ops.web.errors import PasswordFileError, PasswordRejected  # noqa: PLC0415
+
+    if args.config:
+        from ops.config import load_config  # noqa: PLC0415
+
+        data_dir = Path(load_config(args.config).station.data_dir)
+    else:
+        data_dir = Path(args.data_dir or "/var/lib/evse")
+    _existing_dir(data_dir)
+    run_as_owner_of(data_dir)
+    password = await trio.to_thread.run_sync(_read_password, args.password_stdin)
+    try:
+        await trio.to_thread.run_sync(set_password, data_dir, password)
+    except PasswordRejected as exc:
+        raise UsageError(f"password refused: {exc}") from None
+    except PasswordFileError as exc:
+        raise StationUnreachable(str(exc)) from None
+    print(f"installer password set ({data_dir / 'web-password'})")
+    return EXIT_OK
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin or not sys.stdin.isatty():
+        line = sys.stdin.readline()
+        if not line:
+            raise UsageError("no password on standard input")
+        return line.rstrip("\r\n")
+    import getpass  # noqa: PLC0415
+
+    first = getpass.getpass("new installer password: ")
+    if getpass.getpass("again: ") != first:
+        raise UsageError("the two passwords differ; nothing changed")
+    return first
 
 
 def _query(params: dict[str, str]) -> str:
@@ -1254,6 +1360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "transactions": _run_transactions,
         "config": _run_config,
         "queue": _run_queue,
+        "passwd": _run_passwd,
+        "install": installer.run,
+        "uninstall": installer.run,
     }[args.command]
     try:
         code = trio.run(partial(runner, args))
@@ -1325,6 +1434,8 @@ def _explain(exc: BaseException) -> tuple[int, str] | None:
     if isinstance(exc, HTTPError):
         # The station's control socket refused the request (404: unknown setting).
         return (EXIT_USAGE if exc.status in (400, 404) else EXIT_FAILED), f"error: {exc.message}"
+    if isinstance(exc, PrivilegeError):
+        return EXIT_FAILED, f"error: {exc}"
     if isinstance(exc, StationUnreachable | Refused | SimulatorError | StoreError | QueueError):
         return EXIT_FAILED, f"error: {exc}"
     if isinstance(exc, UsageError | ValueError | PortConfigError):

@@ -247,6 +247,26 @@ def _socket_path(value: Path) -> Path:
     return value
 
 
+def _listen_host(value: str) -> str:
+    if not value or any(c.isspace() for c in value) or "/" in value:
+        raise ValueError(f"{value!r} is not an address to listen on")
+    return value
+
+
+def _web_certificate(value: Path) -> Path:
+    from ocpp16.settings import verify_client_certificate  # noqa: PLC0415 - cryptography: lazy
+
+    verify_client_certificate(str(value))
+    return value
+
+
+def _web_key(value: Path) -> Path:
+    from ocpp16.settings import verify_private_key  # noqa: PLC0415
+
+    verify_private_key(str(value))
+    return value
+
+
 def _board_model(values: Mapping[str, Any]) -> BoardModel:
     return BOARD_MODELS[values["board.kind"]]
 
@@ -648,6 +668,61 @@ SECTIONS: tuple[Section, ...] = (
         ),
     ),
     Section(
+        "web",
+        "The installer's web page (status, settings, /metrics), served by the station.",
+        (
+            file_setting(
+                "enabled",
+                Kind.BOOL,
+                "Serve the page. Off saves the memory of the web server (about 10 MB).",
+                default=True,
+            ),
+            file_setting(
+                "host",
+                Kind.STR,
+                "Address to listen on. 127.0.0.1: this machine only (reach it through an "
+                "SSH tunnel); 0.0.0.0 or an interface's address opens it to the network: "
+                "then give a certificate and key for HTTPS.",
+                default="127.0.0.1",
+                rule=_listen_host,
+                rule_text="an IP address or a host name",
+            ),
+            file_setting(
+                "port",
+                Kind.INT,
+                "TCP port (0: any free port; the log names it).",
+                default=8080,
+                lo=0,
+                hi=65535,
+            ),
+            file_setting(
+                "certificate",
+                Kind.PATH,
+                "PEM certificate (chain) of the page, for HTTPS; with web.key.",
+                default=None,
+                rule=_web_certificate,
+                rule_text="a PEM certificate, the server's own first",
+            ),
+            file_setting(
+                "key",
+                Kind.PATH,
+                "PEM private key of web.certificate (unencrypted, readable by the station only).",
+                default=None,
+                rule=_web_key,
+                rule_text="an unencrypted PEM private key",
+            ),
+            file_setting(
+                "session_lifetime",
+                Kind.FLOAT,
+                "How long an installer stays logged in.",
+                default=28800.0,
+                lo=60,
+                hi=7 * 86400,
+                unit="s",
+            ),
+        ),
+    ),
+    Section(
         "logging",
         "Log output (to standard error: the journal under systemd).",
         (
@@ -798,6 +873,16 @@ class ControlConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebConfig:
+    enabled: bool
+    host: str
+    port: int
+    certificate: Path | None
+    key: Path | None
+    session_lifetime: float
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: str
     format: str
@@ -814,6 +899,7 @@ SECTION_CLASSES: Mapping[str, type[Any]] = {
     "rfid": RfidConfig,
     "safety": SafetyConfig,
     "control": ControlConfig,
+    "web": WebConfig,
     "logging": LoggingConfig,
 }
 
@@ -829,6 +915,7 @@ class Config:
     rfid: RfidConfig | None
     safety: SafetyConfig
     control: ControlConfig
+    web: WebConfig
     logging: LoggingConfig
     #: The file it was read from; None when built in memory.
     source: Path | None = None
@@ -1100,13 +1187,28 @@ def _read_sections(data: Mapping[str, Any], given: set[str] | None = None) -> di
                         exc.key,
                         f"{exc.reason} (the default, {derived.text}); set {key}",
                     ) from None
+            elif setting.default is None:
+                values[key] = None  # optional, and not given: none (web.certificate)
             else:
                 values[key] = _check_value(setting, key, setting.default)
     return values
 
 
+def _check_web_tls(v: Mapping[str, Any]) -> None:
+    cert, key = v.get("web.certificate"), v.get("web.key")
+    if (cert is None) != (key is None):
+        raise _SettingError("web.key", "web.certificate and web.key go together (HTTPS needs both)")
+    if cert is not None and key is not None:
+        from ocpp16.settings import key_matches_certificate  # noqa: PLC0415
+
+        why = key_matches_certificate(str(cert), str(key))
+        if why is not None:
+            raise _SettingError("web.key", why)
+
+
 def _cross_check(v: Mapping[str, Any]) -> None:
     """Rules relating settings; each refusal names the setting that was read last."""
+    _check_web_tls(v)
     board = BOARD_MODELS[v["board.kind"]]
     meter = METER_MODELS[v["meter.kind"]]
 
@@ -1331,6 +1433,8 @@ def _type_line(s: Key) -> str:
         return f"{text}. Required."
     if isinstance(s.default, Derived):
         return f"{text}. Default: {s.default.text}."
+    if s.default is None:
+        return f"{text}. Default: none."
     return f"{text}. Default: {_toml(s.default)}."
 
 
@@ -1387,6 +1491,9 @@ def example_toml() -> str:
                 out.append(f"{s.name} = {_toml(given[s.name])}")
             elif section.optional and s.required:
                 out.append(f"# {s.name} = {_toml(s.example)}")
+            elif s.default is None:
+                # No line to uncomment: an unset optional setting has no TOML form.
+                out.append(f'# (not set; e.g. {s.name} = "/etc/evse/web.{s.name}.pem")')
             else:
                 # The value it takes (a derived default as computed for this example).
                 out.append(f"# {s.name} = {_toml(getattr(built, s.name))}")

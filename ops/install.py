@@ -679,7 +679,8 @@ examples:
 
 exit codes:
   0  installed
-  1  a step failed (one line: the step and why), or not run as root"""
+  1  a step failed (one line: the step and why), or not run as root
+  2  a bad option"""
 
 UNINSTALL_HELP = """\
 Stops and removes the units, the venv in /opt/evse and /usr/local/bin/evse.
@@ -693,7 +694,8 @@ examples:
 
 exit codes:
   0  removed
-  1  a step failed (one line: the step and why), or not run as root"""
+  1  a step failed (one line: the step and why), or not run as root
+  2  a bad option"""
 
 
 _Parser = TypeVar("_Parser", bound=argparse.ArgumentParser)

@@ -440,6 +440,7 @@ async def run_station(
     notifier: systemd.Notifier | None = None,
     settings: Mapping[str, str] | None = None,
     probe_timeout: float = PROBE_TIMEOUT,
+    on_web_ready: Callable[[str], None] | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code.
 
@@ -474,11 +475,38 @@ async def run_station(
                     notifier=notifier,
                     settings=settings,
                     probe_timeout=probe_timeout,
+                    on_web_ready=on_web_ready,
                 )
             finally:
                 held.release()
         finally:
             notifier.close()
+
+
+def _web_service(
+    config: Config, central: Central, on_ready: Callable[[str], None] | None
+) -> Service:
+    """The installer's page (ops/web), imported only when it is enabled: its server
+    and the certificate checks cost about 10 MB a station without it does not pay."""
+    from ops.web.server import WebSettings, web_service  # noqa: PLC0415
+
+    web = config.web
+    settings = WebSettings(
+        enabled=True,
+        host=web.host,
+        port=web.port,
+        certificate=web.certificate,
+        key=web.key,
+        session_lifetime=web.session_lifetime,
+    )
+
+    return web_service(
+        settings,
+        registry=central.registry,
+        queue=central.queue,
+        data_dir=config.station.data_dir,
+        on_ready=on_ready,
+    )
 
 
 async def _run_locked(
@@ -489,6 +517,7 @@ async def _run_locked(
     notifier: systemd.Notifier,
     settings: Mapping[str, str] | None,
     probe_timeout: float,
+    on_web_ready: Callable[[str], None] | None = None,
 ) -> int:
     central = await trio.to_thread.run_sync(open_central, config)
     try:
@@ -505,6 +534,7 @@ async def _run_locked(
             driver=driver,
             notifier=notifier,
             probe_timeout=probe_timeout,
+            on_web_ready=on_web_ready,
         )
     finally:
         with trio.CancelScope(shield=True):
@@ -519,17 +549,21 @@ async def _supervise(
     driver: Callable[[Supervisor, Central], Awaitable[None]] | None,
     notifier: systemd.Notifier,
     probe_timeout: float,
+    on_web_ready: Callable[[str], None] | None = None,
 ) -> int:
     socket_path = str(config.control.socket)
     port = central.port
     central_steps = [] if config.authorization.mode == "free" else port.auth_steps()
     # Long transfers (firmware download, diagnostics upload) report here; evse status shows them.
     transfers = Transfers()
+    services = [
+        control_service(socket_path, central.registry, central.queue, transfers, config=config)
+    ]
+    if config.web.enabled:
+        services.append(_web_service(config, central, on_web_ready))
     plan = plan_from_config(
         config,
-        services=[
-            control_service(socket_path, central.registry, central.queue, transfers, config=config)
-        ],
+        services=services,
         registry=central.registry,
         central_steps=central_steps,
     )
@@ -662,9 +696,15 @@ def _find(exc: BaseException, kind: type[_E]) -> _E | None:
 
 
 def sim_config(
-    endpoints_port: str, data_dir: Path, *, board: str = "evse-din", meter: str = "sdm630"
+    endpoints_port: str,
+    data_dir: Path,
+    *,
+    board: str = "evse-din",
+    meter: str = "sdm630",
+    web_port: int = 0,
 ) -> Config:
-    """The station's config for the built-in simulator (``evse run --sim``, ``evse demo``)."""
+    """The station's config for the built-in simulator (``evse run --sim``, ``evse demo``):
+    the installer's page on localhost, on a free port unless told."""
     data: dict[str, Any] = {
         "station": {"serial": "SIM-0001", "id": "CP-1", "data_dir": str(data_dir)},
         "limits": {"installer_max": 16.0, "fallback": 6.0},
@@ -672,6 +712,7 @@ def sim_config(
         "meter": {"kind": meter, "port": endpoints_port, "unit": 2, "timeout": 0.3},
         "authorization": {"mode": "local", "tags": ["04A2B3C4", "DEMOTAG1"]},
         "safety": {"persist_interval": 2.0},
+        "web": {"port": web_port},
     }
     return config_from_dict(data, source="<simulator>")
 

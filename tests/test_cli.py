@@ -404,7 +404,8 @@ def test_config_of_an_unknown_key_through_the_running_station(
     result = run_cli("config", "get", "UnknownKey", "--socket", ready["control_socket"])
     assert result.returncode == 2
     assert one_line(result.stderr) == (
-        "evse config: error: UnknownKey: unknown setting 'UnknownKey' (evse config list shows them all)"
+        "evse config: error: UnknownKey: unknown setting 'UnknownKey' "
+        "(evse config list shows them all)"
     )
     result = run_cli("config", "set", "UnknownKey", "1", "--socket", ready["control_socket"])
     assert result.returncode == 2, result.stderr

@@ -58,9 +58,15 @@ def test_every_command_has_examples_and_exit_codes_in_plain_text(
     out = help_of(capsys, name)
     assert not MARKUP.search(out), MARKUP.search(out)
     examples = out.split("\nexamples:\n", 1)[1].split("\n\n", 1)[0]
-    first = [line.split()[0] for line in examples.splitlines() if not line.startswith("     ")]
-    # Every example is a command line to copy (the simulator's also shows a curl).
-    assert first and all(word in ("evse", "curl") for word in first), examples
+    lines = [line.split() for line in examples.splitlines() if not line.startswith("     ")]
+    # Every example is a command line to copy (the simulator's also shows a curl; an
+    # install's runs under sudo; a script pipes a password in).
+    assert lines and all(
+        words[0] in ("evse", "curl")
+        or (words[0] == "sudo" and "evse" in words[1])
+        or "| evse" in " ".join(words)
+        for words in lines
+    ), examples
     assert f"evse {name}" in examples
     codes = out.split("\nexit codes", 1)[1].split("\n\n", 1)[0]
     listed = re.findall(r"^\s+(\d+)\s", codes, re.MULTILINE)

@@ -76,6 +76,8 @@ def test_the_wheel_holds_the_station_and_its_install_files(wheelhouse: Path) -> 
     # The link in the checkout becomes the file itself.
     assert shipped_pins == (CHECKOUT / "constraints.txt").read_text()
     assert "ops/install.py" in files and "ops/privileges.py" in files
+    # The installer's page has its script and style sheet on a gateway too.
+    assert {"ops/web/static/app.js", "ops/web/static/app.css"} <= files
     assert not [f for f in files if "csms" in f or f.startswith(("evse_lab", "tests/", "bench/"))]
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     assert not [line for line in requires if "websockets" in line]

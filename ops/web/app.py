@@ -40,12 +40,10 @@ from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 from urllib.parse import parse_qs
 
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ocpp16.config import ChangeResult, Configuration, Key, Kind
@@ -63,6 +61,12 @@ from ops.web.auth import (
 from ops.web.errors import CertificateRefused, HTTPError, PasswordFileError, WebError
 from ops.web.metrics import metrics_registry, render
 from ops.web.monitor import WebState
+
+if TYPE_CHECKING:
+    # cryptography costs about 8 MB of memory: imported only when a certificate
+    # is shown or uploaded (the settings page), never by a station that is just
+    # serving its status.
+    from cryptography import x509
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +163,8 @@ def registry_keys(registry: Configuration) -> tuple[Key, ...]:
 
 def inspect_root_certificate(data: bytes, now: datetime) -> x509.Certificate:
     """The one CA certificate in PEM ``data``, valid now; ``CertificateRefused`` otherwise."""
+    from cryptography import x509  # noqa: PLC0415
+
     if b"-----BEGIN CERTIFICATE-----" not in data:
         raise CertificateRefused("not a PEM certificate (no BEGIN CERTIFICATE block)")
     try:
@@ -194,6 +200,8 @@ def describe_certificate(path: str) -> pages.CertificateInfo:
     """Subject and expiry of the certificate file ``path`` (blocking: a file read)."""
     if not path:
         return pages.CertificateInfo("")
+    from cryptography import x509  # noqa: PLC0415
+
     try:
         cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
     except OSError as exc:
@@ -211,6 +219,8 @@ def save_certificate(data_dir: Path, cert: x509.Certificate) -> Path:
     The name holds the certificate's hash, so a new certificate is a new path:
     the registry sees a change and the OCPP session reconnects with it.
     """
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
     pem = cert.public_bytes(serialization.Encoding.PEM)
     directory = data_dir / CERTIFICATE_DIR
     directory.mkdir(mode=0o755, exist_ok=True)
