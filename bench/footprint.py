@@ -20,6 +20,10 @@ the anonymous / file-backed split (``/proc/PID/smaps_rollup``) go in the
 note, and so does the simulator's own CPU over the same window. SIGTERM at
 the end must stop the station with exit code 0.
 
+The station runs with the installer's page off (``web.enabled = false``),
+then once more with it served on localhost and visited once before the
+window (``_web`` in the result names): what the page costs (issue 9).
+
 Targets (issue 7): RSS <= 35 MB, CPU <= 1 % of one core.
 
 ``python -m bench.footprint [--quick] [--window S]`` runs this alone (results
@@ -94,9 +98,11 @@ def threads(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
 
-def station_toml(port: str, data_dir: Path) -> str:
-    """The station's config: the devices on the simulator, everything else default."""
-    return (
+def station_toml(port: str, data_dir: Path, web_port: int | None = None) -> str:
+    """The station's config: the devices on the simulator, everything else default;
+    the installer's page off (``web_port`` None) or on that port."""
+    web = "[web]\nenabled = false\n" if web_port is None else f"[web]\nport = {web_port}\n"
+    return web + (
         "[station]\n"
         'serial = "FOOTPRINT-0001"\n'
         f'data_dir = "{data_dir}"\n'
@@ -170,10 +176,33 @@ def sim_argv(transport: str) -> list[str]:
     return [*argv, "--tcp-port", "0", "--no-rtu"] if transport == "tcp" else argv
 
 
+def _free_port() -> int:
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _visit(url: str) -> None:
+    """What an installer's first look loads: the status page, its script and style,
+    the settings page (which shows the certificate: cryptography is imported)."""
+    import urllib.request  # noqa: PLC0415
+
+    for path in ("/", "/static/app.js", "/static/app.css", "/settings", "/metrics"):
+        with urllib.request.urlopen(url + path, timeout=10) as reply:
+            reply.read()
+
+
 async def measure(
-    window: float, tmp: Path, argv_prefix: list[str] | None = None, transport: str = "tcp"
+    window: float,
+    tmp: Path,
+    argv_prefix: list[str] | None = None,
+    transport: str = "tcp",
+    web: bool = False,
 ) -> Footprint:
-    """The station's footprint over ``window`` seconds of charging."""
+    """The station's footprint over ``window`` seconds of charging; with ``web``, the
+    installer's page served and visited once before the window."""
     with (tmp / "sim.log").open("wb") as sim_log:
         sim = await trio.lowlevel.open_process(
             sim_argv(transport), stdout=subprocess.PIPE, stderr=sim_log, cwd=ROOT
@@ -187,7 +216,8 @@ async def measure(
         data_dir = tmp / "data"
         data_dir.mkdir()
         config = tmp / "station.toml"
-        config.write_text(station_toml(ready[transport], data_dir))
+        web_port = _free_port() if web else None
+        config.write_text(station_toml(ready[transport], data_dir, web_port))
         argv = [*(argv_prefix or [sys.executable]), "-m", "ops.cli", "run", "--config", str(config)]
         with (tmp / "station.log").open("wb") as station_log:
             station = await trio.lowlevel.open_process(
@@ -205,6 +235,8 @@ async def measure(
                     await trio.sleep(0.05)
         await request_json(control.hostname, control.port, "POST", "/plug", {})
         await _until_charging(socket, 10.0)
+        if web_port is not None:
+            await trio.to_thread.run_sync(_visit, f"http://127.0.0.1:{web_port}")
         await trio.sleep(SETTLE)
 
         pid = station.pid
@@ -343,10 +375,10 @@ def import_breakdown() -> list[tuple[str, float]]:
     return [(str(name), float(mb)) for name, mb in json.loads(done.stdout)]
 
 
-def _measure_logged(span: float, transport: str) -> Footprint:
+def _measure_logged(span: float, transport: str, web: bool = False) -> Footprint:
     with tempfile.TemporaryDirectory(prefix="evse-footprint-") as tmp:
         try:
-            return trio.run(partial(measure, span, Path(tmp), transport=transport))
+            return trio.run(partial(measure, span, Path(tmp), transport=transport, web=web))
         except Exception:
             for log in ("station.log", "sim.log"):
                 path = Path(tmp) / log
@@ -361,10 +393,12 @@ def run(rec: Recorder, *, quick: bool = False, window: float | None = None) -> N
     where = ", ".join(f"{name} {mb:.1f}" for name, mb in parts)
     for transport in ("tcp",) if quick else ("tcp", "rtu"):
         _emit(rec, _measure_logged(span, transport), transport, where)
+    # Issue 9: what the installer's page costs (served, visited once, nobody watching).
+    _emit(rec, _measure_logged(span, "tcp", web=True), "tcp", where, web=True)
 
 
-def _emit(rec: Recorder, fp: Footprint, transport: str, where: str) -> None:
-    suffix = "" if transport == "tcp" else "_rtu_pty"
+def _emit(rec: Recorder, fp: Footprint, transport: str, where: str, web: bool = False) -> None:
+    suffix = ("" if transport == "tcp" else "_rtu_pty") + ("_web" if web else "")
     link = (
         "Modbus TCP on loopback"
         if transport == "tcp"
@@ -374,7 +408,14 @@ def _emit(rec: Recorder, fp: Footprint, transport: str, where: str) -> None:
         f"the station alone (`python -m ops.cli run --config FILE`; the simulator, "
         f"`python -m ops.cli sim`, in its own process): {BOARD} board and {METER} meter over "
         f"{link}, every setting default (board polled every 0.1 s, meter every "
-        f"1 s, readings persisted every 5 s), free charging, no central system; window "
+        f"1 s, readings persisted every 5 s), free charging, no central system, "
+        + (
+            "the installer's page served on localhost and its pages, script, style sheet and "
+            "/metrics fetched once before the window; "
+            if web
+            else "the installer's page off (web.enabled = false); "
+        )
+        + f"window "
         f"{fp.window:.0f} s while Charging ({fp.power_w} W) after {SETTLE:g} s of settling; "
         f"SIGTERM -> exit 0"
     )

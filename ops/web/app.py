@@ -770,6 +770,7 @@ class WebApp:
             await send({"type": "http.response.body", "body": b""})
             return
         self._streams += 1
+        self.state.watchers += 1
         try:
             async with trio.open_nursery() as nursery:
 
@@ -787,6 +788,7 @@ class WebApp:
                 await self._stream(send)
         finally:
             self._streams -= 1
+            self.state.watchers -= 1
 
     async def _stream(self, send: Send) -> None:
         state = self.state

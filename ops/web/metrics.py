@@ -17,6 +17,7 @@ gap, not a 0).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -183,6 +184,10 @@ class StationCollector(Collector):
 
     def _faults(self, view: dict[str, Any]) -> Iterable[Metric]:
         log = self._state.faults
+        # The view of this scrape is a look like the sampler's: a fault raised since
+        # its last look counts now, not up to a second later.
+        if log.update(view.get("faults") or {}, datetime.now(UTC)):
+            self._state.news.bump()
         raised = CounterMetricFamily(
             "evse_faults", "Faults raised since the start, per fault.", labels=["fault"]
         )

@@ -211,6 +211,8 @@ class WebState:
     news: Changes = dataclass_field(default_factory=Changes)
     #: Set when the server shuts down: the event streams end.
     closing: trio.Event = dataclass_field(default_factory=trio.Event)
+    #: Open event streams: someone is watching, so the sampler looks more often.
+    watchers: int = 0
 
     def view(self) -> dict[str, Any] | None:
         """The station's view now (None while it starts)."""

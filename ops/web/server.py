@@ -4,7 +4,8 @@
 
     web page                      (a supervisor service: isolated, restarted on failure)
     └── serve_web
-        ├── web sampler           every SAMPLE_INTERVAL: the station's view -> status
+        ├── web sampler           every SAMPLE_INTERVAL (IDLE_SAMPLE_INTERVAL when no
+        │                         page is open): the station's view -> status
         │                         fields, fault ring, plot ring, counts (SQLite in a
         │                         worker thread), transaction list; wakes the streams
         └── hypercorn.trio.serve  the ASGI app (ops/web/app.py); one task per
@@ -50,6 +51,11 @@ log = logging.getLogger(__name__)
 #: How often the sampler looks at the station (s): a change reaches the page
 #: within this plus the network.
 SAMPLE_INTERVAL: Final = 0.2
+#: With no page open (no event stream), the sampler looks once a second: each
+#: look builds the station's view and its texts, and five a second cost the
+#: station 0.4 % of a core for nobody (bench/footprint.py, the _web results).
+#: The plot keeps its own interval either way.
+IDLE_SAMPLE_INTERVAL: Final = 1.0
 #: One plot point every this many seconds (720 points an hour).
 PLOT_INTERVAL: Final = 5.0
 #: Queue depth and dead letters are read from SQLite this often (s).
@@ -247,7 +253,8 @@ class Sampler:
 
     async def run(self, interval: float) -> None:
         while True:
-            await trio.sleep(interval)
+            watched = self.state.watchers > 0
+            await trio.sleep(interval if watched else max(interval, IDLE_SAMPLE_INTERVAL))
             await self.sample()
 
     async def sample(self) -> None:
