@@ -102,6 +102,15 @@ async def _login_status(url: str, password: str) -> int:
     return (await WebClient(url).login(password)).status
 
 
+async def _change_on_page(url: str, password: str, name: str, value: str) -> bool:
+    """Log in, change one setting on the settings page; True if it was applied."""
+    client = WebClient(url)
+    assert (await client.login(password)).status == 303
+    page = await client.get("/settings")
+    reply = await client.post_form("/settings", {"csrf": page.csrf(), name: value})
+    return reply.status == 200
+
+
 def _get(url: str) -> tuple[int, str, dict[str, str]]:
     with urllib.request.urlopen(url, timeout=10) as reply:
         return reply.status, reply.read().decode(), {k.lower(): v for k, v in reply.headers.items()}
@@ -133,6 +142,18 @@ def test_run_sim_serves_the_page_and_names_it_in_the_ready_line(tmp_path: Path) 
         # The password `evse passwd` set opens the installer's session on this page.
         assert trio.run(_login_status, url, "installer-pw") == 303
         assert trio.run(_login_status, url, "wrong-password") == 401
+        # A change on the page is the station's: evse config (through the control
+        # socket) reads it back, and the station's status shows the same page value.
+        assert trio.run(_change_on_page, url, "installer-pw", "monitoring.fallback_limit", "10")
+        socket = ready["control_socket"]
+        got = evse("config", "get", "monitoring.fallback_limit", "--socket", socket)
+        assert got.returncode == 0 and got.stdout.strip() == "10", got
+        status = json.loads(evse("status", "--json", "--socket", socket).stdout)
+        assert status["status"] == "Available"
+        # Refused on the page: nothing changes anywhere.
+        assert not trio.run(_change_on_page, url, "installer-pw", "monitoring.fallback_limit", "99")
+        got = evse("config", "get", "monitoring.fallback_limit", "--socket", socket)
+        assert got.stdout.strip() == "10"
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=30)
