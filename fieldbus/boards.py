@@ -318,11 +318,11 @@ class LineShare:
     holds nobody back.
 
     On a serial line each request must also wait the line's silence (t3.5)
-    after the last one. The master waits its last millisecond by yielding to the
-    scheduler (a timer would overshoot by up to 1 ms, see
-    ``fieldbus.master._sleep_precisely``), a busy wait of ~1 ms per request; a
-    request waiting for the share does not need that precision, so ``wait``
-    waits out the silence with a timer and the master finds it over.
+    after the last one. The master sleeps it on a timer descriptor and waits
+    the wake-up's own latency (at most ``fieldbus.timer.MAX_LEAD``, 0.3 ms) by
+    yielding to the scheduler, a short busy wait per request; a request
+    waiting for the share does not need that precision, so ``wait`` waits out
+    the silence with trio's timer and the master finds it over.
     """
 
     __slots__ = ("_lot", "free_from", "opened", "until")

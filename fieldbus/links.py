@@ -8,7 +8,10 @@ Both links do non-blocking I/O on the raw descriptor and wait with trio's
 ``wait_readable`` / ``wait_writable``: a read blocked on a silent device is
 cancellable like any other trio wait, no threads are involved, and a poll
 costs one scheduler round-trip (the higher-level trio streams add two more
-checkpoints per request, which the polling benchmark showed).
+checkpoints per request, which the polling benchmark showed). On trio's real
+clock ``TcpLink.exchange_by`` also keeps the request's deadline without a
+cancel scope: the socket and a timer descriptor sit in one epoll set
+(``fieldbus.timer.ReadyOrDeadline``), and one wait ends on either.
 
 The serial port is opened and configured by pyserial (baud, parity, stop
 bits, exclusive lock); trio only reads and writes its descriptor.
@@ -28,6 +31,7 @@ import trio
 
 from fieldbus.errors import Disconnected, PortConfigError
 from fieldbus.ports import PortSpec, RtuPort, TcpPort
+from fieldbus.timer import ReadyOrDeadline
 
 RECEIVE_CHUNK = 512
 
@@ -70,10 +74,18 @@ class TcpLink:
         self.where = port.url
         self.connect_timeout = connect_timeout
         self._sock: socket.socket | None = None
+        #: The socket and a reply timer in one descriptor (``receive_by``).
+        self._ready: ReadyOrDeadline | None = None
 
     @property
     def is_open(self) -> bool:
         return self._sock is not None
+
+    @property
+    def waits_by_deadline(self) -> bool:
+        """Whether ``exchange_by`` / ``receive_by`` can be used: open, with a
+        timer (Linux); the caller checks that trio's clock is the real one."""
+        return self._ready is not None
 
     async def open(self) -> None:
         try:
@@ -92,6 +104,7 @@ class TcpLink:
         # Modbus requests are tiny; don't let Nagle hold them back.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
+        self._ready = ReadyOrDeadline.create(sock.fileno())
 
     def _require(self) -> socket.socket:
         if self._sock is None:
@@ -136,15 +149,108 @@ class TcpLink:
                 raise Disconnected("connection closed by the device", where=self.where)
             return data
 
+    # The master's hot path, on trio's real clock: a request's deadline without a
+    # cancel scope per request (the largest CPU cost of a poll: see
+    # fieldbus.timer). Cancellation from outside works as for any trio wait.
+
+    async def exchange_by(self, request: bytes, deadline: float, now: float) -> bytes | None:
+        """Send ``request`` and return the first bytes of its reply, or None once
+        trio's clock has passed ``deadline`` (``now``: trio's time).
+
+        A request is a dozen bytes and one is in flight at a time, so the
+        socket takes it at once: one system call; only a peer that stops
+        reading makes the send wait, under the same deadline. Nothing has
+        arrived right after a request, so the first read waits first.
+        """
+        sock = self._sock
+        if sock is None:
+            raise Disconnected("not connected", where=self.where)
+        try:
+            sent = sock.send(request)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            await self.aclose()
+            raise Disconnected(f"send failed ({_reason(exc)})", where=self.where) from None
+        if sent < len(request):
+            with trio.move_on_at(deadline):
+                await self.send(request[sent:])
+                sent = len(request)
+            if sent < len(request):
+                return None
+            now = trio.current_time()
+        ready = self._ready
+        if ready is None:  # pragma: no cover - no timer here: see waits_by_deadline
+            with trio.move_on_at(deadline):
+                return await self.receive(wait_first=True)
+            return None
+        if not ready.arm(deadline, now):
+            await trio.lowlevel.checkpoint()
+            return None
+        try:
+            await trio.lowlevel.wait_readable(ready.fd)
+        except trio.ClosedResourceError:
+            raise Disconnected("connection closed", where=self.where) from None
+        data = self._recv_nowait(sock)
+        if data is None:
+            # The timer, not the socket (the deadline, or an earlier one it was
+            # armed for): the rest is receive_by's.
+            return await self._read_by(sock, ready, deadline)
+        return data
+
+    async def receive_by(self, deadline: float) -> bytes | None:
+        """Some bytes, or None once trio's clock has passed ``deadline``."""
+        sock = self._require()
+        ready = self._ready
+        if ready is None:  # pragma: no cover - no timer here: see waits_by_deadline
+            with trio.move_on_at(deadline):
+                return await self.receive()
+            return None
+        return await self._read_by(sock, ready, deadline)
+
+    async def _read_by(
+        self, sock: socket.socket, ready: ReadyOrDeadline, deadline: float
+    ) -> bytes | None:
+        while (data := self._recv_nowait(sock)) is None:
+            # Nothing yet, or the timer fired for an earlier deadline: wait,
+            # unless this one has passed.
+            try:
+                if not await ready.wait(deadline):
+                    return None
+            except trio.ClosedResourceError:
+                raise Disconnected("connection closed", where=self.where) from None
+        return data
+
+    def _recv_nowait(self, sock: socket.socket) -> bytes | None:
+        """What has arrived, None if nothing has; a dead connection is closed
+        and reported as Disconnected."""
+        try:
+            data = sock.recv(RECEIVE_CHUNK)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            self._drop()
+            raise Disconnected(f"receive failed ({_reason(exc)})", where=self.where) from None
+        if not data:
+            self._drop()
+            raise Disconnected("connection closed by the device", where=self.where)
+        return data
+
     def discard_input(self) -> None:
         # Stale replies on TCP are told apart by their transaction id.
         return
 
-    async def aclose(self) -> None:
+    def _drop(self) -> None:
         sock, self._sock = self._sock, None
+        ready, self._ready = self._ready, None
+        if ready is not None:
+            ready.close()
         if sock is not None:
             trio.lowlevel.notify_closing(sock)
             sock.close()
+
+    async def aclose(self) -> None:
+        self._drop()
         await trio.lowlevel.checkpoint_if_cancelled()
 
 
@@ -261,11 +367,13 @@ class SerialLink:
             return data
 
     def discard_input(self) -> None:
-        """Drop whatever the driver has buffered: a late reply to an aborted request."""
-        if self._serial is not None:
+        """Drop whatever the driver has buffered: a late reply to an aborted request,
+        noise on the idle line. Before every request, so straight to the call
+        pyserial's ``reset_input_buffer`` makes, without its wrapping."""
+        if self._fd is not None:
             try:
-                self._serial.reset_input_buffer()
-            except (serial.SerialException, OSError, ValueError, TypeError, termios.error):
+                termios.tcflush(self._fd, termios.TCIFLUSH)
+            except (OSError, termios.error):
                 # A vanished port; the next read reports it as Disconnected.
                 return
 

@@ -1,8 +1,8 @@
 """A trio-native Modbus master (client) for TCP and RTU.
 
-pymodbus supplies the framing (``FramerSocket``, ``FramerRTU``: MBAP header,
-CRC-16) and the PDU classes; this module owns the I/O and the rules a bus
-needs in a charger:
+``fieldbus.codec`` builds and decodes the frames (MBAP header, CRC-16; pymodbus
+is the reference it is tested against); this module owns the I/O and the rules
+a bus needs in a charger:
 
 * one request in flight per bus (a trio.Lock), so several devices (unit ids)
   share one RTU line safely;
@@ -10,7 +10,10 @@ needs in a charger:
   Line V1.02, 2.5.1.1), plus an optional per-bus gap for slow devices;
 * a per-request timeout on trio's clock and bounded retries for the
   transient failures (timeout, corrupt frame, dropped link); an exception
-  reply is the device's answer and is not retried;
+  reply is the device's answer and is not retried. On trio's real clock the
+  two waits of a poll are kept by timer descriptors (``fieldbus.timer``): the
+  reply's deadline on TCP without a cancel scope per request, and the RTU
+  silence to within microseconds, counted from the reply's last bytes;
 * a dropped TCP connection is reconnected and a vanished serial port re-opened
   on the next attempt;
 * no stale reply is ever taken for the answer to a later request: MBAP
@@ -22,29 +25,15 @@ needs in a charger:
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import TYPE_CHECKING, cast
 
 import trio
-from pymodbus.exceptions import ModbusException
-from pymodbus.framer import FramerRTU, FramerSocket
-from pymodbus.framer.base import FramerBase
-from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
-from pymodbus.pdu.bit_message import (
-    ReadCoilsRequest,
-    ReadDiscreteInputsRequest,
-    WriteMultipleCoilsRequest,
-    WriteSingleCoilRequest,
-)
-from pymodbus.pdu.register_message import (
-    ReadHoldingRegistersRequest,
-    ReadInputRegistersRequest,
-    WriteMultipleRegistersRequest,
-    WriteSingleRegisterRequest,
-)
 
+from fieldbus import codec
+from fieldbus.codec import Reply, decode_reply
 from fieldbus.errors import (
     Disconnected,
     ExceptionReply,
@@ -53,27 +42,23 @@ from fieldbus.errors import (
     ModbusTimeout,
     Superseded,
 )
-from fieldbus.links import Link, make_link
+from fieldbus.links import Link, TcpLink, make_link
 from fieldbus.ports import PortSpec, parse_port
+from fieldbus.timer import Timer, on_real_clock
 
-#: Function code -> pymodbus's response class, for the functions the master sends;
-#: exception replies (function | 0x80) map to ExceptionResponse.
-_RESPONSE_CLASSES: dict[int, type[ModbusPDU]] = {
-    code: DecodePDU.pdu_table[code][1] for code in (1, 2, 3, 4, 5, 6, 15, 16)
-}
-_RESPONSE_CLASSES.update({code | 0x80: ExceptionResponse for code in tuple(_RESPONSE_CLASSES)})
-#: Read holding / input registers: their replies are decoded by the master itself.
-_REGISTER_REPLIES: dict[int, type[ModbusPDU]] = {3: _RESPONSE_CLASSES[3], 4: _RESPONSE_CLASSES[4]}
+if TYPE_CHECKING:
+    from pymodbus.pdu import ModbusPDU
 
-#: The last part of the inter-frame silence is waited by yielding to the
-#: scheduler rather than by a timer: epoll's timeout is whole milliseconds,
-#: rounded up, so a timer alone overshoots a 3.65 ms t3.5 by up to 1 ms (a
-#: quarter of the throughput of a 9600-baud line).
+#: Where there is no timer descriptor (fieldbus.timer: not Linux), the last
+#: part of the inter-frame silence is waited by yielding to the scheduler
+#: rather than by trio's timer: epoll's timeout is whole milliseconds, rounded
+#: up, so a timer alone overshoots a 3.65 ms t3.5 by up to 1 ms (a quarter of
+#: the throughput of a 9600-baud line). Under a virtual clock it is exact.
 _SPIN = 0.001
 
 
 async def _sleep_precisely(deadline: float) -> None:
-    """Sleep until ``deadline`` on trio's clock, not much past it."""
+    """Sleep until ``deadline`` on trio's clock, not much past it, without a timer."""
     if deadline - trio.current_time() > _SPIN:
         await trio.sleep_until(deadline - _SPIN)
     while (now := trio.current_time()) < deadline:
@@ -86,9 +71,6 @@ async def _sleep_precisely(deadline: float) -> None:
 
 #: A request's "still wanted?" check (see ModbusMaster.write_register).
 Wanted = Callable[[], bool] | None
-
-#: Function codes that write (05, 06, 15, 16).
-_WRITE_CODES = frozenset({5, 6, 15, 16})
 
 #: Read-request frames kept per bus (a poller repeats a handful).
 _MAX_CACHED_FRAMES = 256
@@ -112,19 +94,23 @@ class BusLock:
     take it.
     """
 
-    __slots__ = ("_held", "_normal", "_urgent")
+    __slots__ = ("_held", "_normal", "_parking", "_urgent")
 
     def __init__(self) -> None:
         self._held = False
         self._urgent = trio.lowlevel.ParkingLot()
         self._normal = trio.lowlevel.ParkingLot()
+        # Tasks in acquire's park (or just out of it): 0 means both lots are
+        # empty, so the uncontended bus (every poll) is taken and released
+        # without asking the lots (each ask is a Python-level call).
+        self._parking = 0
 
     @property
     def urgent_waiting(self) -> bool:
-        return bool(self._urgent)
+        return bool(self._parking and self._urgent)
 
     def acquire_nowait(self, *, urgent: bool = False) -> None:
-        if self._held or (not urgent and self._urgent):
+        if self._held or (self._parking and not urgent and self._urgent):
             raise trio.WouldBlock
         self._held = True
 
@@ -134,14 +120,20 @@ class BusLock:
             self.acquire_nowait(urgent=urgent)
         except trio.WouldBlock:
             # Ownership is handed over by release(): once unparked we hold it.
-            await (self._urgent if urgent else self._normal).park()
+            self._parking += 1
+            try:
+                await (self._urgent if urgent else self._normal).park()
+            finally:
+                self._parking -= 1
         else:
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     def release(self) -> None:
         if not self._held:
             raise RuntimeError("the bus is not held")
-        if self._urgent:
+        if not self._parking:
+            self._held = False
+        elif self._urgent:
             self._urgent.unpark()
         elif self._normal:
             self._normal.unpark()
@@ -185,13 +177,14 @@ class ModbusMaster:
         self.gap = max(link.frame_gap, min_gap)
         self.stats = BusStats()
         self._lock = BusLock()
-        framer_class: type[FramerBase] = FramerSocket if link.has_transaction_ids else FramerRTU
-        self._framer = framer_class(DecodePDU(is_server=False))
-        self._decoder = self._framer.decoder
         self._buffer = b""
         self._tid = 0
         self._last_io = -float("inf")
         self._last_send = -float("inf")
+        # When the last bytes of the RTU reply being read came in.
+        self._reply_at = -float("inf")
+        # The last reply's PDU (``execute`` hands it to pymodbus).
+        self._reply_pdu = b""
         # The timeout of the request last sent: its reply may come until then.
         self._last_timeout = timeout
         # True from sending a request until its reply has been consumed: if
@@ -206,6 +199,14 @@ class ModbusMaster:
         #: Writes waiting for a unit's gap slot; reads to that unit let them go first.
         self._writes_waiting: dict[int, int] = {}
         self._write_turn = trio.lowlevel.ParkingLot()
+        # Modbus TCP over a real socket: the reply deadline without a cancel
+        # scope (TcpLink.exchange_by), on trio's real clock; None: not decided
+        # yet for this connection.
+        self._tcp = link if isinstance(link, TcpLink) else None
+        self._fast: bool | None = None
+        # The silence before a request, woken at its end (fieldbus.timer); made
+        # when first needed, closed with the link.
+        self._silence_timer: Timer | None = None
 
     @classmethod
     def for_port(
@@ -230,7 +231,22 @@ class ModbusMaster:
         await self.aclose()
 
     async def aclose(self) -> None:
+        timer, self._silence_timer = self._silence_timer, None
+        if timer is not None:
+            timer.close()
         await self.link.aclose()
+
+    async def _wait_silence(self, deadline: float) -> None:
+        """Sleep until ``deadline``, the end of the line's silence: on trio's real
+        clock with a timer descriptor (fieldbus.timer), else by ``_sleep_precisely``."""
+        if on_real_clock():
+            timer = self._silence_timer
+            if timer is None:
+                timer = self._silence_timer = Timer.create()
+            if timer is not None:
+                await timer.sleep_until(deadline, exact=True)
+                return
+        await _sleep_precisely(deadline)
 
     def configure_unit(
         self, unit: int, *, timeout: float | None = None, retries: int | None = None
@@ -275,26 +291,26 @@ class ModbusMaster:
     async def read_holding_registers(
         self, unit: int, address: int, count: int, *, wanted: Wanted = None
     ) -> list[int]:
-        reply = await self._read(unit, ReadHoldingRegistersRequest, address, count, wanted)
-        return list(reply.registers)
+        frame = self._read_frame(unit, 3, address, count)
+        return cast("list[int]", await self._transact(unit, 3, count, frame, None, wanted=wanted))
 
     async def read_input_registers(
         self, unit: int, address: int, count: int, *, wanted: Wanted = None
     ) -> list[int]:
-        reply = await self._read(unit, ReadInputRegistersRequest, address, count, wanted)
-        return list(reply.registers)
+        frame = self._read_frame(unit, 4, address, count)
+        return cast("list[int]", await self._transact(unit, 4, count, frame, None, wanted=wanted))
 
     async def read_coils(
         self, unit: int, address: int, count: int, *, wanted: Wanted = None
     ) -> list[bool]:
-        reply = await self._read(unit, ReadCoilsRequest, address, count, wanted)
-        return list(reply.bits[:count])
+        frame = self._read_frame(unit, 1, address, count)
+        return cast("list[bool]", await self._transact(unit, 1, count, frame, None, wanted=wanted))
 
     async def read_discrete_inputs(
         self, unit: int, address: int, count: int, *, wanted: Wanted = None
     ) -> list[bool]:
-        reply = await self._read(unit, ReadDiscreteInputsRequest, address, count, wanted)
-        return list(reply.bits[:count])
+        frame = self._read_frame(unit, 2, address, count)
+        return cast("list[bool]", await self._transact(unit, 2, count, frame, None, wanted=wanted))
 
     # ``urgent``: an off-write (charging current 0). It goes ahead of every
     # request waiting for the bus, and a normal request's retries step aside
@@ -306,8 +322,8 @@ class ModbusMaster:
     async def write_register(
         self, unit: int, address: int, value: int, *, urgent: bool = False, wanted: Wanted = None
     ) -> None:
-        request = WriteSingleRegisterRequest(address=address, registers=[value])
-        await self.execute(unit, request, urgent=urgent, wanted=wanted)
+        pdu = codec.write_register_request(address, value)
+        await self._write(unit, pdu, urgent=urgent, wanted=wanted)
 
     async def write_registers(
         self,
@@ -318,14 +334,14 @@ class ModbusMaster:
         urgent: bool = False,
         wanted: Wanted = None,
     ) -> None:
-        request = WriteMultipleRegistersRequest(address=address, registers=values)
-        await self.execute(unit, request, urgent=urgent, wanted=wanted)
+        pdu = codec.write_registers_request(address, values)
+        await self._write(unit, pdu, urgent=urgent, wanted=wanted)
 
     async def write_coil(
         self, unit: int, address: int, value: bool, *, urgent: bool = False, wanted: Wanted = None
     ) -> None:
-        request = WriteSingleCoilRequest(address=address, bits=[value])
-        await self.execute(unit, request, urgent=urgent, wanted=wanted)
+        pdu = codec.write_coil_request(address, value)
+        await self._write(unit, pdu, urgent=urgent, wanted=wanted)
 
     async def write_coils(
         self,
@@ -336,29 +352,28 @@ class ModbusMaster:
         urgent: bool = False,
         wanted: Wanted = None,
     ) -> None:
-        request = WriteMultipleCoilsRequest(address=address, bits=values)
-        await self.execute(unit, request, urgent=urgent, wanted=wanted)
+        pdu = codec.write_coils_request(address, values)
+        await self._write(unit, pdu, urgent=urgent, wanted=wanted)
 
-    async def _read(
-        self,
-        unit: int,
-        request_class: type[ModbusPDU],
-        address: int,
-        count: int,
-        wanted: Wanted = None,
-    ) -> ModbusPDU:
+    def _frame(self, unit: int, pdu: bytes) -> bytes:
+        _check_unit(unit)
+        if self.link.has_transaction_ids:
+            return codec.tcp_frame(unit, pdu)
+        return codec.rtu_frame(unit, pdu)
+
+    def _read_frame(self, unit: int, code: int, address: int, count: int) -> bytes:
         """A read request; pollers repeat the same few, so their frames are kept."""
-        key = (request_class.function_code, unit, address, count)
+        key = (code, unit, address, count)
         frame = self._frames.get(key)
         if frame is None:
-            _check_unit(unit)
-            frame = self._framer.buildFrame(
-                request_class(address=address, count=count, dev_id=unit)
-            )
+            frame = self._frame(unit, codec.read_request(code, address, count))
             if len(self._frames) < _MAX_CACHED_FRAMES:
                 self._frames[key] = frame
-        return await self._transact(
-            unit, request_class.function_code, count, frame, None, wanted=wanted
+        return frame
+
+    async def _write(self, unit: int, pdu: bytes, *, urgent: bool, wanted: Wanted) -> None:
+        await self._transact(
+            unit, pdu[0], 0, self._frame(unit, pdu), None, wanted=wanted, urgent=urgent
         )
 
     async def execute(
@@ -370,18 +385,25 @@ class ModbusMaster:
         urgent: bool = False,
         wanted: Wanted = None,
     ) -> ModbusPDU:
-        """Send one request and return its reply, retrying transient failures.
+        """Send one pymodbus request PDU and return pymodbus's decoding of its
+        reply, retrying transient failures (the functions the master knows:
+        01-06, 15, 16; the caller has pymodbus imported, the station does not).
 
         Raises ExceptionReply at once; ModbusTimeout, FrameError or Disconnected
         after ``retries`` further attempts; PortConfigError at once.
         """
-        _check_unit(unit)
-        request.dev_id = unit
-        frame = self._framer.buildFrame(request)
-        count = request.count if request.function_code in (1, 2, 3, 4) else 0
-        return await self._transact(
-            unit, request.function_code, count, frame, reply_timeout, urgent=urgent, wanted=wanted
+        from pymodbus.pdu import DecodePDU  # noqa: PLC0415 - kept out of the station
+
+        code = request.function_code
+        count = request.count if code in codec.READ_BITS or code in codec.READ_REGISTERS else 0
+        pdu = code.to_bytes(1, "big") + request.encode()
+        await self._transact(
+            unit, code, count, self._frame(unit, pdu), reply_timeout, wanted=wanted, urgent=urgent
         )
+        reply = DecodePDU(is_server=False).decode(self._reply_pdu)
+        if reply is None:  # pragma: no cover - decode_reply accepted it
+            raise FrameError(f"undecodable reply {self._reply_pdu.hex(' ')}", where=self.where)
+        return reply
 
     async def _transact(
         self,
@@ -391,10 +413,20 @@ class ModbusMaster:
         frame: bytes,
         reply_timeout: float | None,
         *,
-        urgent: bool = False,
         wanted: Wanted = None,
-    ) -> ModbusPDU:
-        await self._take(unit, code, urgent)
+        urgent: bool = False,
+    ) -> Reply:
+        lock = self._lock
+        if self._unit_gap:
+            await self._take(unit, code, urgent)
+        elif not lock._held and not lock._parking:
+            # The common case, kept short (it is the per-poll cost): an
+            # uncontended bus is taken without a scheduler round-trip (the
+            # exchange itself checkpoints on send and receive) and without
+            # a call (BusLock.acquire_nowait, inlined).
+            lock._held = True
+        else:
+            await lock.acquire(urgent=urgent)
         held = True
         try:
             attempt = 0
@@ -407,7 +439,12 @@ class ModbusMaster:
                         code,
                         count,
                         frame,
-                        reply_timeout or self._unit_timeout.get(unit, self.timeout),
+                        reply_timeout
+                        or (
+                            self._unit_timeout.get(unit, self.timeout)
+                            if self._unit_timeout
+                            else self.timeout
+                        ),
                     )
                 except (ModbusTimeout, FrameError, Disconnected):
                     if attempt >= self._unit_retries.get(unit, self.retries):
@@ -423,20 +460,20 @@ class ModbusMaster:
         finally:
             # Not held when cancelled while waiting to take the bus back.
             if held:
-                self._lock.release()
+                if lock._parking:
+                    lock.release()
+                else:
+                    lock._held = False  # BusLock.release, nobody waiting
 
     async def _take(self, unit: int, code: int, urgent: bool) -> None:
         unit_gap = self._unit_gap.get(unit)
         if not unit_gap:
-            # The common case, kept short (it is the per-poll cost): an
-            # uncontended bus is taken without a scheduler round-trip; the
-            # exchange itself checkpoints on send and receive.
             try:
                 self._lock.acquire_nowait(urgent=urgent)
             except trio.WouldBlock:
                 await self._lock.acquire(urgent=urgent)
             return
-        is_write = code in _WRITE_CODES
+        is_write = code in codec.WRITE_FUNCTIONS
         if is_write:
             self._writes_waiting[unit] = self._writes_waiting.get(unit, 0) + 1
         try:
@@ -472,61 +509,81 @@ class ModbusMaster:
             # Another task reached the same unit first: wait its gap again.
             self._lock.release()
 
+    async def _open(self, reply_timeout: float) -> None:
+        """(Re)connect the link, within the request's deadline."""
+        link = self.link
+        try:
+            # The bus is held meanwhile: the (re)connect gets the request's
+            # own deadline, never the link's longer connect timeout alone.
+            with trio.move_on_after(reply_timeout) as connecting:
+                await link.open()
+            if connecting.cancelled_caught:
+                await link.aclose()
+                raise Disconnected(f"connect timed out after {reply_timeout:g} s", where=self.where)
+        except Disconnected:
+            self.stats.disconnects += 1
+            # Don't spin on a refused connection; the retry is one gap away
+            # (unless an off-write is waiting for the bus).
+            if not self._lock.urgent_waiting:
+                await trio.sleep(max(self.gap, 0.05))
+            raise
+        self._buffer = b""
+        self._dirty = False
+        self._fast = None
+
     async def _exchange(
         self, unit: int, code: int, count: int, frame: bytes, reply_timeout: float
-    ) -> ModbusPDU:
+    ) -> Reply:
         link = self.link
         if not link.is_open:
-            try:
-                # The bus is held meanwhile: the (re)connect gets the request's
-                # own deadline, never the link's longer connect timeout alone.
-                with trio.move_on_after(reply_timeout) as connecting:
-                    await link.open()
-                if connecting.cancelled_caught:
-                    await link.aclose()
-                    raise Disconnected(
-                        f"connect timed out after {reply_timeout:g} s", where=self.where
-                    )
-            except Disconnected:
-                self.stats.disconnects += 1
-                # Don't spin on a refused connection; the retry is one gap away
-                # (unless an off-write is waiting for the bus).
-                if not self._lock.urgent_waiting:
-                    await trio.sleep(max(self.gap, 0.05))
-                raise
-            self._buffer = b""
-            self._dirty = False
+            await self._open(reply_timeout)
         if self._dirty:
             await self._settle()
-        ready_at = self._last_io + self.gap
-        unit_gap = self._unit_gap.get(unit)
+        gap = self.gap
         now = trio.current_time()
-        if ready_at > now:
-            await _sleep_precisely(ready_at)
-            now = trio.current_time()
+        if gap:
+            ready_at = self._last_io + gap
+            if ready_at > now:
+                await self._wait_silence(ready_at)
+                now = trio.current_time()
+        unit_gap = self._unit_gap.get(unit) if self._unit_gap else None
         tid = self._tid = self._tid % 0xFFFF + 1
         if link.has_transaction_ids:
             # MBAP: the transaction id is the frame's first two bytes.
             frame = tid.to_bytes(2, "big") + frame[2:]
+        else:
+            link.discard_input()
         self._buffer = b""
-        link.discard_input()
         self._dirty = True
         self.stats.requests += 1
-        reply: ModbusPDU | None = None
+        reply: bytes | None = None
         self._last_send = now
         self._last_timeout = reply_timeout
+        deadline = now + reply_timeout
+        tcp = self._tcp
+        if self._fast is None:
+            # Decided once per connection (trio's clock is fixed for a run).
+            self._fast = tcp is not None and tcp.waits_by_deadline and on_real_clock()
         try:
-            # A bare CancelScope rather than fail_after: same semantics, a
-            # measurable part of the per-poll cost cheaper. On RTU a request on
-            # the wire is finished, not aborted, when its caller is cancelled
-            # (within its own deadline): an aborted one leaves the line dirty,
-            # and the next request (the switch-off's off-write, say) would first
-            # have to wait out the whole reply timeout (``_settle``).
-            with trio.CancelScope(
-                deadline=now + reply_timeout, shield=not link.has_transaction_ids
-            ):
-                await link.send(frame)
-                reply = await self._read_reply(unit, tid, code)
+            if self._fast and tcp is not None:
+                # The poll's hot path: the same deadline, kept by the link's
+                # timer instead of a cancel scope (fieldbus.timer).
+                data = await tcp.exchange_by(frame, deadline, now)
+                while data is not None:
+                    self._buffer += data
+                    reply = self._tcp_reply(unit, tid)
+                    if reply is not None:
+                        break
+                    data = await tcp.receive_by(deadline)
+            else:
+                # On RTU a request on the wire is finished, not aborted, when
+                # its caller is cancelled (within its own deadline): an aborted
+                # one leaves the line dirty, and the next request (the
+                # switch-off's off-write, say) would first have to wait out the
+                # whole reply timeout (``_settle``).
+                with trio.CancelScope(deadline=deadline, shield=not link.has_transaction_ids):
+                    await link.send(frame)
+                    reply = await self._read_reply(unit, tid)
             if reply is None:
                 self.stats.timeouts += 1
                 raise ModbusTimeout(
@@ -539,25 +596,47 @@ class ModbusMaster:
             self.stats.disconnects += 1
             raise
         finally:
-            self._last_io = trio.current_time()
-            if unit_gap:
-                self._unit_last[unit] = self._last_io
+            # Only gaps count from here (without one, a poll skips the clock).
+            if gap or unit_gap:
+                self._last_io = trio.current_time()
+                if unit_gap:
+                    self._unit_last[unit] = self._last_io
         self._dirty = False
+        if not link.has_transaction_ids:
+            # The line's silence counts from the reply's last bytes coming in:
+            # decoding it, and the caller's next request up to its wait, are
+            # part of the silence, not added to it.
+            self._last_io = self._reply_at
+        # A complete frame, in sync: what it says is the device's answer, checked
+        # against the request (function, count) by the codec.
         self.stats.replies += 1
-        return self._check_reply(unit, code, count, reply)
+        self._reply_pdu = reply
+        try:
+            return decode_reply(reply, code, count, link.where, unit)
+        except FrameError:
+            self.stats.frame_errors += 1
+            raise
+        except ExceptionReply:
+            self.stats.exception_replies += 1
+            raise
 
-    async def _read_reply(self, unit: int, tid: int, function_code: int) -> ModbusPDU:
+    async def _read_reply(self, unit: int, tid: int) -> bytes:
+        """The reply's PDU, its frame found (and checked) by the codec; on TCP
+        by ``_read_tcp_reply``."""
         if self.link.has_transaction_ids:
-            return await self._read_tcp_reply(unit, tid, function_code)
-        framer = self._framer
-        self._buffer = await self.link.receive(wait_first=True)
+            return await self._read_tcp_reply(unit, tid)
+        link = self.link
+        self._buffer = await link.receive(wait_first=True)
         while True:
+            # The line was busy until at least now: the next request's silence
+            # runs from here (see _exchange), not from when decoding is done.
+            self._reply_at = trio.current_time()
             while self._buffer:
-                used, dev_id, _, pdu_bytes = framer.decode(self._buffer)
+                used, dev_id, pdu = codec.find_rtu_reply(self._buffer)
                 if not used:
                     break
                 self._buffer = self._buffer[used:]
-                if not pdu_bytes:
+                if not pdu:
                     raise FrameError(
                         f"corrupt reply from unit {unit} (CRC mismatch)", where=self.where
                     )
@@ -565,73 +644,43 @@ class ModbusMaster:
                     # A late reply to an earlier, aborted request.
                     self.stats.stale_discarded += 1
                     continue
-                return self._decode(unit, function_code, pdu_bytes)
+                return pdu
+            self._buffer += await link.receive()
+
+    async def _read_tcp_reply(self, unit: int, tid: int) -> bytes:
+        """The reply's PDU on TCP, under the caller's cancel scope."""
+        self._buffer = await self.link.receive(wait_first=True)
+        while (pdu := self._tcp_reply(unit, tid)) is None:
             self._buffer += await self.link.receive()
+        return pdu
 
-    async def _read_tcp_reply(self, unit: int, tid: int, function_code: int) -> ModbusPDU:
-        """The reply on TCP: MBAP frames parsed here (what ``FramerSocket.decode``
-        and ``_check_mbap_header`` do, in one pass: a poll's hot path), a late
-        reply to an earlier request (another transaction id) thrown away."""
-        buffer = self._buffer = await self.link.receive(wait_first=True)
-        while True:
-            while len(buffer) >= 6:
-                length = buffer[4] << 8 | buffer[5]
-                if buffer[2] or buffer[3] or not 2 <= length <= _MAX_MBAP_LENGTH:
-                    self._check_mbap_header()  # raises, with the header in the message
-                end = 6 + length
-                if len(buffer) < end:
-                    break
-                if length == 2 and len(buffer) == 9:
-                    end = 9  # as FramerSocket.decode takes it
-                reply_tid = buffer[0] << 8 | buffer[1]
-                dev_id = buffer[6]
-                pdu_bytes = buffer[7:end]
-                buffer = self._buffer = buffer[end:]
-                if reply_tid != tid or dev_id != unit:
-                    # A late reply to an earlier, aborted request.
-                    self.stats.stale_discarded += 1
-                    continue
-                return self._decode(unit, function_code, pdu_bytes)
-            buffer = self._buffer = buffer + await self.link.receive()
+    def _tcp_reply(self, unit: int, tid: int) -> bytes | None:
+        """The reply's PDU if it is in the buffer (None: not all of it yet).
 
-    def _decode(self, unit: int, function_code: int, pdu_bytes: bytes) -> ModbusPDU:
-        """Decode a reply with pymodbus's response class for the function asked.
-
-        Looking the class up directly (instead of ``DecodePDU.decode``) skips
-        the debug string pymodbus formats for every frame, a third of the
-        master's CPU per poll.
+        MBAP frames are parsed here (what ``FramerSocket.decode`` and
+        ``_check_mbap_header`` do, in one pass: a poll's hot path); a late reply
+        to an earlier request (another transaction id) is thrown away.
         """
-        code = pdu_bytes[0]
-        reply_class = _RESPONSE_CLASSES.get(code)
-        registers_reply = _REGISTER_REPLIES.get(code)
-        if registers_reply is not None:
-            # The pollers' replies: the registers in one unpack (pymodbus's decode
-            # makes a call per register); anything odd takes the general path below.
-            size = pdu_bytes[1] if len(pdu_bytes) > 1 else -1
-            if size >= 0 and not size & 1 and size <= len(pdu_bytes) - 2:
-                return registers_reply(
-                    registers=list(struct.unpack(f">{size >> 1}H", pdu_bytes[2 : 2 + size]))
-                )
-        if reply_class is None:
-            reply = self._decoder.decode(pdu_bytes)
-        elif code & 0x80:
-            reply = ExceptionResponse(code & 0x7F)
-        else:
-            reply = reply_class()
-        if reply is None:
-            raise FrameError(
-                f"undecodable reply from unit {unit}: {pdu_bytes.hex(' ')}", where=self.where
-            )
-        if reply_class is not None:
-            try:
-                reply.decode(pdu_bytes[1:])
-            except (ValueError, IndexError, struct.error, ModbusException) as exc:
-                raise FrameError(
-                    f"malformed reply from unit {unit} to function {function_code}: "
-                    f"{pdu_bytes.hex(' ')} ({exc})",
-                    where=self.where,
-                ) from None
-        return reply
+        buffer = self._buffer
+        while len(buffer) >= 6:
+            length = buffer[4] << 8 | buffer[5]
+            if buffer[2] or buffer[3] or not 2 <= length <= _MAX_MBAP_LENGTH:
+                self._check_mbap_header()  # raises, with the header in the message
+            end = 6 + length
+            if len(buffer) < end:
+                break
+            if length == 2 and len(buffer) == 9:
+                end = 9  # as FramerSocket.decode takes it
+            reply_tid = buffer[0] << 8 | buffer[1]
+            dev_id = buffer[6]
+            pdu = buffer[7:end]
+            buffer = self._buffer = buffer[end:]
+            if reply_tid != tid or dev_id != unit:
+                # A late reply to an earlier, aborted request.
+                self.stats.stale_discarded += 1
+                continue
+            return pdu
+        return None
 
     def _check_mbap_header(self) -> None:
         """Refuse a TCP stream that has lost frame sync, rather than wait on it."""
@@ -648,26 +697,6 @@ class ModbusMaster:
                 where=self.where,
             )
 
-    def _check_reply(self, unit: int, code: int, count: int, reply: ModbusPDU) -> ModbusPDU:
-        if reply.function_code == code | 0x80 and isinstance(reply, ExceptionResponse):
-            self.stats.exception_replies += 1
-            raise ExceptionReply(code, reply.exception_code, where=f"{self.where} unit {unit}")
-        if reply.function_code != code:
-            self.stats.frame_errors += 1
-            raise FrameError(
-                f"reply with function {reply.function_code} to a function {code} request",
-                where=self.where,
-            )
-        if code in (3, 4) and len(reply.registers) != count:
-            self.stats.frame_errors += 1
-            raise FrameError(
-                f"asked for {count} registers, got {len(reply.registers)}", where=self.where
-            )
-        if code in (1, 2) and len(reply.bits) < count:
-            self.stats.frame_errors += 1
-            raise FrameError(f"asked for {count} bits, got {len(reply.bits)}", where=self.where)
-        return reply
-
     async def _settle(self) -> None:
         """After an aborted exchange, let a late reply arrive and throw it away.
 
@@ -681,6 +710,7 @@ class ModbusMaster:
         if self.link.has_transaction_ids:
             if self._buffer:
                 self._buffer = b""
+                self._fast = None
                 await self.link.aclose()
                 await self.link.open()
             self._dirty = False
