@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,12 @@ class SimStation:
         view: dict[str, Any] = json.loads(result.stdout)
         return view
 
-    def wait(self, status: str, within: float = 20.0) -> dict[str, Any]:
+    def wait(
+        self,
+        status: str,
+        within: float = 20.0,
+        until: Callable[[dict[str, Any]], object] | None = None,
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + within
         last: dict[str, Any] = {}
         while time.monotonic() < deadline:
@@ -77,7 +82,7 @@ class SimStation:
             result = self.cli("status", "--json")
             if result.returncode == 0:
                 last = json.loads(result.stdout)
-                if last.get("status") == status:
+                if last.get("status") == status and (until is None or until(last)):
                     return last
             time.sleep(0.1)
         raise AssertionError(f"never {status}: {last}")
@@ -133,6 +138,15 @@ def test_authorize_charge_watch_stop_and_list_without_curl(
     assert (result.returncode, result.stdout) == (0, "id tag 04A2B3C4: Accepted (local)\n")
     view = station.wait("Charging")
     tx_id = view["transaction"]["id"]
+    # Charging is reported before the meter's next poll shows the current flowing
+    # (the meter is polled once a second): wait for that reading, not for luck.
+    station.wait(
+        "Charging",
+        until=lambda v: (
+            v.get("power_w")
+            and [round(a, 1) for a in v.get("current_a") or []] == [16.0, 16.0, 16.0]
+        ),
+    )
 
     result = station.cli("status")
     assert result.returncode == 0, result.stderr
