@@ -8,6 +8,7 @@ Append new classes at the end; each says in one line what went wrong.
 from __future__ import annotations
 
 import os
+from typing import TypeVar
 
 
 class EvseError(Exception):
@@ -53,3 +54,19 @@ class HardwareUnavailable(EvseError):
 class InvariantBroken(EvseError):
     """A request failed after it had changed the station's state: its effects are
     half done, so the station stops (and switches off) rather than go on."""
+
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def find_in_group(exc: BaseException, kind: type[_E]) -> _E | None:
+    """The first ``kind`` inside ``exc``, which may be a (nested) exception group:
+    what a nursery raised, looked into by whoever reports it in one line."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = find_in_group(inner, kind)
+            if found is not None:
+                return found
+    return None

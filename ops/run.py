@@ -22,13 +22,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import trio
 
 from evse.auth import AuthStatus, AuthStep, FreeCharging, LocalTagList
 from evse.connector import StopReason
-from evse.errors import HardwareUnavailable, StoreError
+from evse.errors import HardwareUnavailable, StoreError, find_in_group
 from evse.ocpp_port import OcppPort
 from evse.rfid import RfidConfig as ReaderConfig
 from evse.safety import SafetySettings
@@ -642,10 +642,10 @@ async def _supervise(
             nursery.cancel_scope.cancel()
     except Exception as exc:
         # The supervisor has switched off already (its finally); say why we died.
-        hardware = _find(exc, HardwareUnavailable)
+        hardware = find_in_group(exc, HardwareUnavailable)
         if hardware is not None:
             raise hardware from None
-        store = _find(exc, StoreError)
+        store = find_in_group(exc, StoreError)
         if store is not None:
             log.critical("store: %s", store)
             code = systemd.EXIT_FAILURE
@@ -678,21 +678,6 @@ def _live_settings(station: Station, nursery: trio.Nursery) -> Callable[[str, ob
             nursery.start_soon(station.set_fallback, float(value), name="fallback change")
 
     return changed
-
-
-_E = TypeVar("_E", bound=BaseException)
-
-
-def _find(exc: BaseException, kind: type[_E]) -> _E | None:
-    """The first ``kind`` inside ``exc`` (which may be an exception group)."""
-    if isinstance(exc, kind):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _find(inner, kind)
-            if found is not None:
-                return found
-    return None
 
 
 def sim_config(

@@ -29,13 +29,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, cast
 
 import hypercorn.trio
 import trio
 from hypercorn.config import Config as HypercornConfig
 
-from evse.errors import EvseError
+from evse.errors import EvseError, find_in_group
 from evse.supervisor import Service, Supervisor
 from ocpp16.config import Configuration
 from ocpp16.errors import OcppError
@@ -166,21 +166,6 @@ def _check_tls(settings: WebSettings) -> None:
         ) from None
 
 
-_E = TypeVar("_E", bound=BaseException)
-
-
-def _find(exc: BaseException, kind: type[_E]) -> _E | None:
-    """The first ``kind`` inside ``exc`` (which may be an exception group)."""
-    if isinstance(exc, kind):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _find(inner, kind)
-            if found is not None:
-                return found
-    return None
-
-
 async def serve_web(
     settings: WebSettings,
     *,
@@ -231,7 +216,7 @@ async def serve_web(
             log.info("installer page on %s", url)
             task_status.started(url)
     except BaseException as exc:
-        found = None if listening else _find(exc, OSError)
+        found = None if listening else find_in_group(exc, OSError)
         if found is None:
             raise
         raise WebServerError(
@@ -377,7 +362,7 @@ def web_service(
                         on_ready(url)
                 return
             except Exception as exc:
-                problem = _find(exc, WebServerError)
+                problem = find_in_group(exc, WebServerError)
                 if problem is not None:
                     log.error(
                         "installer page not served: %s; trying again in %.0f s", problem, delay
