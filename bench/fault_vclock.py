@@ -32,7 +32,9 @@ Each latency counts from the instant the issue defines for the kind:
   reading above offer + margin, plus overcurrent_time);
 * ``welded``: the contactor welds as the off-write of a stop (requested at a
   random phase) lands; from the first meter reading that shows current
-  max(welded_time, overcurrent_time) after the acknowledged off;
+  max(welded_time, overcurrent_time) after the acknowledged off (on a board
+  that stops by its disable, the disable's acknowledgement:
+  ``VRig.off_acknowledged``);
 * ``meter_silent``: from the last good meter reading + meter_timeout;
 * ``board_silent``: nothing reaches a silent board; from its last answer to
   Faulted reported to the central-system port (target: board_timeout +
@@ -408,7 +410,12 @@ async def _flood_before(
         # acknowledged off: predicted from the meter's period.
         assert stop_off is not None
         wait = max(safety.welded_time, safety.overcurrent_time)
-        due = rig.ack_time(stop_off) + wait
+        await rig.until(
+            lambda: rig.off_acknowledged(stop_off) is not None, within=WAIT, what="the off's ack"
+        )
+        acked = rig.off_acknowledged(stop_off)
+        assert acked is not None
+        due = acked + wait
         last = rig.meter_readings[-1].read_at
         periods = max(0, math.ceil((due - last) / rig.settings.meter_poll))
         start = last + periods * rig.settings.meter_poll - FLOOD_LEAD
@@ -500,8 +507,8 @@ async def _outage(rig: VRig, rng: random.Random, samples: VSamples) -> None:
     await trio.sleep_until(down + outage)
     link.unreachable = False
     back = rig.mark("link back")
-    await rig.until(lambda: rig.off_writes(back["seq"]), within=WAIT, what="off after the outage")
-    off = rig.off_writes(back["seq"])[0]
+    await rig.until(lambda: rig.stop_writes(back["seq"]), within=WAIT, what="off after the outage")
+    off = rig.stop_writes(back["seq"])[0]
     samples.latency.append(float(off["t"]) - float(back["t"]))
     samples.from_request.append(float(off["t"]) - float(injection.marker["t"]))
     if "board_silent" in rig.station.view()["faults"] or _faulted_after(rig, down) is not None:

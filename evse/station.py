@@ -134,8 +134,14 @@ NOTICE_BACKLOG = 1000
 #: Between two attempts to reach a device at start.
 START_RETRY = 0.5
 
-#: Between two attempts of an off-write that did not go through.
-OFF_RETRY = 0.2
+#: Between two attempts of an off-write that did not go through. Short: an
+#: attempt against a device that is not there costs one failed open (a refused
+#: connect, a missing serial device), and once the device is back this pause
+#: is what the off waits for (the bench's bus outage: from the link's return).
+OFF_RETRY = 0.05
+#: Between two attempts of the other writes the station insists on (the lock
+#: actuator, the hardware failsafe).
+WRITE_RETRY = 0.2
 
 #: The most a transaction's end may wait (off acknowledged, meter read) before
 #: its record is written anyway, with the last reading (shielded; the commit
@@ -1071,7 +1077,7 @@ class Station:
                 if trio.current_time() - first_try >= self.settings.lock_timeout:
                     return (False, f"lock command not acknowledged: {exc}")
                 self._log_rarely("lock", f"lock command failed: {exc}; retrying")
-                await trio.sleep(OFF_RETRY)
+                await trio.sleep(WRITE_RETRY)
                 continue
             took = trio.current_time() - began
             self._lock_write_time = min(took, self._lock_write_time or took)
@@ -1153,7 +1159,7 @@ class Station:
                 self._failsafe_written = None
                 why = str(exc) or f"no answer within {self.settings.off_deadline:g} s"
                 self._log_rarely("failsafe", f"failsafe not armed with {want:g} A: {why}")
-                await trio.sleep(OFF_RETRY)
+                await trio.sleep(WRITE_RETRY)
                 self._failsafe_wakeup.set()
                 continue
             self._failsafe_written = want

@@ -24,7 +24,8 @@ import errno
 import os
 import socket
 import termios
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 
 import serial
 import trio
@@ -34,6 +35,70 @@ from fieldbus.ports import PortSpec, RtuPort, TcpPort
 from fieldbus.timer import ReadyOrDeadline
 
 RECEIVE_CHUNK = 512
+#: A TCP connect not answered within this long gets a fresh attempt beside it.
+#: A SYN lost while a switch, a gateway or the device itself restarted is sent
+#: again by the kernel only after its initial retransmission timeout of 1 s
+#: (RFC 6298 section 2), then 3 s: one attempt per request would keep an
+#: off-write waiting that long after the device is back. The earlier attempt
+#: runs on, so a network slower than this still connects.
+CONNECT_STAGGER = 0.1
+
+_T = TypeVar("_T")
+
+
+async def staggered(
+    attempt: Callable[[], Awaitable[_T]],
+    discard: Callable[[_T], None],
+    *,
+    stagger: float = CONNECT_STAGGER,
+) -> _T:
+    """The first success of ``attempt``, a new one started every ``stagger`` s
+    while none has succeeded (happy eyeballs on one address, RFC 8305 idea).
+
+    Raises the last ``Disconnected`` once every attempt started has failed (a
+    refused connection fails at once: no spinning). Results that arrive after
+    the first are passed to ``discard``. Attempts have no timeout of their
+    own: the caller bounds the whole with its deadline.
+    """
+    won: list[_T] = []
+    failures: list[Disconnected] = []
+    running = 0
+    settled = trio.Event()
+
+    async def one() -> None:
+        nonlocal running
+        try:
+            result = await attempt()
+        except Disconnected as exc:
+            failures.append(exc)
+        else:
+            if won:
+                discard(result)
+            else:
+                won.append(result)
+        finally:
+            running -= 1
+            settled.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            while not won:
+                running += 1
+                nursery.start_soon(one)
+                with trio.move_on_after(stagger):
+                    while not won and running:
+                        settled = trio.Event()
+                        await settled.wait()
+                if not running:
+                    break
+            nursery.cancel_scope.cancel()
+    except BaseException:
+        for result in won:
+            discard(result)
+        raise
+    if won:
+        return won[0]
+    raise failures[-1]
 
 
 class Link(Protocol):
@@ -90,13 +155,11 @@ class TcpLink:
     async def open(self) -> None:
         try:
             with trio.fail_after(self.connect_timeout):
-                stream = await trio.open_tcp_stream(self.port.host, self.port.port)
+                stream = await staggered(self._connect, _close_stream)
         except trio.TooSlowError:
             raise Disconnected(
                 f"connect timed out after {self.connect_timeout:g} s", where=self.where
             ) from None
-        except OSError as exc:
-            raise Disconnected(f"cannot connect ({_reason(exc)})", where=self.where) from None
         # trio connected it (name resolution, happy eyeballs); take the bare
         # descriptor over for the cheap path described in the module docstring.
         sock = socket.socket(fileno=stream.socket.detach())
@@ -105,6 +168,13 @@ class TcpLink:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
         self._ready = ReadyOrDeadline.create(sock.fileno())
+
+    async def _connect(self) -> trio.SocketStream:
+        """One connect attempt (``open`` staggers them, within its timeout)."""
+        try:
+            return await trio.open_tcp_stream(self.port.host, self.port.port)
+        except OSError as exc:
+            raise Disconnected(f"cannot connect ({_reason(exc)})", where=self.where) from None
 
     def _require(self) -> socket.socket:
         if self._sock is None:
@@ -398,3 +468,8 @@ def make_link(port: PortSpec) -> Link:
     if isinstance(port, TcpPort):
         return TcpLink(port)
     return SerialLink(port)
+
+
+def _close_stream(stream: trio.SocketStream) -> None:
+    """A connection that lost the race: closed at once (no checkpoint needed)."""
+    stream.socket.close()

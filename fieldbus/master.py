@@ -190,6 +190,8 @@ class ModbusMaster:
         # True from sending a request until its reply has been consumed: if
         # it is still set when the next request starts, a reply may be in flight.
         self._dirty = False
+        #: Whether the request holding the bus is urgent (an off-write).
+        self._urgent = False
         self._frames: dict[tuple[int, int, int, int], bytes] = {}
         self._unit_gap: dict[int, float] = {}
         #: Per-unit reply timeout and retries, where a device needs its own.
@@ -428,6 +430,7 @@ class ModbusMaster:
         else:
             await lock.acquire(urgent=urgent)
         held = True
+        self._urgent = urgent
         try:
             attempt = 0
             while True:
@@ -523,8 +526,9 @@ class ModbusMaster:
         except Disconnected:
             self.stats.disconnects += 1
             # Don't spin on a refused connection; the retry is one gap away
-            # (unless an off-write is waiting for the bus).
-            if not self._lock.urgent_waiting:
+            # (unless this is an off-write, or one is waiting for the bus: its
+            # caller paces its own attempts).
+            if not (self._urgent or self._lock.urgent_waiting):
                 await trio.sleep(max(self.gap, 0.05))
             raise
         self._buffer = b""

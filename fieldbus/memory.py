@@ -30,9 +30,12 @@ Faults, for reconnect tests (settable at any time):
   ``board_silent`` / ``meter_silent``); the link is not involved;
 * ``refuse``: ``open()`` raises ``Disconnected`` at once (TCP: connection
   refused; RTU: no such serial device);
-* ``unreachable``: ``open()`` of a TCP link waits ``connect_timeout`` and then
-  raises ``Disconnected``, as ``TcpLink`` does for a host that never answers
-  (an RTU port is local: there it acts as ``refuse``);
+* ``unreachable``: a TCP connect attempt made meanwhile waits
+  ``connect_timeout`` and then raises ``Disconnected``, as ``TcpLink`` does for
+  a host that never answers (a lost SYN); attempts are staggered as
+  ``TcpLink.open`` staggers them (``fieldbus.links.staggered``), so one started
+  after the link is back gets through (an RTU port is local: there it acts as
+  ``refuse``);
 * ``drop()``: the far end closes every open connection now (TCP: the peer
   closed; RTU: the adapter vanished); frames still on the wire are lost, the
   master's pending read raises ``Disconnected``, the next request re-opens;
@@ -53,6 +56,7 @@ from typing import Protocol
 import trio
 
 from fieldbus.errors import Disconnected
+from fieldbus.links import staggered
 from fieldbus.ports import PortSpec, RtuPort, TcpPort
 
 #: Bytes an ADU adds to a PDU: unit id + CRC-16 (RTU), MBAP header (TCP).
@@ -324,16 +328,19 @@ class MemoryLink:
                 else "cannot connect (ECONNREFUSED: Connection refused)"
             )
             raise Disconnected(reason, where=self.where)
-        if self.unreachable:
-            await trio.sleep(self.connect_timeout)
-            raise Disconnected(
-                f"connect timed out after {self.connect_timeout:g} s", where=self.where
-            )
-        if self.timing.connect > 0:
-            await trio.sleep(self.timing.connect)
+        # TCP connects are staggered as TcpLink.open staggers them: an attempt
+        # made while unreachable stays lost (as a dropped SYN), a later one
+        # gets through once the device is back.
+        if self.rtu:
+            conn = await self._connect()
         else:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        conn = _Connection(self)
+            try:
+                with trio.fail_after(self.connect_timeout):
+                    conn = await staggered(self._connect, _Connection.close_master_end)
+            except trio.TooSlowError:
+                raise Disconnected(
+                    f"connect timed out after {self.connect_timeout:g} s", where=self.where
+                ) from None
         self._conn = conn
         self.opens += 1
         server, end, rtu = self.server, conn.device_end, self.rtu
@@ -342,6 +349,15 @@ class MemoryLink:
             await server.serve_stream(end, rtu=rtu)
 
         self._spawn(serve)
+
+    async def _connect(self) -> _Connection:
+        if self.unreachable:
+            await trio.sleep_forever()  # a lost SYN: only the caller's timeout ends it
+        if self.timing.connect > 0:
+            await trio.sleep(self.timing.connect)
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return _Connection(self)
 
     def drop(self) -> None:
         """The far end goes away now (module docstring)."""

@@ -233,6 +233,30 @@ async def test_unreachable_host_takes_the_connect_timeout(
         assert await master.read_holding_registers(1, 0, 1) == [100]
 
 
+async def test_a_connect_lost_while_unreachable_is_overtaken_by_a_fresh_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The device comes back while a connect is lost (its SYN dropped): the next
+    staggered attempt, not the kernel's retransmission, gets the request through,
+    within the request's own deadline."""
+    async with bus(TCP, reply_timeout=0.5) as (master, link, device):
+        link.unreachable = True
+        t0 = trio.current_time()
+
+        async def back() -> None:
+            await trio.sleep(0.25)
+            link.unreachable = False
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(back)
+            assert await master.read_holding_registers(1, 0, 1) == [100]
+        # Attempts at 0, 0.1, 0.2 are lost; the one at 0.3 connects.
+        timing = link.timing
+        arrived = device.arrivals[0][0] - t0
+        assert arrived == pytest.approx(0.3 + timing.connect + timing.latency, abs=1e-9)
+        assert link.opens == 1
+
+
 @pytest.mark.parametrize("port", [RTU, TCP], ids=["rtu", "tcp"])
 async def test_drop_between_requests_reconnects(
     autojump_clock: trio.testing.MockClock, port: PortSpec

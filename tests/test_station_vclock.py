@@ -461,7 +461,9 @@ async def test_welded_contactor_latches_across_restart(
         # Current still flowing after the EV's allowance to stop drawing.
         stop_off = rig.off_writes(welded["seq"])[0]
         s = rig.settings.safety
-        assert faulted - rig.ack_time(stop_off) >= max(s.welded_time, s.overcurrent_time)
+        acked = rig.off_acknowledged(stop_off)
+        assert acked is not None
+        assert faulted - acked >= max(s.welded_time, s.overcurrent_time)
         rig.clear("welded")
         rig.unplug()
         await trio.sleep(5.0)

@@ -308,6 +308,17 @@ class VRig:
     def off_writes(self, after_seq: int = 0) -> list[dict[str, Any]]:
         return [w for w in self.writes() if w["seq"] > after_seq and w["fields"]["command"] == 0]
 
+    def stop_writes(self, after_seq: int = 0) -> list[dict[str, Any]]:
+        """The writes that stop the board after ``after_seq``: current 0, and on a
+        board that stops by its disable (``stop_by_disable``) the disable too
+        (the station writes it even when the current 0 did not go through)."""
+        by_disable = self.station.board.capabilities.stop_by_disable
+        return [
+            w
+            for w in self.board_writes(after_seq)
+            if w["fields"].get("command") == 0 or (by_disable and w["fields"].get("enable") == 0)
+        ]
+
     def mark(self, what: str) -> dict[str, Any]:
         """A marker in the simulator's log (seq, t) to measure from."""
         self.sim.record({"event": "marker", "what": what})
@@ -322,6 +333,22 @@ class VRig:
         """When the master has the reply to ``write`` (the board acknowledged it)."""
         reply = self.timing.frame_time(5 + self.timing.overhead)
         return float(write["t"]) + self.timing.turnaround + self.link.reply_delay + reply
+
+    def off_acknowledged(self, off: dict[str, Any]) -> float | None:
+        """When the master has the reply to the last write of the off sequence that
+        begins with ``off`` (None: not yet written).
+
+        On a board that stops by its disable (``stop_by_disable``) current 0 is
+        not a confirmed stop: the station counts the off from the disable's
+        reply, so the welded allowance starts there too.
+        """
+        if not self.station.board.capabilities.stop_by_disable:
+            return self.ack_time(off)
+        disable = next(
+            (w for w in self.board_writes(int(off["seq"])) if w["fields"].get("enable") == 0),
+            None,
+        )
+        return None if disable is None else self.ack_time(disable)
 
     def db_rows(self, sql: str) -> list[tuple[Any, ...]]:
         """Read the store's file through a connection of our own, as another process would."""
@@ -724,7 +751,7 @@ def measure(rig: VRig, injection: Injection) -> tuple[float, dict[str, Any]] | N
     known = injection.known() if injection.known is not None else reference
     if reference is None or known is None:
         return None
-    offs = [w for w in rig.off_writes(injection.marker["seq"]) if rig.sent_at(w) >= known - 1e-9]
+    offs = [w for w in rig.stop_writes(injection.marker["seq"]) if rig.sent_at(w) >= known - 1e-9]
     return (reference, offs[0]) if offs else None
 
 
@@ -802,7 +829,6 @@ def inject(rig: VRig, kind: str, stop_off: dict[str, Any] | None) -> Injection:
             # The acknowledged off the weld is judged against: the stop's, or
             # the one written at start-up.
             off = stop_off or rig.off_writes()[-1]
-            acked = rig.ack_time(off)
             # The station may count the off from earlier (from its send, or from
             # its own start): an off-write it sends from the first reading that
             # could decide then on answers the weld.
@@ -819,9 +845,13 @@ def inject(rig: VRig, kind: str, stop_off: dict[str, Any] | None) -> Injection:
                     ),
                 )
 
+            def from_acknowledged_off() -> float | None:
+                acked = rig.off_acknowledged(off)
+                return None if acked is None else shows_current_after(acked)
+
             return Injection(
                 m,
-                lambda: shows_current_after(acked),
+                from_acknowledged_off,
                 f"the first reading with current {wait:g} s after the acknowledged off",
                 known=lambda: shows_current_after(earliest),
             )
