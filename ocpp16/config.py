@@ -580,7 +580,9 @@ KEYS: Final[tuple[Key, ...]] = (
         lo=0,
         hi=80,
         unit="A",
-        ocpp=False,
+        # A vendor key (OCPP 1.6 §9: a charge point may add its own): the
+        # central system sees it and may change it, by the same rule as the
+        # installer (never above the installer or the board maximum).
         installer="monitoring.fallback_limit",
         file="limits.fallback",
     ),

@@ -157,7 +157,6 @@ INSTALLER_ONLY = {
     "CentralSystemRootCertificate",
     "ChargePointCertificate",
     "ChargePointPrivateKey",
-    "FallbackLimit",
     "ReconnectFrequency",
 }
 
@@ -212,9 +211,17 @@ def with_key(config: Configuration) -> None:
 # -- the table -----------------------------------------------------------------
 
 
+#: Keys the central system sees beyond the reference station's table (OCPP 1.6
+#: §9 allows a charge point its own): the fallback limit, so that an operator
+#: can read and set it by the installer's rule (issues 7 and 9).
+VENDOR_KEYS = ["FallbackLimit"]
+
+
 def test_the_ocpp_keys_are_exactly_the_spec_table(config: Configuration) -> None:
     found, unknown = config.get_configuration(None)
-    assert [entry["key"] for entry in found] == SPEC_NAMES
+    names = [entry["key"] for entry in found]
+    assert [n for n in names if n not in VENDOR_KEYS] == SPEC_NAMES
+    assert sorted(set(names) - set(SPEC_NAMES)) == VENDOR_KEYS
     assert unknown == []
 
 
@@ -323,7 +330,6 @@ def test_a_value_longer_than_cistring500_is_rejected(config: Configuration) -> N
         "CentralSystemAddress",
         "metering.interval",
         "security.access_key",
-        "FallbackLimit",
     ],
 )
 def test_unknown_keys_are_not_supported_over_ocpp(
@@ -491,7 +497,7 @@ def test_get_configuration_all(config: Configuration) -> None:
         found, unknown = config.get_configuration(request)
         assert unknown == []
         names = {entry["key"] for entry in found}
-        assert names == set(SPEC_NAMES)
+        assert names == set(SPEC_NAMES) | set(VENDOR_KEYS)
         assert not names & INSTALLER_ONLY
         for entry in found:
             assert set(entry) <= {"key", "readonly", "value"}
@@ -676,15 +682,18 @@ def test_fallback_limit_above_the_station_maximum_is_rejected(
         assert bounded.get_float("FallbackLimit") == value
 
 
-def test_fallback_limit_is_not_changeable_over_ocpp(bounded: Configuration, store: Store) -> None:
-    # ChangeConfiguration (chargepoint: change_async(source="ocpp")) does not reach an
-    # installer-only key, whatever the value: NotSupported, nothing changes.
+def test_fallback_limit_over_ocpp_follows_the_same_rule(bounded: Configuration, store: Store) -> None:
+    # ChangeConfiguration (chargepoint: change_async(source="ocpp")) reaches the
+    # vendor key FallbackLimit with the installer's rule: above the maximum
+    # Rejected and nothing changes, within it Accepted and GetConfiguration shows it.
     before = store.settings()
-    for text in ("20", "10"):
-        result = bounded.change("FallbackLimit", text, source=OCPP)
-        assert result.status == "NotSupported"
+    result = bounded.change("FallbackLimit", "20", source=OCPP)
+    assert (result.status, result.key) == ("Rejected", "FallbackLimit")
     assert store.settings() == before
-    assert bounded.get_configuration(["FallbackLimit"]) == ([], ["FallbackLimit"])
+    assert bounded.change("FallbackLimit", "10", source=OCPP).status == "Accepted"
+    found, unknown = bounded.get_configuration(["FallbackLimit"])
+    assert unknown == []
+    assert found == [{"key": "FallbackLimit", "readonly": False, "value": "10"}]
 
 
 async def test_fallback_limit_above_the_maximum_rejected_async_and_all_or_nothing(
@@ -940,7 +949,7 @@ def test_typed_reads(config: Configuration) -> None:
 def test_installer_view_rows(config: Configuration) -> None:
     rows = {row["name"]: row for row in config.installer_view()}
     limit = rows["monitoring.fallback_limit"]
-    assert limit["ocpp"] is None
+    assert limit["ocpp"] == "FallbackLimit"
     assert limit["unit"] == "A" and limit["range"] == "0..80 A"
     assert "6 A" in limit["description"]
     ping = rows["monitoring.connection_check_frequency"]

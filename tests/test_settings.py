@@ -325,7 +325,7 @@ def test_every_row_has_value_unit_range_source_access(
     assert (fallback["value"], fallback["unit"], fallback["range"]) == ("10", "A", "0..16 A")
     assert (fallback["source"], fallback["access"], fallback["file"]) == (
         "file",
-        "installer",
+        "installer + central system",
         "limits.fallback",
     )
     board = by_name["board.kind"]

@@ -155,6 +155,8 @@ async def test_installer_changes_settings_in_the_browser(tmp_path: Path) -> None
         await run(save_form, driver, "monitoring.fallback_limit", "10")
         assert "Fallback limit (applied)" in await run(text_of, driver, "#message")
         assert w.registry.value("FallbackLimit") == 10.0
+        found, _ = w.registry.get_configuration(["FallbackLimit"])
+        assert found == [{"key": "FallbackLimit", "readonly": False, "value": "10"}]
         await run(save_form, driver, "monitoring.connection_check_frequency", "45")
         assert w.registry.value("WebSocketPingInterval") == 45
         found, _ = w.registry.get_configuration(["WebSocketPingInterval"])

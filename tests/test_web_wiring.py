@@ -18,6 +18,7 @@ import trio
 import trustme
 
 from ops.config import ConfigError, config_from_dict
+from tests.csms_peer import Csms, call_result, running_csms, wait_for
 from tests.test_config import minimal, with_
 from tests.web_client import WebClient
 
@@ -120,8 +121,15 @@ def _get(url: str) -> tuple[int, str, dict[str, str]]:
 def test_run_sim_serves_the_page_and_names_it_in_the_ready_line(tmp_path: Path) -> None:
     done = evse("passwd", "--data-dir", str(tmp_path), "--password-stdin", stdin="installer-pw\n")
     assert done.returncode == 0, done.stderr
+    with running_csms() as csms:
+        _run_sim_with_page(tmp_path, csms)
+
+
+def _run_sim_with_page(tmp_path: Path, csms: Csms) -> None:
+    cp = "CP-WEB"
+    argv = ["run", "--sim", "--data-dir", str(tmp_path), "--csms-url", csms.ws, "--id", cp]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ops.cli", "run", "--sim", "--data-dir", str(tmp_path)],
+        [sys.executable, "-m", "ops.cli", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -150,10 +158,27 @@ def test_run_sim_serves_the_page_and_names_it_in_the_ready_line(tmp_path: Path) 
         assert got.returncode == 0 and got.stdout.strip() == "10", got
         status = json.loads(evse("status", "--json", "--socket", socket).stdout)
         assert status["status"] == "Available"
+        # The central system reads the same value (GetConfiguration, a vendor key).
+        wait_for(csms, cp, "BootNotification", within=30)
+        found = call_result(csms, cp, "GetConfiguration", {"key": ["FallbackLimit"]})
+        assert found["configurationKey"] == [
+            {"key": "FallbackLimit", "readonly": False, "value": "10"}
+        ]
         # Refused on the page: nothing changes anywhere.
         assert not trio.run(_change_on_page, url, "installer-pw", "monitoring.fallback_limit", "99")
         got = evse("config", "get", "monitoring.fallback_limit", "--socket", socket)
         assert got.stdout.strip() == "10"
+        # Changed by the central system, by the same rule: the page shows it.
+        changed = call_result(
+            csms, cp, "ChangeConfiguration", {"key": "FallbackLimit", "value": "12"}
+        )
+        assert changed == {"status": "Accepted"}
+        refused = call_result(
+            csms, cp, "ChangeConfiguration", {"key": "FallbackLimit", "value": "99"}
+        )
+        assert refused == {"status": "Rejected"}
+        _, settings_page, _ = _get(url + "/settings")
+        assert 'data-setting="monitoring.fallback_limit">12 A<' in settings_page
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=30)
