@@ -161,21 +161,25 @@ def station(csms: Csms, data_dir: Path, *extra: str) -> Iterator[StationProcess]
 def booted(csms: Csms, boots: int = 1, cp: str = CP, within: float = 30.0) -> None:
     """Wait until the station is registered for the ``boots``-th time.
 
-    A station reports connector 0's status only once its BootNotification has
-    been accepted (and the central system's calls are served), so this is the
-    moment a test may start calling it.
+    A station reports its connectors' status only once its BootNotification has
+    been accepted (and the central system's calls are served): connector 0's,
+    then connector 1's. Once both are in, a test may start calling it, and a
+    status it then causes is never preceded by the boot's own report (TC_046
+    once counted connector 1's boot Available as the first status after its
+    ReserveNow).
     """
+
+    def reported(connector: int) -> int:
+        return len(
+            [
+                m
+                for m in calls(csms, "StatusNotification", cp)
+                if m["payload"]["connectorId"] == connector
+            ]
+        )
+
     until(
-        lambda: (
-            len(
-                [
-                    m
-                    for m in calls(csms, "StatusNotification", cp)
-                    if m["payload"]["connectorId"] == 0
-                ]
-            )
-            >= boots
-        ),
+        lambda: reported(0) >= boots and reported(1) >= boots,
         within,
         f"registration number {boots}",
     )
