@@ -129,3 +129,29 @@ class QueueError(OcppError):
         self.path = path
         self.reason = reason
         super().__init__(f"{path}: {reason}")
+
+
+class TransferError(OcppError):
+    """A firmware download or a diagnostics/log upload failed (``ocpp16.transfer``).
+
+    ``url`` is the location with any password removed; ``reason`` says how it
+    failed (refused, timed out, HTTP status, FTP reply, size cap, checksum).
+    ``retryable`` is False where another attempt cannot help (a malformed URL,
+    an unsupported scheme, a file over the size cap).
+    """
+
+    def __init__(self, url: str, reason: str, *, retryable: bool = True) -> None:
+        self.url = url
+        self.reason = reason
+        self.retryable = retryable
+        super().__init__(f"{url}: {reason}")
+
+
+class CertificateError(OcppError):
+    """A certificate, key, CSR or signature is refused (``ocpp16.certificates``):
+    ``reason`` says why (not PEM, expired, not yet valid, no chain to a root,
+    key mismatch, bad signature)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
