@@ -171,7 +171,10 @@ class SafetyMonitor:
         meter_age = now - self.meter_seen
         if meter_age > s.meter_timeout:
             wanted[Fault.METER_SILENT] = f"no meter reading for {meter_age:.1f} s"
-        if self._over_since is not None and now - self._over_since >= s.overcurrent_time:
+        # The same sum next_deadline gives (not ``now - over_since``, which can
+        # round below the allowance at that very instant and leave the checker,
+        # woken at its deadline, without a verdict until its next look).
+        if self._over_since is not None and now >= self._over_since + s.overcurrent_time:
             wanted[Fault.OVER_CURRENT] = (
                 f"{self.max_current:.1f} A drawn, {self.commanded:g} A offered"
             )

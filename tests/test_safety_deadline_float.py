@@ -1,4 +1,4 @@
-"""An open finding (found while trying to wake the safety checker less often):
+"""A finding (found while trying to wake the safety checker less often), fixed:
 ``SafetyMonitor.next_deadline`` gives the end of the over-current allowance as
 ``over_since + overcurrent_time``, and ``check`` tests ``now - over_since >=
 overcurrent_time``; at ``now`` equal to that deadline the subtraction can round
@@ -8,17 +8,15 @@ later. Today every board poll wakes the checker too, which hides it to within a
 poll (0.1 s); a checker woken only by its deadlines and by readings would be up
 to 0.25 s late (seen on the virtual clock: an over-current off 263 ms after the
 allowance instead of 84 ms). The board and meter silences add 1 ms to their
-deadlines and do not have the problem.
+deadlines and do not have the problem. ``check`` now compares against the same
+sum ``next_deadline`` gives.
 """
 
 from __future__ import annotations
 
-import pytest
-
 from evse.safety import SafetyMonitor, SafetySettings
 
 
-@pytest.mark.xfail(strict=True, reason="over-current deadline vs check: float rounding")
 def test_the_over_current_verdict_is_given_at_its_own_deadline() -> None:
     settings = SafetySettings()
     monitor = SafetyMonitor(settings, now=0.0)
