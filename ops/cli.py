@@ -1419,8 +1419,14 @@ def _explain(exc: BaseException) -> tuple[int, str] | None:
     from ops.config import ConfigError  # noqa: PLC0415
     from ops.httpjson import HTTPError  # noqa: PLC0415
     from ops.lock import LockHeld, LockUnusable  # noqa: PLC0415
-    from ops.sim.app import SimulatorError  # noqa: PLC0415
 
+    # Only a loaded simulator raises its error: importing it here would load the
+    # simulator (tty, termios) into a station that never ran it, and fail where
+    # the interpreter's files are not readable to the user dropped to.
+    sim = sys.modules.get("ops.sim.app")
+    simulator_error: tuple[type[BaseException], ...] = (
+        (sim.SimulatorError,) if sim is not None else ()
+    )
     if isinstance(exc, ConfigError | ConfigRejected):
         return EXIT_CONFIG, f"error: {exc}"
     if isinstance(exc, LockHeld):
@@ -1436,7 +1442,7 @@ def _explain(exc: BaseException) -> tuple[int, str] | None:
         return (EXIT_USAGE if exc.status in (400, 404) else EXIT_FAILED), f"error: {exc.message}"
     if isinstance(exc, PrivilegeError):
         return EXIT_FAILED, f"error: {exc}"
-    if isinstance(exc, StationUnreachable | Refused | SimulatorError | StoreError | QueueError):
+    if isinstance(exc, (StationUnreachable, Refused, StoreError, QueueError, *simulator_error)):
         return EXIT_FAILED, f"error: {exc}"
     if isinstance(exc, UsageError | ValueError | PortConfigError):
         return EXIT_USAGE, f"error: {exc}"

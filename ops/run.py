@@ -379,6 +379,18 @@ def check_data_dir(config: Config) -> None:
         raise ConfigError(source, "station.data_dir", f"{data_dir} is not a directory")
     if not os.access(data_dir, os.W_OK | os.X_OK):
         raise ConfigError(source, "station.data_dir", f"directory {data_dir} is not writable")
+    # The store and SQLite's journal files beside it: one made by another user
+    # (an `evse` command run as root before the first start) would otherwise
+    # fail deep in SQLite as "attempt to write a readonly database".
+    store = store_path(config)
+    for path in (store, store.with_name(store.name + "-wal"), store.with_name(store.name + "-shm")):
+        if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+            raise ConfigError(
+                source,
+                "station.data_dir",
+                f"{path} is not readable and writable by this user (owner uid "
+                f"{path.stat().st_uid}): give it to the station's user (chown)",
+            )
     parent = config.control.socket.parent
     if not parent.is_dir():
         raise ConfigError(source, "control.socket", f"directory {parent} does not exist")

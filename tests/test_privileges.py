@@ -135,3 +135,33 @@ def test_not_root_stays_who_it_is(data_dir: Path) -> None:
 def test_owner_of_as_the_caller() -> None:
     # Whoever runs this: a directory of root's is never "someone else's" to become.
     assert owner_of("/") is None
+
+
+@needs_root
+def test_a_store_left_by_root_is_one_line_naming_the_file(data_dir: Path) -> None:
+    """The README's trap: `evse config set` run as root (by hand, before the
+    station's user existed) left a root-owned store; `evse run` as root becomes
+    the directory's owner and then cannot write the store: exit 78, one line
+    naming the file and what to do, never SQLite's "readonly database"."""
+    from tests.test_run import write_config  # noqa: PLC0415
+
+    config = write_config(data_dir, "tcp://127.0.0.1:9")
+    store = data_dir / "data" / "station.sqlite"
+    store.write_bytes(b"")
+    store.chmod(0o600)
+    nobody = 65534
+    os.chown(data_dir / "data", nobody, nobody)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "ops.cli", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env={**env, "EVSE_LOCK_DIR": str(data_dir)},
+        cwd="/",
+    )
+    assert done.returncode == 78, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert str(store) in lines[0] and "chown" in lines[0] and "uid 0" in lines[0]
