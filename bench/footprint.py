@@ -24,6 +24,19 @@ The station runs with the installer's page off (``web.enabled = false``),
 then once more with it served on localhost and visited once before the
 window (``_web`` in the result names): what the page costs (issue 9).
 
+Both processes run as installed, not as this checkout would by itself:
+
+* from bytecode. pip compiles every module at install, and the unit's
+  ProtectSystem=strict leaves nothing writable to compile into at run time;
+  here PYTHONDONTWRITEBYTECODE is usually set and the firmware's own packages
+  have no ``.pyc``, so each start would compile them (about 1 MB more
+  resident, and CPU). ``PYTHONPYCACHEPREFIX`` points at a tree that
+  ``compileall`` fills first from the standard library, site-packages and
+  the firmware's packages (kept in the temporary directory between runs:
+  only what changed is compiled again);
+* with the unit's ``Environment=`` (``ops/systemd/evse.service``, e.g.
+  ``MALLOC_ARENA_MAX``), for the station.
+
 Targets (issue 7): RSS <= 35 MB, CPU <= 1 % of one core.
 
 ``python -m bench.footprint [--quick] [--window S]`` runs this alone (results
@@ -36,9 +49,11 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass
@@ -60,6 +75,49 @@ CPU_TARGET_PERCENT = 1.0
 BOARD, METER = "evse-din", "sdm630"
 #: Charging for this long before the window opens (start-up work, first persist).
 SETTLE = 5.0
+#: The installed unit, whose Environment= the station runs with.
+UNIT = ROOT / "ops" / "systemd" / "evse.service"
+#: The firmware's packages (the rest of the checkout is not installed).
+PACKAGES = ("evse", "fieldbus", "ocpp16", "ops")
+#: Not compiled from the standard library: nothing the station imports.
+_STDLIB_SKIP = r"[/\\](test|tests|idlelib|tkinter|turtledemo|lib2to3|ensurepip|site-packages)[/\\]"
+
+
+def unit_environment(unit: Path = UNIT) -> dict[str, str]:
+    """The ``Environment=`` assignments of ``unit`` (systemd.exec(5): space-separated
+    ``VAR=value`` words, quotes as in a shell; a later assignment wins)."""
+    env: dict[str, str] = {}
+    for line in unit.read_text().splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and key.strip() == "Environment":
+            for word in shlex.split(value):
+                name, eq, val = word.partition("=")
+                if eq:
+                    env[name] = val
+    return env
+
+
+def bytecode_prefix() -> Path:
+    """A ``PYTHONPYCACHEPREFIX`` tree holding the bytecode of everything the station
+    may import, compiled now where it is missing or stale (see the module docstring)."""
+    prefix = Path(tempfile.gettempdir()) / f"evse-footprint-pyc-{sys.implementation.cache_tag}"
+    paths = sysconfig.get_paths()
+    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(prefix)}
+    compile_all = [sys.executable, "-m", "compileall", "-q", "-j", "0"]
+    site = sorted({paths["purelib"], paths["platlib"]})
+    # Some third-party files do not compile (py2 samples, templates): not an error here.
+    for argv in (
+        [*compile_all, "-x", _STDLIB_SKIP, paths["stdlib"]],
+        [*compile_all, *site, *(str(ROOT / p) for p in PACKAGES)],
+    ):
+        subprocess.run(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, check=False)
+    return prefix
+
+
+def process_env(prefix: Path, *, station: bool) -> dict[str, str]:
+    """The environment of the simulator (``station`` False) or of the station."""
+    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(prefix)}
+    return {**env, **unit_environment()} if station else env
 
 
 def rss_kib(pid: int, key: str = "VmRSS") -> int:
@@ -200,12 +258,19 @@ async def measure(
     argv_prefix: list[str] | None = None,
     transport: str = "tcp",
     web: bool = False,
+    pyc: Path | None = None,
 ) -> Footprint:
     """The station's footprint over ``window`` seconds of charging; with ``web``, the
-    installer's page served and visited once before the window."""
+    installer's page served and visited once before the window; ``pyc`` the
+    bytecode tree (``bytecode_prefix``), compiled first when None."""
+    prefix = pyc if pyc is not None else await trio.to_thread.run_sync(bytecode_prefix)
     with (tmp / "sim.log").open("wb") as sim_log:
         sim = await trio.lowlevel.open_process(
-            sim_argv(transport), stdout=subprocess.PIPE, stderr=sim_log, cwd=ROOT
+            sim_argv(transport),
+            stdout=subprocess.PIPE,
+            stderr=sim_log,
+            cwd=ROOT,
+            env=process_env(prefix, station=False),
         )
     station: trio.Process | None = None
     try:
@@ -221,7 +286,11 @@ async def measure(
         argv = [*(argv_prefix or [sys.executable]), "-m", "ops.cli", "run", "--config", str(config)]
         with (tmp / "station.log").open("wb") as station_log:
             station = await trio.lowlevel.open_process(
-                argv, stdout=station_log, stderr=station_log, cwd=ROOT
+                argv,
+                stdout=station_log,
+                stderr=station_log,
+                cwd=ROOT,
+                env=process_env(prefix, station=True),
             )
         socket = str(data_dir / "control.sock")
         with trio.fail_after(30.0):
@@ -330,16 +399,17 @@ async def profile(window: float, tmp: Path, top: int) -> str:
 
 
 #: Where the resident memory goes: what importing each group adds to a fresh
-#: interpreter's VmRSS, in the order the station imports them.
+#: interpreter's VmRSS, in the order the station imports them (pymodbus is not
+#: imported by the station; jsonschema and the ocpp package's runtime only with
+#: the first payload validated, ocpp16/schemas.py).
 IMPORT_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("ssl (trio imports it)", ("ssl",)),
     ("trio", ("trio",)),
-    ("pymodbus", ("pymodbus",)),
     ("station core (evse, fieldbus, sqlite3)", ("evse.supervisor",)),
     (
-        "OCPP stack, loaded with no central system configured (jsonschema, ocpp.v16, "
-        "ocpp16, evse.ocpp_port)",
-        ("jsonschema", "ocpp16.schemas", "ocpp16.chargepoint", "evse.ocpp_port"),
+        "OCPP session, registry and stores, loaded with no central system configured "
+        "(ocpp16, evse.ocpp_port)",
+        ("ocpp16.chargepoint", "evse.ocpp_port"),
     ),
     ("ops (run, config, control, probe, cli)", ("ops.run", "ops.cli")),
 )
@@ -362,12 +432,13 @@ print(json.dumps(out))
 """
 
 
-def import_breakdown() -> list[tuple[str, float]]:
-    """(group, MiB) of IMPORT_GROUPS in a fresh interpreter."""
+def import_breakdown(pyc: Path) -> list[tuple[str, float]]:
+    """(group, MiB) of IMPORT_GROUPS in a fresh interpreter, run as the station is."""
     groups = json.dumps([[name, list(modules)] for name, modules in IMPORT_GROUPS])
     done = subprocess.run(
         [sys.executable, "-c", _BREAKDOWN, groups],
         cwd=ROOT,
+        env=process_env(pyc, station=True),
         capture_output=True,
         text=True,
         check=True,
@@ -375,10 +446,12 @@ def import_breakdown() -> list[tuple[str, float]]:
     return [(str(name), float(mb)) for name, mb in json.loads(done.stdout)]
 
 
-def _measure_logged(span: float, transport: str, web: bool = False) -> Footprint:
+def _measure_logged(span: float, transport: str, pyc: Path, web: bool = False) -> Footprint:
     with tempfile.TemporaryDirectory(prefix="evse-footprint-") as tmp:
         try:
-            return trio.run(partial(measure, span, Path(tmp), transport=transport, web=web))
+            return trio.run(
+                partial(measure, span, Path(tmp), transport=transport, web=web, pyc=pyc)
+            )
         except Exception:
             for log in ("station.log", "sim.log"):
                 path = Path(tmp) / log
@@ -389,12 +462,13 @@ def _measure_logged(span: float, transport: str, web: bool = False) -> Footprint
 
 def run(rec: Recorder, *, quick: bool = False, window: float | None = None) -> None:
     span = window or (15.0 if quick else 60.0)
-    parts = import_breakdown()
+    pyc = bytecode_prefix()
+    parts = import_breakdown(pyc)
     where = ", ".join(f"{name} {mb:.1f}" for name, mb in parts)
     for transport in ("tcp",) if quick else ("tcp", "rtu"):
-        _emit(rec, _measure_logged(span, transport), transport, where)
+        _emit(rec, _measure_logged(span, transport, pyc), transport, where)
     # Issue 9: what the installer's page costs (served, visited once, nobody watching).
-    _emit(rec, _measure_logged(span, "tcp", web=True), "tcp", where, web=True)
+    _emit(rec, _measure_logged(span, "tcp", pyc, web=True), "tcp", where, web=True)
 
 
 def _emit(rec: Recorder, fp: Footprint, transport: str, where: str, web: bool = False) -> None:
@@ -417,7 +491,8 @@ def _emit(rec: Recorder, fp: Footprint, transport: str, where: str, web: bool = 
         )
         + f"window "
         f"{fp.window:.0f} s while Charging ({fp.power_w} W) after {SETTLE:g} s of settling; "
-        f"SIGTERM -> exit 0"
+        f"SIGTERM -> exit 0; run as installed: from compiled bytecode, with the unit's "
+        f"Environment= ({' '.join(f'{k}={v}' for k, v in unit_environment().items()) or 'none'})"
     )
     rec.emit(
         Result(

@@ -8,6 +8,16 @@ for the response; 39 actions, the security whitepaper's included). We load
 them with ``importlib.resources`` and validate with a ``Draft4Validator``
 extended in two keywords; its asyncio runtime is not used.
 
+Nothing of this is loaded before it is needed (issue 7, resident memory): a
+station with no central system configured never validates a payload.
+jsonschema (with referencing, rpds and attrs) is imported, and each action's
+schema read, on the first validation. The package's enums (``OCPP_ENUMS``:
+the action names here, the smart-charging values in ``smart_charging.py``)
+come from ``ocpp/v16/enums.py`` loaded by itself: importing it as
+``ocpp.v16.enums`` would run ``ocpp/v16/__init__.py`` first, which imports
+the package's asyncio ChargePoint and with it asyncio, jsonschema and its
+message classes, none of which the station uses (rpc.py is its RPC, on trio).
+
 * ``multipleOf``. The smart-charging schemas require ``limit`` and
   ``minChargingRate`` to be a ``multipleOf 0.1``. jsonschema tests that in
   binary floating point: ``6.1 / 0.1 == 60.99999999999999``, so a correct 6.1
@@ -37,26 +47,61 @@ of the offending value.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import math
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from fractions import Fraction
 from importlib import resources
-from typing import Any, Literal
-
-from jsonschema import Draft4Validator, validators
-from jsonschema.exceptions import ValidationError
-from ocpp.v16.enums import Action
+from importlib.resources.abc import Traversable
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal
 
 from ocpp16.errors import CallError
 
+if TYPE_CHECKING:
+    from jsonschema.exceptions import ValidationError
+
 Direction = Literal["request", "response"]
 
+#: The ocpp package's ``v16`` directory; importing ``ocpp`` (an empty
+#: ``__init__.py``) finds it without running ``ocpp/v16/__init__.py``.
+_V16: Traversable = resources.files("ocpp") / "v16"
+#: The name ``ocpp/v16/enums.py`` is loaded under (see the module docstring).
+_ENUMS_MODULE = "ocpp16._ocpp_v16_enums"
+
+
+def _load_enums() -> ModuleType:
+    """``ocpp/v16/enums.py`` by itself (it needs nothing but the standard library),
+    from its cached bytecode like any import; once per process."""
+    loaded = sys.modules.get(_ENUMS_MODULE)
+    if loaded is not None:
+        return loaded
+    spec = importlib.util.spec_from_file_location(_ENUMS_MODULE, str(_V16 / "enums.py"))
+    if spec is None or spec.loader is None:  # pragma: no cover - the ocpp package is broken
+        raise ImportError(f"no ocpp/v16/enums.py in {_V16}")
+    module = importlib.util.module_from_spec(spec)
+    # Registered before it runs, as the import system does: pickling an enum
+    # member looks its module up by name.
+    sys.modules[_ENUMS_MODULE] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[_ENUMS_MODULE]
+        raise
+    return module
+
+
+#: The ocpp package's OCPP 1.6 enums (``Action``, ``ChargingProfileStatus``...),
+#: without its asyncio runtime.
+OCPP_ENUMS: ModuleType = _load_enums()
+
 #: The 39 OCPP 1.6 actions (core profiles and the security whitepaper's).
-ACTIONS: frozenset[str] = frozenset(a.value for a in Action)
+ACTIONS: frozenset[str] = frozenset(a.value for a in OCPP_ENUMS.Action)
 
 # jsonschema keyword -> OCPP-J 1.6 §4.2.3 code. "type" on the payload itself
 # (not an object) is a FormationViolation, see _code().
@@ -138,6 +183,8 @@ def _exact(number: object) -> Fraction | None:
 def _multiple_of(
     validator: Any, divisor: object, instance: object, schema: object
 ) -> Iterator[ValidationError]:
+    from jsonschema.exceptions import ValidationError  # noqa: PLC0415 - loaded by now
+
     if not validator.is_type(instance, "number"):
         return
     value, step = _exact(instance), _exact(divisor)
@@ -150,6 +197,8 @@ def _multiple_of(
 def _format(
     validator: Any, fmt: object, instance: object, schema: object
 ) -> Iterator[ValidationError]:
+    from jsonschema.exceptions import ValidationError  # noqa: PLC0415 - loaded by now
+
     if fmt != "date-time" or not isinstance(instance, str):
         return
     try:
@@ -158,16 +207,21 @@ def _format(
         yield ValidationError(str(exc))
 
 
-_Validator = validators.extend(
-    Draft4Validator, validators={"multipleOf": _multiple_of, "format": _format}
-)
+@functools.cache
+def _validator_class() -> Any:
+    """Draft4Validator with our two keywords; jsonschema imported on the first call."""
+    from jsonschema import Draft4Validator, validators  # noqa: PLC0415 - see the module docstring
+
+    return validators.extend(
+        Draft4Validator, validators={"multipleOf": _multiple_of, "format": _format}
+    )
 
 
 @functools.cache
 def _validator(action: str, direction: Direction) -> Any:
     name = f"{action}Response" if direction == "response" else action
-    path = resources.files("ocpp.v16") / "schemas" / f"{name}.json"
-    return _Validator(json.loads(path.read_text(encoding="utf-8-sig")))
+    path = _V16 / "schemas" / f"{name}.json"
+    return _validator_class()(json.loads(path.read_text(encoding="utf-8-sig")))
 
 
 def _field(path: Sequence[object]) -> str:

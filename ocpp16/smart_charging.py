@@ -109,19 +109,29 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Final
-
-from ocpp.v16.enums import (
-    ChargingProfileKindType,
-    ChargingProfilePurposeType,
-    ChargingProfileStatus,
-    ChargingRateUnitType,
-    ClearChargingProfileStatus,
-    RecurrencyKind,
-)
+from typing import TYPE_CHECKING, Any, Final
 
 from ocpp16.errors import CallError, OcppError
-from ocpp16.schemas import parse_date_time
+from ocpp16.schemas import OCPP_ENUMS, parse_date_time
+
+if TYPE_CHECKING:
+    # The same classes, for the type checker (their module, as written).
+    from ocpp.v16.enums import (
+        ChargingProfileKindType,
+        ChargingProfilePurposeType,
+        ChargingProfileStatus,
+        ChargingRateUnitType,
+        ClearChargingProfileStatus,
+        RecurrencyKind,
+    )
+else:
+    # The ocpp package's enums without its asyncio runtime (ocpp16/schemas.py says why).
+    ChargingProfileKindType = OCPP_ENUMS.ChargingProfileKindType
+    ChargingProfilePurposeType = OCPP_ENUMS.ChargingProfilePurposeType
+    ChargingProfileStatus = OCPP_ENUMS.ChargingProfileStatus
+    ChargingRateUnitType = OCPP_ENUMS.ChargingRateUnitType
+    ClearChargingProfileStatus = OCPP_ENUMS.ClearChargingProfileStatus
+    RecurrencyKind = OCPP_ENUMS.RecurrencyKind
 
 CHARGE_POINT_MAX: Final = ChargingProfilePurposeType.charge_point_max_profile
 TX_DEFAULT: Final = ChargingProfilePurposeType.tx_default_profile

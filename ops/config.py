@@ -37,7 +37,6 @@ relate settings to each other.
 from __future__ import annotations
 
 import datetime as dt
-import difflib
 import json
 import logging
 import math
@@ -1018,6 +1017,9 @@ def _with_unit(value: float, unit: str) -> str:
 
 
 def _suggest(word: str, candidates: Sequence[str]) -> str | None:
+    # Only for a key the file misspelt: not loaded by every start (issue 7, memory).
+    import difflib  # noqa: PLC0415
+
     close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
     return close[0] if close else None
 
