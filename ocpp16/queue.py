@@ -6,7 +6,9 @@ OCPP 1.6 asks a charge point to deliver StartTransaction, StopTransaction and
 transaction MeterValues reliably and in order, across lost connections and
 restarts. This module keeps those messages in the station's one SQLite file
 (the file ``evse/store.py`` uses), in tables of its own prefixed ``ocpp_``,
-through a connection of its own. The guarantees:
+through a connection of its own. (SecurityEventNotification has a queue of
+its own in the same file, ``SecurityEventQueue`` at the end of this module,
+which says why.) The guarantees:
 
 * **On disk before ``enqueue`` returns.** Every write is one SQLite
   transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``) in WAL mode with
@@ -792,12 +794,438 @@ class TransactionQueue(SqliteAccess):
         conn.execute("DELETE FROM ocpp_queue WHERE seq = ?", (seq,))
 
 
+# -- security events ------------------------------------------------------------------------
+#
+# SecurityEventNotification (OCPP 1.6 Security Whitepaper ed. 3, "Security events") is
+# queued here too, in the same file, but in a table of its own rather than as a fourth
+# kind of ``ocpp_queue``: that table's rules are the transaction messages' (a local
+# transaction id on every row, a Start before its followers, the cascade of a dead
+# Start, dedupe keys), none of which a security event has, and one FIFO for both would
+# make an event wait behind a StartTransaction being retried (and the reverse), while
+# OCPP 1.6 §4.10's order concerns transaction messages only. The guarantees kept:
+#
+# * **On disk when ``enqueue`` returns**, like a transaction message (BEGIN IMMEDIATE ...
+#   COMMIT, WAL, synchronous=FULL).
+# * **FIFO among security events**: ``seq`` is AUTOINCREMENT; ``head()`` is the oldest.
+# * **The message id is fixed at enqueue**, so a resend after a crash is the same message.
+# * **Critical events are never dropped.** The queue holds at most ``cap`` events; a new
+#   event over the cap removes the oldest *non-critical* pending ones (the whitepaper's
+#   table marks each event critical or not). With only critical events queued, a new
+#   non-critical one is not queued at all, and a critical one is queued over the cap.
+#   What was removed is returned, for the caller's log line.
+# * **Given up after a refusal, kept in sight.** ``failed()`` counts a CALLERROR or a
+#   timeout while connected; at ``max_attempts`` the event moves to
+#   ``ocpp_security_dead`` (the newest ``SECURITY_DEAD_KEEP`` are kept) in the same
+#   transaction. The security log file still holds it.
+#
+# The table's version is the ``security_events_schema_version`` row of ``ocpp_meta``
+# (the way ocpp16/profile_store.py keeps its own), so opening the transaction queue alone
+# never creates these tables.
+
+#: How many given-up security events are kept (the newest), for the diagnostics summary.
+SECURITY_DEAD_KEEP: Final = 100
+_SECURITY_VERSION_KEY: Final = "security_events_schema_version"
+_SECURITY_COLUMNS: Final = (
+    "seq, event_type, payload, critical, unique_id, attempts, created_at, last_error"
+)
+_SecurityRow = tuple[int, str, str, int, str, int, str, str | None]
+
+
+def _security_table(name: str, extra: str = "") -> str:
+    # AUTOINCREMENT in the pending table: a seq is never reused, so the order holds.
+    increment = " AUTOINCREMENT" if name == "ocpp_security_events" else ""
+    return f"""
+        CREATE TABLE {name} (
+            seq         INTEGER PRIMARY KEY{increment},
+            event_type  TEXT NOT NULL CHECK (typeof(event_type) = 'text'
+                            AND length(event_type) BETWEEN 1 AND 50),
+            payload     TEXT NOT NULL CHECK (json_valid(payload)
+                            AND json_type(payload) = 'object'),
+            critical    INTEGER NOT NULL CHECK (critical IN (0, 1)),
+            unique_id   TEXT NOT NULL UNIQUE CHECK (typeof(unique_id) = 'text'
+                            AND length(unique_id) BETWEEN 1 AND 36),
+            attempts    INTEGER NOT NULL CHECK (typeof(attempts) = 'integer'
+                            AND attempts >= 0),
+            created_at  TEXT NOT NULL CHECK (created_at LIKE '____-__-__T__:__:__.______Z'),
+            last_error  TEXT{extra}
+        )
+    """
+
+
+# Migrations of the security event tables: SECURITY_MIGRATIONS[n] takes their version n
+# to n + 1, in one transaction. Append only; never edit a released migration.
+SECURITY_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        _security_table("ocpp_security_events"),
+        # The cap removes the oldest non-critical event: found by this index.
+        "CREATE INDEX ocpp_security_events_by_critical ON ocpp_security_events (critical, seq)",
+        _security_table(
+            "ocpp_security_dead",
+            """,
+            reason      TEXT NOT NULL CHECK (typeof(reason) = 'text'),
+            died_at     TEXT NOT NULL CHECK (died_at LIKE '____-__-__T__:__:__.______Z')""",
+        ),
+    ),
+)
+
+#: The version of the security event tables this code writes and understands.
+SECURITY_SCHEMA_VERSION: Final = len(SECURITY_MIGRATIONS)
+
+
+@dataclass(frozen=True)
+class QueuedSecurityEvent:
+    """One SecurityEventNotification as queued (``payload`` is the request, as stored)."""
+
+    seq: int
+    event_type: str
+    payload: dict[str, Any]
+    critical: bool
+    unique_id: str  # the OCPP-J message id of every send of this event
+    attempts: int
+    created_at: datetime
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class SecurityEnqueued:
+    """What ``SecurityEventQueue.enqueue`` did."""
+
+    #: The event as queued; None when it was itself dropped (non-critical, and the
+    #: queue full of critical events).
+    queued: QueuedSecurityEvent | None
+    #: Older non-critical events removed to keep the cap, oldest first.
+    dropped: tuple[QueuedSecurityEvent, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeadSecurityEvent:
+    """A security event given up on (refused ``max_attempts`` times)."""
+
+    seq: int
+    event_type: str
+    critical: bool
+    attempts: int
+    reason: str
+    created_at: datetime
+    died_at: datetime
+
+
+def _security_event(row: _SecurityRow) -> QueuedSecurityEvent:
+    payload: dict[str, Any] = json.loads(row[2])
+    return QueuedSecurityEvent(
+        seq=row[0],
+        event_type=row[1],
+        payload=payload,
+        critical=bool(row[3]),
+        unique_id=row[4],
+        attempts=row[5],
+        created_at=_from_text(row[6]),
+        last_error=row[7],
+    )
+
+
+class SecurityEventQueue(SqliteAccess):
+    """Queued SecurityEventNotifications in the station's SQLite file (see the comment
+    above ``SECURITY_MIGRATIONS``). Open with ``SecurityEventQueue.open(path)``; the
+    methods are synchronous (trio code calls them in a worker thread)."""
+
+    _closed_message = "the security event queue is closed"
+
+    def __init__(
+        self, path: Path, connection: sqlite3.Connection, clock: Callable[[], datetime]
+    ) -> None:
+        # Use SecurityEventQueue.open: it sets and verifies the pragmas and migrates.
+        self._path = path
+        self._conn: sqlite3.Connection | None = connection
+        self._lock = threading.Lock()
+        self._clock = clock
+
+    @classmethod
+    def open(
+        cls, path: str | Path, *, clock: Callable[[], datetime] = _utc_now
+    ) -> SecurityEventQueue:
+        """Open (or create) the security event tables in the file at ``path``."""
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise _error(f"directory {path.parent} does not exist", path=path.parent)
+        if path.is_dir():
+            raise _error("is a directory, not a database file", path=path)
+        try:
+            conn = sqlite3.connect(
+                path, timeout=BUSY_TIMEOUT_S, check_same_thread=False, isolation_level=None
+            )
+        except sqlite3.Error as exc:
+            raise _error(f"cannot open: {exc}", path=path) from exc
+        queue = cls(path, conn, clock)
+        try:
+            queue._configure()
+            queue._migrate()
+        except BaseException:
+            conn.close()
+            raise
+        return queue
+
+    def close(self) -> None:
+        """Close the connection; later calls raise QueueError. Closing twice is harmless."""
+        with self._lock:
+            if self._conn is not None:
+                conn, self._conn = self._conn, None
+                with self._translate("close"):
+                    conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def schema_version(self) -> int:
+        """The version of the security event tables (their ``ocpp_meta`` row)."""
+        with self._read("read the security events' schema version") as conn:
+            return self._version(conn)
+
+    # -- the emitter's side -------------------------------------------------------------
+
+    def enqueue(
+        self, event_type: str, payload: Mapping[str, Any], *, critical: bool, cap: int
+    ) -> SecurityEnqueued:
+        """Queue a SecurityEventNotification; committed to disk when this returns.
+
+        Past ``cap`` pending events the oldest non-critical ones make room (returned in
+        ``dropped``); a critical event is always queued.
+        """
+        what = f"enqueue security event {event_type!r}"
+        if not isinstance(event_type, str) or not 1 <= len(event_type) <= 50:
+            raise _error(f"{what}: the type must be a text of 1..50 characters", path=self._path)
+        if not _is_int(cap) or cap < 1:
+            raise _error(f"{what}: cap {cap!r} is not an integer >= 1", path=self._path)
+        if not isinstance(payload, Mapping):
+            raise _error(f"{what}: the payload must be a JSON object", path=self._path)
+        try:
+            text = json.dumps(dict(payload), separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise _error(f"{what}: the payload is not JSON: {exc}", path=self._path) from exc
+        with self._write(what) as conn:
+            now = self._now(what)
+            count = int(conn.execute("SELECT count(*) FROM ocpp_security_events").fetchone()[0])
+            excess = count + 1 - cap
+            dropped: list[QueuedSecurityEvent] = []
+            if excess > 0:
+                rows = conn.execute(
+                    f"SELECT {_SECURITY_COLUMNS} FROM ocpp_security_events"  # noqa: S608
+                    " WHERE critical = 0 ORDER BY seq LIMIT ?",
+                    (excess,),
+                ).fetchall()
+                dropped = [_security_event(row) for row in rows]
+                conn.executemany(
+                    "DELETE FROM ocpp_security_events WHERE seq = ?", [(e.seq,) for e in dropped]
+                )
+                if not critical and len(dropped) < excess:
+                    # Nothing but critical events to make room with: this one goes.
+                    return SecurityEnqueued(None, tuple(dropped))
+            cursor = conn.execute(
+                "INSERT INTO ocpp_security_events (event_type, payload, critical, unique_id,"
+                " attempts, created_at) VALUES (?, ?, ?, ?, 0, ?)",
+                (event_type, text, int(bool(critical)), str(uuid.uuid4()), now),
+            )
+            seq = cursor.lastrowid
+            assert seq is not None
+            return SecurityEnqueued(self._security_pending(conn, seq), tuple(dropped))
+
+    # -- the sender's side --------------------------------------------------------------
+
+    def head(self) -> QueuedSecurityEvent | None:
+        """The oldest pending security event, or None."""
+        with self._read("read the head of the security events") as conn:
+            row = conn.execute(
+                f"SELECT {_SECURITY_COLUMNS} FROM ocpp_security_events"  # noqa: S608
+                " ORDER BY seq LIMIT 1"
+            ).fetchone()
+        return None if row is None else _security_event(row)
+
+    def delivered(self, seq: int) -> bool:
+        """The CALLRESULT of event ``seq`` came: remove it. False when it was no longer
+        pending (dropped by the cap while it was in flight)."""
+        with self._write(f"record security event {seq} as delivered") as conn:
+            cursor = conn.execute("DELETE FROM ocpp_security_events WHERE seq = ?", (seq,))
+            return cursor.rowcount > 0
+
+    def failed(self, seq: int, reason: str, *, max_attempts: int) -> bool:
+        """Count a failed attempt (CALLERROR or timeout while connected). At
+        ``max_attempts`` the event moves to the given-up table; True then, and when
+        the event was no longer pending."""
+        what = f"record a failed attempt of security event {seq}"
+        if not _is_int(max_attempts) or max_attempts < 1:
+            raise _error(f"{what}: max_attempts {max_attempts!r} is not >= 1", path=self._path)
+        if not isinstance(reason, str):
+            raise _error(f"{what}: the reason must be text", path=self._path)
+        with self._write(what) as conn:
+            row = conn.execute(
+                "SELECT attempts FROM ocpp_security_events WHERE seq = ?", (seq,)
+            ).fetchone()
+            if row is None:
+                return True
+            conn.execute(
+                "UPDATE ocpp_security_events SET attempts = attempts + 1, last_error = ?"
+                " WHERE seq = ?",
+                (reason, seq),
+            )
+            if int(row[0]) + 1 < max_attempts:
+                return False
+            conn.execute(
+                f"INSERT INTO ocpp_security_dead ({_SECURITY_COLUMNS}, reason, died_at)"  # noqa: S608
+                f" SELECT {_SECURITY_COLUMNS}, ?, ? FROM ocpp_security_events WHERE seq = ?",
+                (reason, self._now(what), seq),
+            )
+            conn.execute("DELETE FROM ocpp_security_events WHERE seq = ?", (seq,))
+            conn.execute(
+                "DELETE FROM ocpp_security_dead WHERE seq NOT IN"
+                " (SELECT seq FROM ocpp_security_dead ORDER BY seq DESC LIMIT ?)",
+                (SECURITY_DEAD_KEEP,),
+            )
+            return True
+
+    # -- reading --------------------------------------------------------------------------
+
+    def pending(self, limit: int = 1000) -> list[QueuedSecurityEvent]:
+        """The first ``limit`` pending events, in sending order."""
+        self._check_limit("list pending security events", limit)
+        with self._read("list pending security events") as conn:
+            rows = conn.execute(
+                f"SELECT {_SECURITY_COLUMNS} FROM ocpp_security_events"  # noqa: S608
+                " ORDER BY seq LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [_security_event(row) for row in rows]
+
+    def pending_count(self) -> int:
+        with self._read("count pending security events") as conn:
+            return int(conn.execute("SELECT count(*) FROM ocpp_security_events").fetchone()[0])
+
+    def dead(self, limit: int = SECURITY_DEAD_KEEP) -> list[DeadSecurityEvent]:
+        """The given-up events kept, oldest first."""
+        self._check_limit("list given-up security events", limit)
+        with self._read("list given-up security events") as conn:
+            rows = conn.execute(
+                "SELECT seq, event_type, critical, attempts, reason, created_at, died_at"
+                " FROM ocpp_security_dead ORDER BY seq LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [
+            DeadSecurityEvent(
+                seq=row[0],
+                event_type=row[1],
+                critical=bool(row[2]),
+                attempts=row[3],
+                reason=row[4],
+                created_at=_from_text(row[5]),
+                died_at=_from_text(row[6]),
+            )
+            for row in rows
+        ]
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _fail(self, message: str) -> Exception:
+        return _error(message, path=self._path)
+
+    def _configure(self) -> None:
+        """The transaction queue's pragmas, set and verified the same way (this
+        connection's own: WAL, synchronous=FULL, busy_timeout)."""
+        with self._read("configure") as conn:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            mode = str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]).lower()
+            if mode != "wal":
+                raise self._fail(
+                    f"cannot enable WAL journal mode (the file stays in {mode!r} mode)"
+                )
+            conn.execute("PRAGMA synchronous = FULL")
+            sync = int(conn.execute("PRAGMA synchronous").fetchone()[0])
+            if sync != _SYNCHRONOUS_FULL:
+                raise self._fail(f"synchronous is {sync}, not FULL (2)")
+            wanted = round(BUSY_TIMEOUT_S * 1000)
+            busy = int(conn.execute(f"PRAGMA busy_timeout = {wanted:d}").fetchone()[0])
+            if busy != wanted:
+                raise self._fail(f"busy_timeout is {busy} ms, not {wanted}")
+
+    def _check_limit(self, what: str, limit: int) -> None:
+        if not _is_int(limit) or limit < 0:
+            raise self._fail(f"{what}: limit {limit!r} is not an integer >= 0")
+
+    def _now(self, what: str) -> str:
+        try:
+            return _to_text(self._clock())
+        except (ValueError, OverflowError, AttributeError) as exc:
+            raise _error(f"{what}: bad clock reading: {exc}", path=self._path) from exc
+
+    def _security_pending(self, conn: sqlite3.Connection, seq: int) -> QueuedSecurityEvent:
+        row = conn.execute(
+            f"SELECT {_SECURITY_COLUMNS} FROM ocpp_security_events WHERE seq = ?",  # noqa: S608
+            (seq,),
+        ).fetchone()
+        if row is None:
+            raise _error(f"security event {seq} is not pending", path=self._path)
+        return _security_event(row)
+
+    @staticmethod
+    def _version(conn: sqlite3.Connection) -> int:
+        row = conn.execute(
+            "SELECT value FROM ocpp_meta WHERE key = ?", (_SECURITY_VERSION_KEY,)
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def _migrate(self) -> None:
+        """Bring the security event tables to SECURITY_SCHEMA_VERSION, one committed
+        migration at a time (the version read inside each, as the queue's)."""
+        while True:
+            with self._write("migrate the security events' schema") as conn:
+                # The same definition as the transaction queue's, whichever opens first.
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS ocpp_meta ("
+                    " key TEXT PRIMARY KEY NOT NULL CHECK (typeof(key) = 'text'),"
+                    " value INTEGER NOT NULL)"
+                )
+                version = self._version(conn)
+                if version > SECURITY_SCHEMA_VERSION:
+                    raise _error(
+                        f"security event schema version {version} is newer than this"
+                        f" firmware's {SECURITY_SCHEMA_VERSION}",
+                        path=self._path,
+                    )
+                if version == SECURITY_SCHEMA_VERSION:
+                    return
+                for statement in SECURITY_MIGRATIONS[version]:
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO ocpp_meta (key, value) VALUES (?, ?)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (_SECURITY_VERSION_KEY, version + 1),
+                )
+
+
 __all__ = [
     "CASCADE_REASON",
     "MIGRATIONS",
     "SCHEMA_VERSION",
+    "SECURITY_DEAD_KEEP",
+    "SECURITY_MIGRATIONS",
+    "SECURITY_SCHEMA_VERSION",
     "DeadLetter",
+    "DeadSecurityEvent",
     "MessageKind",
     "QueuedMessage",
+    "QueuedSecurityEvent",
+    "SecurityEnqueued",
+    "SecurityEventQueue",
     "TransactionQueue",
 ]

@@ -21,17 +21,54 @@ otherwise. systemd tells a service its stderr is a journal stream by setting
 ``$JOURNAL_STREAM`` to ``DEVICE:INODE`` of that stream (systemd.exec(5)); the
 variable is inherited by children whose stderr may be something else (a pipe
 to ``less``, a file), so it counts only when it names fd 2 itself.
+
+The station's own log files
+---------------------------
+Besides stderr, ``install_file_logs`` keeps the station's log in its data
+directory, for GetDiagnostics and GetLog (OCPP 1.6 §6.27, Security Whitepaper
+ed. 3 "GetLog"), which must send the entries of a time window whatever
+journald kept:
+
+* ``<data_dir>/log/evse.log``: every record, JSON lines (``ts`` UTC, so a
+  window is selected by comparing times, never by parsing local text);
+* ``<data_dir>/log/security.log``: the ``evse.security`` logger's records
+  alone, i.e. every security event (``ocpp16.security_events``), kept apart so
+  that a busy main log never rotates the security history away.
+
+Rotation is by size (``RotatingFileHandler``): ``evse.log`` 2 MiB x 5 files,
+``security.log`` 1 MiB x 3 files, 13 MiB at most on the gateway's flash. A
+JSON line is about 150 bytes; an idle station logs a few lines an hour and a
+charging session a few dozen, so the main log covers months of ordinary use,
+and about 18 hours of a fault that logs a line every second (the case where the
+window matters most). A security event is one line; 3 MiB hold some 20 000.
+Compressed for an upload, 10 MiB of JSON lines is about 1 MB. Files are 0640
+(the directory 0750): the log names id tags and addresses.
+
+Writes never block the caller for long: the root logger gets a
+``QueueHandler`` whose queue a ``QueueListener`` thread drains into the two
+files, so the trio thread only formats the message and puts it on a bounded
+queue. When the queue is full (a disk that stalls), ordinary records are
+dropped and counted (the count is logged once there is room again); a
+security record waits for room up to ``SECURITY_WAIT`` seconds first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
 import json
 import logging
+import logging.handlers
 import os
+import queue
 import sys
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from pathlib import Path
+from typing import IO, Any, Literal
 
 Format = Literal["auto", "journal", "text", "json"]
 FORMATS: tuple[Format, ...] = ("auto", "journal", "text", "json")
@@ -168,7 +205,9 @@ def configure(
     root.setLevel(level.upper() if isinstance(level, str) else level)
     concrete = resolve(fmt, environ)
     ours = [h for h in root.handlers if isinstance(h, StderrHandler)]
-    others = [h for h in root.handlers if not isinstance(h, StderrHandler)]
+    # The log files' handler (``install_file_logs``) is ours too: it does not make
+    # the root logger "configured by someone else".
+    others = [h for h in root.handlers if not isinstance(h, StderrHandler | FileLogHandler)]
     if others and not force and not ours:
         return concrete
     for handler in ours:
@@ -177,3 +216,312 @@ def configure(
     handler.setFormatter(formatter(concrete))
     root.addHandler(handler)
     return concrete
+
+
+# --- the station's own log files -----------------------------------------------------
+
+#: The logger every security event is written to (``ocpp16.security_events``).
+SECURITY_LOGGER = "evse.security"
+#: Under the data directory.
+LOG_DIR = "log"
+MAIN_LOG = "evse.log"
+SECURITY_LOG = "security.log"
+#: Sizes and counts (see the module docstring for why).
+MAIN_MAX_BYTES = 2 * 1024 * 1024
+MAIN_BACKUPS = 4
+SECURITY_MAX_BYTES = 1024 * 1024
+SECURITY_BACKUPS = 2
+FILE_MODE = 0o640
+DIR_MODE = 0o750
+#: Records waiting for the writer thread; past this, records are dropped.
+QUEUE_SIZE = 10_000
+#: How long a security record waits for room in a full queue (seconds).
+SECURITY_WAIT = 0.5
+
+LogKind = Literal["main", "security"]
+
+
+def log_dir(data_dir: Path) -> Path:
+    return Path(data_dir) / LOG_DIR
+
+
+def log_files(data_dir: Path, kind: LogKind = "main") -> list[Path]:
+    """The files of one log that exist, oldest first (``evse.log.4`` .. ``evse.log``)."""
+    name = MAIN_LOG if kind == "main" else SECURITY_LOG
+    directory = log_dir(data_dir)
+    backups: list[tuple[int, Path]] = []
+    with contextlib.suppress(OSError):
+        for path in directory.glob(name + ".*"):
+            suffix = path.name[len(name) + 1 :]
+            if suffix.isdigit():
+                backups.append((int(suffix), path))
+    files = [path for _, path in sorted(backups, reverse=True)]
+    current = directory / name
+    if current.is_file():
+        files.append(current)
+    return files
+
+
+def is_security_record(record: logging.LogRecord) -> bool:
+    return record.name == SECURITY_LOGGER or record.name.startswith(SECURITY_LOGGER + ".")
+
+
+class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotating file created (and kept) with ``FILE_MODE``, whatever the umask."""
+
+    def _open(self) -> io.TextIOWrapper:
+        fd = os.open(
+            self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE
+        )
+        try:
+            # A file left by an older firmware or another umask: the mode is ours.
+            os.fchmod(fd, FILE_MODE)
+            return open(fd, "a", encoding="utf-8", errors=self.errors)
+        except BaseException:
+            os.close(fd)
+            raise
+
+
+class FileLogHandler(logging.handlers.QueueHandler):
+    """The root logger's side of the log files: format the message, queue the record.
+
+    Unlike ``QueueHandler.prepare``, the traceback is kept apart (``exc_text``), so
+    the file's JSON line has it in ``exc`` as the stderr JSON format does.
+    """
+
+    def __init__(self, records: queue.Queue[logging.LogRecord]) -> None:
+        super().__init__(records)
+        self.records = records
+        self._exc_formatter = logging.Formatter()
+        #: Records dropped because the queue was full, not yet reported.
+        self._unreported = 0
+        #: Every record dropped since install.
+        self.dropped = 0
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record = copy.copy(record)
+        message = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self._exc_formatter.formatException(record.exc_info)
+        record.message = message
+        record.msg = message
+        record.args = None
+        record.exc_info = None
+        return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        # Called under the handler's lock (Handler.handle): the counters are safe.
+        if self._unreported:
+            note = logging.LogRecord(
+                __name__,
+                logging.WARNING,
+                __file__,
+                0,
+                f"{self._unreported} log record(s) not written to the log files (queue full)",
+                None,
+                None,
+            )
+            try:
+                self.records.put_nowait(note)
+                self._unreported = 0
+            except queue.Full:
+                pass
+        try:
+            self.records.put_nowait(record)
+            return
+        except queue.Full:
+            if is_security_record(record):
+                try:
+                    self.records.put(record, timeout=SECURITY_WAIT)
+                    return
+                except queue.Full:
+                    pass
+        self.dropped += 1
+        self._unreported += 1
+
+
+@dataclass
+class FileLogs:
+    """The log files in force (``install_file_logs``); ``close()`` stops them."""
+
+    directory: Path
+    main: Path
+    security: Path
+    handler: FileLogHandler
+    listener: logging.handlers.QueueListener
+    _security_level: int
+    _closed: bool = False
+
+    @property
+    def dropped(self) -> int:
+        """Records dropped because the writer could not keep up."""
+        return self.handler.dropped
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every record queued so far is in the files; False on timeout."""
+        done = threading.Event()
+        marker = logging.LogRecord(__name__, logging.DEBUG, __file__, 0, "", None, None)
+        marker.flush_event = done
+        try:
+            self.handler.records.put(marker, timeout=timeout)
+        except queue.Full:
+            return False
+        return done.wait(timeout)
+
+    def close(self) -> None:
+        """Remove the handler, write what is queued, close the files. Twice is harmless."""
+        if self._closed:
+            return
+        self._closed = True
+        _current[:] = [logs for logs in _current if logs is not self]
+        logging.getLogger().removeHandler(self.handler)
+        self.listener.stop()
+        for handler in self.listener.handlers:
+            handler.close()
+        logging.getLogger(SECURITY_LOGGER).setLevel(self._security_level)
+
+    def __enter__(self) -> FileLogs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Listener(logging.handlers.QueueListener):
+    """Hands records to the files; a flush marker (``FileLogs.flush``) is answered."""
+
+    def __init__(self, records: queue.Queue[logging.LogRecord], *handlers: logging.Handler) -> None:
+        super().__init__(records, *handlers, respect_handler_level=True)
+        self._records: queue.Queue[Any] = records
+
+    def enqueue_sentinel(self) -> None:
+        # QueueListener's put_nowait would raise on a full queue: wait for room
+        # instead (the handler is already removed, so only this thread drains it).
+        # Its sentinel is None (logging.handlers.QueueListener._sentinel).
+        self._records.put(None)
+
+    def handle(self, record: logging.LogRecord) -> None:
+        event = getattr(record, "flush_event", None)
+        if event is not None:
+            for handler in self.handlers:
+                handler.flush()
+            event.set()
+            return
+        super().handle(record)
+
+
+#: The FileLogs in force (one at a time: installing again replaces it).
+_current: list[FileLogs] = []
+
+
+def install_file_logs(
+    data_dir: Path,
+    *,
+    max_bytes: int = MAIN_MAX_BYTES,
+    backups: int = MAIN_BACKUPS,
+    security_max_bytes: int = SECURITY_MAX_BYTES,
+    security_backups: int = SECURITY_BACKUPS,
+    queue_size: int = QUEUE_SIZE,
+) -> FileLogs:
+    """Start the station's log files under ``<data_dir>/log/`` (see the module docstring).
+
+    Every record of the root logger goes to ``evse.log``; the ``evse.security``
+    records also go to ``security.log``. The ``evse.security`` logger is set to
+    INFO (when it would filter more) so that no security event is ever left out
+    by a quieter root level. Called again, it replaces the files it started.
+    OSError when the directory cannot be made or a file opened.
+    """
+    while _current:
+        _current[0].close()
+    directory = log_dir(data_dir)
+    directory.mkdir(mode=DIR_MODE, exist_ok=True)
+    formatter = JsonFormatter()
+    main = _PrivateRotatingFileHandler(
+        directory / MAIN_LOG, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+    )
+    try:
+        security = _PrivateRotatingFileHandler(
+            directory / SECURITY_LOG,
+            maxBytes=security_max_bytes,
+            backupCount=security_backups,
+            encoding="utf-8",
+        )
+    except BaseException:
+        main.close()
+        raise
+    main.setFormatter(formatter)
+    security.setFormatter(formatter)
+    security.addFilter(is_security_record)
+    records: queue.Queue[logging.LogRecord] = queue.Queue(queue_size)
+    handler = FileLogHandler(records)
+    listener = _Listener(records, main, security)
+    security_logger = logging.getLogger(SECURITY_LOGGER)
+    level = security_logger.level
+    if security_logger.getEffectiveLevel() > logging.INFO:
+        security_logger.setLevel(logging.INFO)
+    listener.start()
+    logging.getLogger().addHandler(handler)
+    logs = FileLogs(
+        directory=directory,
+        main=directory / MAIN_LOG,
+        security=directory / SECURITY_LOG,
+        handler=handler,
+        listener=listener,
+        _security_level=level,
+    )
+    _current.append(logs)
+    return logs
+
+
+# --- reading a time window ---------------------------------------------------------------
+
+
+def entry_time(line: str) -> datetime | None:
+    """The UTC time of one JSON log line (its ``ts``), None if it is not one."""
+    try:
+        entry: Any = json.loads(line)
+    except ValueError:
+        return None
+    ts = entry.get("ts") if isinstance(entry, dict) else None
+    if not isinstance(ts, str):
+        return None
+    try:
+        at = datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return at if at.tzinfo is not None else None
+
+
+def select_lines(
+    paths: Sequence[Path], start: datetime | None = None, stop: datetime | None = None
+) -> Iterator[str]:
+    """The JSON lines of ``paths`` (oldest file first) whose time is within
+    ``start``..``stop`` (both inclusive; None: open), in file order.
+
+    Every line is compared (no search by position): the system clock may have
+    been stepped, so a file's times are not always in order. A line that is not a
+    JSON entry (torn by a power loss) is left out. Every file is opened before
+    any is read, so a rotation meanwhile neither skips nor repeats a file.
+    """
+    for at in (start, stop):
+        if at is not None and at.utcoffset() is None:
+            raise ValueError(f"naive datetime {at.isoformat()} (a timezone is required)")
+    files: list[IO[str]] = []
+    try:
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                files.append(path.open(encoding="utf-8", errors="replace"))
+        for file in files:
+            for raw in file:
+                line = raw.rstrip("\n")
+                at = entry_time(line)
+                if at is None:
+                    continue
+                if start is not None and at < start:
+                    continue
+                if stop is not None and at > stop:
+                    continue
+                yield line
+    finally:
+        for file in files:
+            file.close()

@@ -1,17 +1,21 @@
 """ops/logs.py: journald lines (priority prefix, no timestamp) when stderr is the journal,
-timestamped text otherwise, JSON lines when asked (issue 9: two timestamps, no severity)."""
+timestamped text otherwise, JSON lines when asked (issue 9: two timestamps, no severity);
+the station's own rotating JSON log files and their time windows (issue 10)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import queue as queue_module
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -205,3 +209,249 @@ def test_log_format_json_is_one_object_per_line(tmp_path: Path) -> None:
         e["logger"] == "ops.run" and e["level"] == "INFO" and "running" in e["message"]
         for e in entries
     )
+
+
+# --- the station's own log files (issue 10) ------------------------------------------
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture
+def chatty() -> Iterator[logging.Logger]:
+    """A logger that passes DEBUG whatever the root level (pytest leaves it at WARNING)."""
+    logger = logging.getLogger("evse.test_logs")
+    logger.setLevel(logging.DEBUG)
+    yield logger
+    logger.setLevel(logging.NOTSET)
+
+
+def test_every_record_goes_to_evse_log_and_security_records_also_to_security_log(
+    tmp_path: Path, chatty: logging.Logger
+) -> None:
+    with logs.install_file_logs(tmp_path) as files:
+        chatty.info("meter %d answered", 2)
+        logging.getLogger("evse.security").info("StartupOfTheDevice (critical)")
+        logging.getLogger("evse.security.sub").warning("InvalidMessages: 3 frames")
+        try:
+            raise RuntimeError("the board is gone")
+        except RuntimeError:
+            chatty.exception("poll %s failed", "board")
+        assert files.flush()
+        assert files.main == tmp_path / "log" / "evse.log"
+        main = json_lines(files.main)
+        security = json_lines(files.security)
+    assert [e["message"] for e in main] == [
+        "meter 2 answered",
+        "StartupOfTheDevice (critical)",
+        "InvalidMessages: 3 frames",
+        "poll board failed",
+    ]
+    assert all(set(e) == {"ts", "level", "logger", "message", "exc"} for e in main)
+    # The traceback is kept apart from the message, as on stderr's JSON format.
+    assert main[3]["exc"].startswith("Traceback") and "the board is gone" in main[3]["exc"]
+    assert [e["message"] for e in security] == [
+        "StartupOfTheDevice (critical)",
+        "InvalidMessages: 3 frames",
+    ]
+    assert [e["logger"] for e in security] == ["evse.security", "evse.security.sub"]
+    for entry in main:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["ts"])
+
+
+def test_files_are_0640_in_a_0750_directory_whatever_the_umask(
+    tmp_path: Path, chatty: logging.Logger
+) -> None:
+    (tmp_path / "log").mkdir(mode=0o700)
+    (tmp_path / "log" / "security.log").write_text("")
+    (tmp_path / "log" / "security.log").chmod(0o666)  # left by someone else
+    old = os.umask(0)
+    try:
+        with logs.install_file_logs(tmp_path, max_bytes=300, backups=1) as files:
+            for n in range(10):
+                chatty.info("line %d of some length to rotate quickly", n)
+            assert files.flush()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "log" / "evse.log.1").exists()
+    for path in (files.main, files.security, tmp_path / "log" / "evse.log.1"):
+        assert mode_of(path) == 0o640, path
+    # An existing directory keeps its (stricter) mode; a new one is 0750.
+    assert mode_of(tmp_path / "log") == 0o700
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    with logs.install_file_logs(fresh):
+        pass
+    assert mode_of(fresh / "log") == 0o750 & ~old
+
+
+def test_rotation_keeps_the_count_and_the_size_and_loses_only_the_oldest(
+    tmp_path: Path, chatty: logging.Logger
+) -> None:
+    with logs.install_file_logs(tmp_path, max_bytes=2000, backups=2) as files:
+        for n in range(200):
+            chatty.info("record %03d", n)
+        assert files.flush()
+    names = sorted(p.name for p in (tmp_path / "log").iterdir())
+    assert names == ["evse.log", "evse.log.1", "evse.log.2", "security.log"]
+    paths = logs.log_files(tmp_path)
+    assert [p.name for p in paths] == ["evse.log.2", "evse.log.1", "evse.log"]
+    kept: list[int] = []
+    for path in paths:
+        assert path.stat().st_size <= 2000
+        kept += [int(e["message"].split()[1]) for e in json_lines(path)]
+    # Oldest first across the files, consecutive, ending with the last record.
+    assert kept == list(range(kept[0], 200))
+    assert kept[0] > 0  # the oldest went
+    assert logs.log_files(tmp_path, "security") == [tmp_path / "log" / "security.log"]
+
+
+def test_the_security_logger_passes_info_while_installed(tmp_path: Path) -> None:
+    security = logging.getLogger("evse.security")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.WARNING)
+    try:
+        with logs.install_file_logs(tmp_path) as files:
+            security.info("ResetOrReboot (critical)")
+            logging.getLogger("evse.other").info("not at WARNING")
+            assert files.flush()
+            assert [e["message"] for e in json_lines(files.security)] == [
+                "ResetOrReboot (critical)"
+            ]
+            assert [e["message"] for e in json_lines(files.main)] == ["ResetOrReboot (critical)"]
+        assert security.level == logging.NOTSET  # restored
+    finally:
+        root.setLevel(level)
+
+
+def test_installing_again_replaces_and_close_removes_the_handler(tmp_path: Path) -> None:
+    root = logging.getLogger()
+    (tmp_path / "a").mkdir()
+    first = logs.install_file_logs(tmp_path / "a")
+    second = logs.install_file_logs(tmp_path)
+    try:
+        ours = [h for h in root.handlers if isinstance(h, logs.FileLogHandler)]
+        assert ours == [second.handler]
+        assert first.handler not in root.handlers
+    finally:
+        second.close()
+        second.close()  # twice is harmless
+        first.close()
+    assert not any(isinstance(h, logs.FileLogHandler) for h in root.handlers)
+
+
+def test_configure_still_installs_stderr_beside_the_file_handler(
+    tmp_path: Path, our_handler: None
+) -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers = []  # as in `evse run`: no pytest handlers
+    try:
+        with logs.install_file_logs(tmp_path):
+            logs.configure(logging.INFO, "json", environ={})
+            assert sum(isinstance(h, logs.StderrHandler) for h in root.handlers) == 1
+    finally:
+        root.handlers = saved
+
+
+def test_a_full_queue_drops_ordinary_records_counts_them_and_says_so() -> None:
+    records: queue_module.Queue[logging.LogRecord] = queue_module.Queue(1)
+    handler = logs.FileLogHandler(records)
+    for n in range(3):
+        handler.handle(record(logging.INFO, "r%d", n))
+    assert handler.dropped == 2
+    assert records.get_nowait().getMessage() == "r0"
+    handler.handle(record(logging.INFO, "r3"))
+    # The note about the lost records goes first; r3 finds no room after it.
+    note = records.get_nowait()
+    assert note.levelno == logging.WARNING
+    assert note.getMessage() == "2 log record(s) not written to the log files (queue full)"
+    assert handler.dropped == 3
+
+
+class RoomAfterWaiting(queue_module.Queue[logging.LogRecord]):
+    """A full queue whose writer frees a place while a ``put`` waits."""
+
+    waits: list[float | None]
+
+    def put(
+        self, item: logging.LogRecord, block: bool = True, timeout: float | None = None
+    ) -> None:
+        if block:  # put_nowait is put(block=False): no wait, no room
+            self.waits.append(timeout)
+            self.get_nowait()
+        super().put(item, block, timeout)
+
+
+def test_a_security_record_waits_for_room_in_a_full_queue() -> None:
+    records = RoomAfterWaiting(1)
+    records.waits = []
+    records.put_nowait(record(logging.INFO, "filler"))
+    handler = logs.FileLogHandler(records)
+    handler.handle(record(logging.INFO, "ordinary"))
+    assert handler.dropped == 1 and records.waits == []  # put_nowait only, then dropped
+    handler.handle(record(logging.WARNING, "InvalidMessages", name="evse.security"))
+    assert records.waits == [logs.SECURITY_WAIT]
+    assert handler.dropped == 1
+    assert records.get_nowait().getMessage() == "InvalidMessages"
+
+
+def entry_line(at: datetime, message: str) -> str:
+    rec = record(logging.INFO, message)
+    rec.created = at.timestamp()
+    return logs.JsonFormatter().format(rec)
+
+
+def test_window_selection_is_by_time_inclusive_across_files_and_clock_steps(
+    tmp_path: Path,
+) -> None:
+    t0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    directory = tmp_path / "log"
+    directory.mkdir()
+    older = [entry_line(t0 + timedelta(seconds=s), f"old {s}") for s in (0, 10, 20)]
+    (directory / "evse.log.1").write_text("\n".join(older) + "\n")
+    newer = [
+        entry_line(t0 + timedelta(seconds=30), "new 30"),
+        '{"ts": "2026-03-01T12:00:35.000Z", "level": "INFO", "log',  # torn by a power loss
+        "plain text, not an entry",
+        # The clock was stepped back: this line is in the window though it comes later.
+        entry_line(t0 + timedelta(seconds=15), "stepped 15"),
+        entry_line(t0 + timedelta(seconds=40), "new 40"),
+    ]
+    (directory / "evse.log").write_text("\n".join(newer) + "\n")
+
+    def select(start: datetime | None, stop: datetime | None) -> list[str]:
+        lines = logs.select_lines(logs.log_files(tmp_path), start, stop)
+        return [json.loads(line)["message"] for line in lines]
+
+    assert select(None, None) == ["old 0", "old 10", "old 20", "new 30", "stepped 15", "new 40"]
+    # Bounds are inclusive, to the millisecond the line carries.
+    assert select(t0 + timedelta(seconds=10), t0 + timedelta(seconds=30)) == [
+        "old 10",
+        "old 20",
+        "new 30",
+        "stepped 15",
+    ]
+    assert select(t0 + timedelta(seconds=10, milliseconds=1), t0 + timedelta(seconds=29)) == [
+        "old 20",
+        "stepped 15",
+    ]
+    assert select(t0 + timedelta(seconds=41), None) == []
+    with pytest.raises(ValueError, match="naive"):
+        list(logs.select_lines([], datetime(2026, 3, 1), None))
+
+
+def test_closing_waits_for_room_for_the_writers_stop_mark() -> None:
+    records = RoomAfterWaiting(1)
+    records.waits = []
+    records.put_nowait(record(logging.INFO, "the writer is behind"))
+    listener = logs._Listener(records)
+    listener.enqueue_sentinel()  # QueueListener's own would raise queue.Full here
+    assert records.waits == [None]
+    assert records.get_nowait() is None  # QueueListener's sentinel
