@@ -88,14 +88,32 @@ _CONNECTION_KEYS = frozenset(
     {
         "SecurityProfile",
         "AuthorizationKey",
+        "BasicAuthPasswordForm",
         "CentralSystemAddress",
         "ChargePointId",
         "CentralSystemRootCertificate",
+        "ChargePointCertificate",
+        "ChargePointPrivateKey",
         "WebSocketPingInterval",
         "ReconnectFrequency",
         "ConnectionEnabled",
     }
 )
+#: Security Whitepaper ed. 3, appendix "Security events": a security parameter
+#: was changed (critical). Raised for these keys, and when a raised
+#: SecurityProfile is taken back because it did not connect.
+RECONFIGURATION_OF_SECURITY_PARAMETERS = "ReconfigurationOfSecurityParameters"
+_SECURITY_PARAMETERS = frozenset({"SecurityProfile", "AuthorizationKey", "BasicAuthPasswordForm"})
+
+#: ``emit(event_type, tech_info)``: raises a security event (the security log and
+#: SecurityEventNotification; ``ocpp16.security_events``). Sync, never blocks.
+Emit = Callable[[str, str | None], None]
+
+
+def _no_event(event_type: str, tech_info: str | None) -> None:
+    log.debug("security event %s (%s): no security log wired", event_type, tech_info)
+
+
 #: Configuration keys a waiting task times itself by.
 _TIMING_KEYS = frozenset(
     {"HeartbeatInterval", "MeterValueSampleInterval", "ClockAlignedDataInterval"}
@@ -175,8 +193,17 @@ class ChargePoint:
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         local_auth: LocalAuth | None = None,
         charging_profiles: ProfileStore | None = None,
+        emit: Emit | None = None,
     ) -> None:
         self.config = config
+        #: Security events: the transport's (certificate, TLS version, cipher,
+        #: refused credentials) and this module's (security parameters changed,
+        #: a profile raise taken back).
+        self.emit: Emit = emit if emit is not None else _no_event
+        #: Woken when the SecurityProfile trial begins or ends (``_profile_trials``).
+        self._trial_changed = trio.Event()
+        #: True while a trial's fallback writes the previous profile back.
+        self._restoring = False
         self.queue = queue
         self.station = station
         self.identity = identity
@@ -464,6 +491,7 @@ class ChargePoint:
             self._nursery_for_background = background
             for task in self.profiles.tasks(Lifetime.CHARGE_POINT):
                 background.start_soon(task.run, name=task.name)
+            background.start_soon(self._profile_trials, name="security profile trial")
             await self._connect_forever()
 
     # What run() starts for Core, by the names the test rig (tests/chargepoint_rig.py)
@@ -488,7 +516,9 @@ class ChargePoint:
                 continue
             from ocpp16.transport import Link  # noqa: PLC0415 - see the imports
 
-            self._link = Link(settings, on_status=self._set_link)
+            self._link = Link(
+                settings, on_status=self._set_link, on_security_event=self._security_event
+            )
             try:
                 with trio.CancelScope() as self._link_scope:
                     await self._link.run(self._session)
@@ -503,7 +533,18 @@ class ChargePoint:
         finally:
             unsubscribe()
 
+    def _security_event(self, event_type: str, tech_info: str | None) -> None:
+        try:
+            self.emit(event_type, tech_info)
+        except Exception:
+            log.exception("security event %s not raised", event_type)
+
     def _config_changed(self, name: str, value: object) -> None:
+        if name in _SECURITY_PARAMETERS and not self._restoring:
+            shown = "changed" if name == "AuthorizationKey" else f"set to {value}"
+            self._security_event(RECONFIGURATION_OF_SECURITY_PARAMETERS, f"{name} {shown}")
+        if name == "SecurityProfile":
+            self._poke_trial()
         if name == "HeartbeatInterval":
             # A ChangeConfiguration overrides the interval the boot answer gave.
             self._heartbeat_interval = None
@@ -549,6 +590,74 @@ class ChargePoint:
 
                 self.channel.after_answer(f"reconnect ({name} changed)", reconnect)
 
+    # -- security profile raises on trial (Security Whitepaper ed. 3, security profiles) ---
+
+    def _poke_trial(self) -> None:
+        self._trial_changed.set()
+        self._trial_changed = trio.Event()
+
+    async def _profile_trials(self) -> None:
+        """Take back a SecurityProfile raise that does not connect in time.
+
+        The central system raised the profile (``Configuration.central_system_change``
+        put it on trial, kept in the store: a restart meanwhile, such as the
+        Reset the OCTT sends after the change, starts the wait again). If no
+        WebSocket with the new profile opens within SecurityProfileFallbackTime,
+        the previous profile and address are restored and persisted, a security
+        event says so, and the station reconnects with them. Once one opens,
+        the raise stands for good: it is never taken back later (OCTT TC_083:
+        no return to profile 1 after an upgrade to 2).
+        """
+        while True:
+            trial = self.config.profile_trial()
+            if trial is None:
+                await self._trial_changed.wait()
+                continue
+            wait = float(self.config.get_int("SecurityProfileFallbackTime"))
+            with trio.move_on_after(wait):
+                while self.config.profile_trial() is trial:
+                    await self._trial_changed.wait()
+                continue  # proven, replaced or voided in time
+            if self.config.profile_trial() is not trial:
+                continue
+            if (
+                self.config.get_int("SecurityProfile") != trial.profile
+                or self.config.get_str("CentralSystemAddress") != trial.address
+            ):
+                # Changed since by the installer: theirs to keep, not ours to undo.
+                log.info("security profile trial void: the profile or address changed since")
+                await self.config.end_profile_trial_async(restore=False)
+                continue
+            self._restoring = True
+            try:
+                await self.config.end_profile_trial_async(restore=True)
+            finally:
+                self._restoring = False
+            self._security_event(
+                RECONFIGURATION_OF_SECURITY_PARAMETERS,
+                f"SecurityProfile {trial.profile} did not connect within {wait:g} s:"
+                f" back to {trial.previous_profile}",
+            )
+
+    async def _prove_trial(self, conn: Connection) -> None:
+        """A connection opened: if it uses the profile on trial, the raise stands."""
+        trial = self.config.profile_trial()
+        settings = getattr(conn, "settings", None)  # test rigs' connections have none
+        if trial is None or settings is None:
+            return
+        if settings.security_profile != trial.profile or (
+            trial.address and settings.central_system_url != trial.address
+        ):
+            return
+        # The WebSocket is open: TLS verified the server (profiles 2, 3), the
+        # central system accepted our credentials (Basic auth, client
+        # certificate). That is what a security profile is; BootNotification is
+        # registration, and a registered station does not send it again here.
+        with trio.CancelScope(shield=True):
+            await self.config.end_profile_trial_async(restore=False)
+        log.info("security profile %d connected: the raise stands", trial.profile)
+        self._poke_trial()
+
     def _set_link(self, status: LinkStatus) -> None:
         self.link_status = status
         log.debug("central system link: %s %s", status.state.value, status.reason)
@@ -557,6 +666,7 @@ class ChargePoint:
 
     async def _session(self, conn: Connection) -> None:
         """One connection: the channel's tasks, the registration, then the rest."""
+        await self._prove_trial(conn)
         self.channel.open(conn)
         try:
             async with trio.open_nursery() as nursery:

@@ -33,6 +33,16 @@ call, which the store makes all-or-nothing, so a Rejected change, or a store
 that fails, leaves everything as it was. Only after the write are the cached
 values replaced and the subscribers told.
 
+The central system's ChangeConfiguration goes through ``central_system_change``:
+the same rules, plus what a SecurityProfile raise implies (Security Whitepaper
+ed. 3; docs/security.md). A raise from 0/1 to 2/3 also switches a ws://
+CentralSystemAddress to wss:// (``tls_address``: OCPP has no key for it), and
+every raise is put on trial (``ProfileTrial``, stored with it in one write):
+the charge point restores the previous profile and address if the new one does
+not connect within SecurityProfileFallbackTime (``end_profile_trial``), the one
+way SecurityProfile ever goes down. With ``credentials`` given, a profile's
+prerequisites (root certificate, client certificate) are checked too.
+
 The file and the command line: a few keys take their first value from the
 TOML file (``Key.file``: FallbackLimit from ``limits.fallback``, ChargePointId
 from ``station.id``, ...). ``seed`` applies them at every start by one rule,
@@ -78,6 +88,7 @@ value.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -85,7 +96,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import trio
 
@@ -137,6 +148,13 @@ BOUND_PREFIX: Final = "bound."
 
 #: The ``source`` of a change made by the central system.
 OCPP: Final = "ocpp"
+
+#: Settings-store key of a security profile raise on trial (``ProfileTrial``).
+TRIAL_KEY: Final = "trial.SecurityProfile"
+
+#: How the AuthorizationKey becomes the Basic auth password (the
+#: BasicAuthPasswordForm key; ``ocpp16.transport.basic_auth_password``).
+AUTHORIZATION_KEY_FORMS: Final = ("hex", "literal")
 
 #: OCPP 1.6 §7 ConfigurationStatus.
 ConfigurationStatus = Literal["Accepted", "Rejected", "RebootRequired", "NotSupported"]
@@ -444,7 +462,9 @@ KEYS: Final[tuple[Key, ...]] = (
         Kind.STR,
         "",
         "HTTP Basic authentication password for the central system (security profiles "
-        "1 and 2). Write-only: never shown. A change reconnects the session.",
+        "1 and 2), in hex: 32..40 hex digits are the 16..20 bytes sent (Security "
+        "Whitepaper; BasicAuthPasswordForm literal sends the text itself). Write-only: "
+        "never shown. A change reconnects the session.",
         access=Access.W,
         lo=32,
         hi=40,
@@ -586,6 +606,32 @@ KEYS: Final[tuple[Key, ...]] = (
         installer="monitoring.fallback_limit",
         file="limits.fallback",
     ),
+    # -- security profile and Basic auth rules of this firmware (docs/security.md);
+    #    set with `evse config set` (not on the section 3 page, not seen by OCPP) --
+    Key(
+        "BasicAuthPasswordForm",
+        Kind.CHOICE,
+        "hex",
+        "How the AuthorizationKey becomes the HTTP Basic password: hex (the Security "
+        "Whitepaper's form and OCTT TC_085: the bytes the hex digits encode) or literal "
+        "(the key's text itself, for a central system that compares that). A key that "
+        "is not an even number of hex digits is always sent as its text.",
+        choices=AUTHORIZATION_KEY_FORMS,
+        ocpp=False,
+    ),
+    Key(
+        "SecurityProfileFallbackTime",
+        Kind.INT,
+        "120",
+        "After the central system raises SecurityProfile: how long the station tries the "
+        "new profile before it restores the previous one (and its address), persists it "
+        "and reports a security event. The new profile counts as working once a "
+        "WebSocket with it is open.",
+        lo=1,
+        hi=3600,
+        unit="s",
+        ocpp=False,
+    ),
     Key(
         "ReconnectFrequency",
         Kind.INT,
@@ -656,6 +702,89 @@ def _narrow(key: Key, maximum: float) -> Key:
             f"or its lowest value"
         )
     return replace(key, hi=top, bounded=True)
+
+
+# --- security profile changes (Security Whitepaper ed. 3; docs/security.md) --------
+
+
+def tls_address(address: str) -> str:
+    """The wss:// address a raise to security profile 2 or 3 switches ``address`` to.
+
+    OCPP 1.6 has no key for the address, so the central system cannot set it:
+    the same host and path, the scheme wss://. The port: one written in the
+    address is kept (a central system serving both on one port, as the OCTT
+    does when it restarts its server with TLS), except :80, ws's default
+    written out, which becomes wss's default (443, written as no port). An
+    address without a port gets none (443). A wss:// or empty address is
+    returned as it is.
+    """
+    parts = urlsplit(address)
+    if parts.scheme.lower() != "ws":
+        return address
+    netloc = parts.netloc
+    if parts.port is not None:
+        host, port = netloc[: netloc.rindex(":")], parts.port
+        netloc = host if port == 80 else f"{host}:{port}"
+    return urlunsplit(("wss", netloc, parts.path, "", ""))
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileTrial:
+    """A SecurityProfile raise by the central system, not yet proven to connect.
+
+    ``previous_*`` is what the station last connected with (restored if the new
+    profile does not connect within SecurityProfileFallbackTime), ``profile`` /
+    ``address`` what the raise set. Kept in the store (``TRIAL_KEY``), so a
+    restart during the trial (the central system's Reset) keeps it.
+    """
+
+    previous_profile: int
+    previous_address: str
+    profile: int
+    address: str
+
+    def text(self) -> str:
+        return json.dumps(
+            {
+                "from": self.previous_profile,
+                "from_address": self.previous_address,
+                "to": self.profile,
+                "to_address": self.address,
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def parse(cls, text: str | None) -> ProfileTrial | None:
+        if not text:
+            return None
+        try:
+            data = json.loads(text)
+            trial = cls(
+                int(data["from"]),
+                str(data["from_address"]),
+                int(data["to"]),
+                str(data["to_address"]),
+            )
+        except (ValueError, KeyError, TypeError):
+            log.error("stored security profile trial %r ignored (damaged)", text)
+            return None
+        return trial
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class InstalledCredentials:
+    """What the certificate store holds besides the path settings, asked when
+    SecurityProfile is raised (``Configuration(credentials=)``): an installed
+    CentralSystemRootCertificate (InstallCertificate), and a charge point
+    certificate with its key (the CSR flow). Each is a cheap, synchronous read."""
+
+    central_system_root: Callable[[], bool] = _never
+    client_certificate: Callable[[], bool] = _never
 
 
 # --- the store and the results -----------------------------------------------
@@ -760,6 +889,14 @@ class Configuration:
     returns why the station cannot run that profile (no CentralSystemRootCertificate
     installed for 2 and 3, no client certificate for 3), or None.
 
+    ``credentials``: given, SecurityProfile is raised to 2 or 3 only when the
+    station has a CentralSystemRootCertificate (the path setting, or one the
+    store holds), to 3 only with a client certificate and key (both path
+    settings, or the store's), and such a credential in use cannot be
+    removed (Security Whitepaper ed. 3, security profiles: prerequisites,
+    Rejected otherwise). None keeps the older, looser rule (only the
+    AuthorizationKey for 1 and 2 is required).
+
     ``maxima`` (OCPP name -> number) lowers the top of number keys' ranges for
     this station (FallbackLimit: ``ops.config.registry_maxima``); they are
     stored, and a registry opened without them uses the stored ones. A maximum
@@ -778,9 +915,11 @@ class Configuration:
         keys: Sequence[Key] = KEYS,
         profile_check: Callable[[int], str | None] | None = None,
         maxima: Mapping[str, float] | None = None,
+        credentials: InstalledCredentials | None = None,
     ) -> None:
         _check_declaration(keys)
         self._store = store
+        self._credentials = credentials
         self._declared = {k.name: k for k in keys}
         self._keys = self._bounded(tuple(keys), dict(maxima or {}))
         self._profile_check = profile_check
@@ -800,6 +939,8 @@ class Configuration:
                     self._seeds[key.name] = seed
         #: Values given for this run only (``override``), by OCPP name.
         self._overrides: dict[str, str] = {}
+        #: The SecurityProfile raise on trial, if any (``profile_trial``).
+        self._trial = ProfileTrial.parse(store.get_setting(TRIAL_KEY))
 
     def _bounded(self, keys: tuple[Key, ...], maxima: dict[str, float]) -> tuple[Key, ...]:
         """The keys with the maxima given (stored when they differ) or stored before."""
@@ -1235,12 +1376,133 @@ class Configuration:
         self._notify(changed)
         return result
 
-    def _apply(
-        self, values: Mapping[str, str], source: str
-    ) -> tuple[ChangeResult, list[tuple[str, Value]]]:
-        """Validate, write and cache under the lock; returns the result and what changed."""
+    # -- the central system's ChangeConfiguration, and security profile trials ---------
+
+    def central_system_change(self, name: str, text: str) -> ChangeResult:
+        """ChangeConfiguration (OCPP 1.6 §5.3) from the central system: ``change``
+        with source OCPP, plus what a SecurityProfile raise implies.
+
+        A raise from 0 or 1 to 2 or 3 also switches a ws:// CentralSystemAddress
+        to wss:// (``tls_address``): OCPP has no key for the address, so the
+        central system could never complete the raise otherwise. Any raise is
+        put on trial (``profile_trial``), written in the same store call as
+        the new values: the charge point restores the previous profile and
+        address if the new one does not connect in time. Lowering is Rejected
+        as by ``change`` (monotonic).
+        """
+        result, changed = self._apply({name: text}, OCPP, central=True)
+        self._notify(changed)
+        return result
+
+    async def central_system_change_async(self, name: str, text: str) -> ChangeResult:
+        """``central_system_change`` for trio code: the write runs in a worker thread."""
+        result, changed = await trio.to_thread.run_sync(
+            lambda: self._apply({name: text}, OCPP, central=True)
+        )
+        self._notify(changed)
+        return result
+
+    def profile_trial(self) -> ProfileTrial | None:
+        """The SecurityProfile raise not yet proven to connect, or None."""
+        return self._trial
+
+    def end_profile_trial(self, *, restore: bool) -> ProfileTrial | None:
+        """End the trial: the new profile works (``restore=False``), or it did not
+        connect in time (``restore=True``: the previous profile and address are
+        written back, in one store call with the end of the trial; the only way
+        SecurityProfile ever goes down). Returns the trial ended, or None."""
+        trial, changed = self._end_trial(restore)
+        self._notify(changed)
+        return trial
+
+    async def end_profile_trial_async(self, *, restore: bool) -> ProfileTrial | None:
+        """``end_profile_trial`` for trio code: the write runs in a worker thread,
+        the subscribers are called back in the trio task."""
+        trial, changed = await trio.to_thread.run_sync(self._end_trial, restore)
+        self._notify(changed)
+        return trial
+
+    def _end_trial(self, restore: bool) -> tuple[ProfileTrial | None, list[tuple[str, Value]]]:
         with self._lock:
-            plan = self._plan(values, source)
+            trial = self._trial
+            if trial is None:
+                return None, []
+            writes = {TRIAL_KEY: ""}
+            new: dict[str, Value] = {}
+            if restore:
+                new = {
+                    "SecurityProfile": trial.previous_profile,
+                    "CentralSystemAddress": trial.previous_address,
+                }
+                for key_name, value in new.items():
+                    writes[STORE_PREFIX + key_name] = self._declared[key_name].format(value)
+            self._store.set_settings(writes)
+            old = self._values
+            self._values = {**old, **new}
+            self._stored |= set(new)
+            for key_name in new:
+                self._overrides.pop(key_name, None)
+            self._trial = None
+        if restore:
+            log.warning(
+                "configuration SecurityProfile = %d, CentralSystemAddress = %s restored"
+                " (security profile %d did not connect)",
+                trial.previous_profile,
+                trial.previous_address,
+                trial.profile,
+            )
+        return trial, [(n, v) for n, v in new.items() if old[n] != v]
+
+    def _central_implied(
+        self, values: Mapping[str, str]
+    ) -> tuple[dict[str, str], ProfileTrial | None]:
+        """What a SecurityProfile raise by the central system also changes (the
+        address's scheme) and the trial it starts; ({}, None) for anything else."""
+        if len(values) != 1:
+            return {}, None
+        ((name, text),) = values.items()
+        key = self.resolve(name, source=OCPP)
+        if key is None or key.name != "SecurityProfile":
+            return {}, None
+        try:
+            profile = key.parse(text)
+        except ValueError:
+            return {}, None  # the plan refuses it, with the reason
+        current = self._values["SecurityProfile"]
+        address = self._values.get("CentralSystemAddress", "")
+        assert isinstance(profile, int) and isinstance(current, int)
+        assert isinstance(address, str)
+        if profile <= current:
+            return {}, None
+        implied: dict[str, str] = {}
+        new_address = address
+        if profile >= 2 and urlsplit(address).scheme == "ws":
+            new_address = tls_address(address)
+            implied["CentralSystemAddress"] = new_address
+        earlier = self._trial
+        if earlier is not None:
+            # Raised again before the last raise connected: the profile to go
+            # back to is still the one that last worked.
+            trial = ProfileTrial(
+                earlier.previous_profile, earlier.previous_address, profile, new_address
+            )
+        else:
+            trial = ProfileTrial(current, address, profile, new_address)
+        return implied, trial
+
+    def _apply(
+        self, values: Mapping[str, str], source: str, *, central: bool = False
+    ) -> tuple[ChangeResult, list[tuple[str, Value]]]:
+        """Validate, write and cache under the lock; returns the result and what changed.
+
+        ``central``: the central system's ChangeConfiguration (``central_system_change``).
+        """
+        with self._lock:
+            implied: dict[str, str] = {}
+            trial: ProfileTrial | None = None
+            if central:
+                implied, trial = self._central_implied(values)
+            plan = self._plan(values, source, implied=implied)
             if isinstance(plan, ChangeResult):
                 log.info(
                     "configuration change by %s refused: %s %s: %s",
@@ -1251,10 +1513,13 @@ class Configuration:
                 )
                 return plan, []
             first = plan.keys[0] if plan.keys else ""
+            writes = {STORE_PREFIX + name: text for name, text in plan.texts.items()}
+            if trial is not None:
+                # In the same write as the raise: a raise is never stored
+                # without the way back (a crash in between would lose it).
+                writes[TRIAL_KEY] = trial.text()
             try:
-                self._store.set_settings(
-                    {STORE_PREFIX + name: text for name, text in plan.texts.items()}
-                )
+                self._store.set_settings(writes)
             except Exception as exc:
                 log.exception("configuration change by %s: the store failed", source)
                 return ChangeResult("Rejected", first, f"cannot store the value: {exc}"), []
@@ -1264,6 +1529,8 @@ class Configuration:
             for name in plan.values:
                 # A stored change replaces what the command line gave for this run.
                 self._overrides.pop(name, None)
+            if trial is not None:
+                self._trial = trial
         changed = [(name, value) for name, value in plan.values.items() if old[name] != value]
         for name, _ in changed:
             key = self._by_name[name.lower()]
@@ -1272,13 +1539,19 @@ class Configuration:
         status: ConfigurationStatus = "RebootRequired" if plan.reboot_required else "Accepted"
         return ChangeResult(status, first), changed
 
-    def _plan(self, values: Mapping[str, str], source: str) -> _Plan | ChangeResult:
+    def _plan(
+        self, values: Mapping[str, str], source: str, *, implied: Mapping[str, str] | None = None
+    ) -> _Plan | ChangeResult:
+        """Validate ``values`` as ``source`` gives them, with ``implied`` (OCPP names
+        the station itself adds: the address a raise switches) checked the same."""
         new: dict[str, Value] = {}
         texts: dict[str, str] = {}
         given: list[str] = []
         reboot = False
-        for name, text in values.items():
-            key = self.resolve(name, source=source)
+        items = [(name, text, source) for name, text in values.items()]
+        items += [(name, text, "station") for name, text in (implied or {}).items()]
+        for name, text, by in items:
+            key = self.resolve(name, source=by)
             if key is None:
                 return ChangeResult("NotSupported", name, "unknown configuration key")
             if key.readonly:
@@ -1303,7 +1576,8 @@ class Configuration:
                     return ChangeResult("Rejected", key.name, str(exc))
             new[key.name] = value
             texts[key.name] = key.format(value)
-            given.append(key.name)
+            if by == source:
+                given.append(key.name)
             reboot = reboot or key.reboot_required
         broken = self._check_rules({**self._values, **new}, set(new))
         if broken is not None:
@@ -1352,6 +1626,10 @@ class Configuration:
                 reason = self._profile_check(profile)
                 if reason is not None:
                     return "SecurityProfile", f"profile {profile}: {reason}"
+        if self._credentials is not None:
+            missing = self._missing_credentials(values, changed, profile)
+            if missing is not None:
+                return missing
         # Profiles 2 and 3 are TLS: a ws:// address would downgrade them.
         address = values.get("CentralSystemAddress")
         touched = changed & {"SecurityProfile", "CentralSystemAddress"}
@@ -1366,6 +1644,42 @@ class Configuration:
                 "CentralSystemAddress" if "CentralSystemAddress" in changed else "SecurityProfile"
             )
             return blamed, f"security profile {profile} needs a wss:// central system address"
+        return None
+
+    def _missing_credentials(
+        self, values: Mapping[str, Value], changed: set[str], profile: int
+    ) -> tuple[str, str] | None:
+        """Security Whitepaper ed. 3, security profiles: the prerequisites. TLS (2, 3)
+        needs a CentralSystemRootCertificate to verify the server by; 3 needs
+        the charge point's certificate and key. Checked when the profile is
+        raised and when one of those is removed while the profile uses it."""
+        credentials = self._credentials
+        assert credentials is not None
+        raised = "SecurityProfile" in changed and profile != self._values["SecurityProfile"]
+        root = values.get("CentralSystemRootCertificate")
+        if (
+            profile >= 2
+            and (raised or "CentralSystemRootCertificate" in changed)
+            and not root
+            and not credentials.central_system_root()
+        ):
+            blamed = "SecurityProfile" if raised else "CentralSystemRootCertificate"
+            return blamed, (
+                f"security profile {profile} is TLS: install a CentralSystemRootCertificate first"
+            )
+        pair = {"ChargePointCertificate", "ChargePointPrivateKey"}
+        cert, private = values.get("ChargePointCertificate"), values.get("ChargePointPrivateKey")
+        if (
+            profile == 3
+            and (raised or changed & pair)
+            and not (cert and private)
+            and not credentials.client_certificate()
+        ):
+            blamed = "SecurityProfile" if raised else sorted(changed & pair)[0]
+            return blamed, (
+                "security profile 3 authenticates with a client certificate: install the charge"
+                " point's certificate and key first"
+            )
         return None
 
     def _notify(self, changed: Iterable[tuple[str, Value]]) -> None:

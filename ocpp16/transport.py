@@ -33,7 +33,22 @@ Security profiles (Security Whitepaper §2; profile 0 is our own name for
 3     wss://  TLS client certificate, server verified as in profile 2
 ====  ======  ====================================================
 
-TLS 1.2 is the minimum (whitepaper §2.3). Host names are checked.
+TLS (the whitepaper's TLS requirements): TLS 1.2 is the minimum
+(``minimum_version``); the server's certificate must chain to our
+CentralSystemRootCertificate and name the host we connect to
+(``check_hostname``); the cipher suites are Python's default list (forward
+secrecy, AEAD first) plus the two RSA suites the whitepaper requires a charge
+point to support (TLS_RSA_WITH_AES_128_GCM_SHA256,
+TLS_RSA_WITH_AES_256_GCM_SHA384), offered last.
+
+The Basic auth password (the whitepaper's HTTP Basic authentication; OCTT
+TC_085): the AuthorizationKey is the hex form of the password (32..40 hex
+digits = 16..20 bytes of random binary), so the password on the wire is the
+bytes it encodes, which may be non-printable. The header is built from bytes:
+``base64(b"<id>:" + bytes.fromhex(key))``. ``authorization_key_form="literal"``
+sends the key's text itself, for a central system that compares that (and a
+key that is not an even number of hex digits can only be meant literally).
+docs/security.md has the rules for operators.
 """
 
 from __future__ import annotations
@@ -107,9 +122,52 @@ _TLS_VERSION_ERRORS: Final = (
     "ALERT_PROTOCOL_VERSION",
     "NO_PROTOCOLS_AVAILABLE",
 )
-_TLS_CIPHER_ERRORS: Final = ("NO_SHARED_CIPHER", "NO_CIPHERS_AVAILABLE")
+# A handshake_failure alert is the server's "unable to negotiate an acceptable
+# set of security parameters" (RFC 5246 §7.2.2, RFC 8446 §6.2): with our
+# certificate judged by other alerts (above), that is the cipher suites.
+_TLS_CIPHER_ERRORS: Final = (
+    "NO_SHARED_CIPHER",
+    "NO_CIPHERS_AVAILABLE",
+    "WRONG_CIPHER_RETURNED",
+    "ALERT_HANDSHAKE_FAILURE",
+)
+
+#: Python's default client cipher list (3.10+, forward secrecy and AEAD
+#: first), then the two suites with RSA key exchange that the whitepaper
+#: requires a charge point to support, so that a central system with
+#: an RSA certificate offering only those is reached. TLS 1.3 suites are not
+#: affected by this string (OpenSSL configures them apart).
+TLS_CIPHERS: Final = (
+    "@SECLEVEL=2:ECDH+AESGCM:ECDH+CHACHA20:ECDH+AES:DHE+AES:"
+    "!aNULL:!eNULL:!aDSS:!SHA1:!AESCCM:"
+    "AES128-GCM-SHA256:AES256-GCM-SHA384"
+)
 
 _AUTHORIZATION_KEY_LENGTH: Final = (32, 40)  # station-spec §2, AuthorizationKey
+_HEX_DIGITS: Final = frozenset("0123456789abcdefABCDEF")
+
+#: How the AuthorizationKey becomes the Basic auth password (see the module
+#: docstring): "hex" decodes it, "literal" sends its text.
+AUTHORIZATION_KEY_FORMS: Final = ("hex", "literal")
+
+
+def is_hex_key(key: str) -> bool:
+    """The key is an even number of hex digits: the hex form of a password."""
+    return bool(key) and len(key) % 2 == 0 and all(c in _HEX_DIGITS for c in key)
+
+
+def basic_auth_password(key: str, form: str = "hex") -> bytes:
+    """The HTTP Basic password the AuthorizationKey stands for (Security Whitepaper, Basic auth).
+
+    "hex": the bytes the hex digits encode (OCTT TC_085: "the non hex
+    representation"); a key that is not an even number of hex digits cannot be
+    that, and is sent as its text. "literal": the key's text (ASCII) itself.
+    """
+    if form not in AUTHORIZATION_KEY_FORMS:
+        raise ValueError(f"authorization_key_form {form!r}: one of {AUTHORIZATION_KEY_FORMS}")
+    if form == "hex" and is_hex_key(key):
+        return bytes.fromhex(key)
+    return key.encode("ascii")
 
 
 # --------------------------------------------------------------------------- settings
@@ -127,6 +185,11 @@ class ConnectionSettings:
     charge_point_id: str
     security_profile: int = 0
     authorization_key: str | None = field(default=None, repr=False)
+    #: "hex" (the whitepaper's form: the key's bytes are the password) or
+    #: "literal" (its text). The station passes its BasicAuthPasswordForm
+    #: setting (default "hex"); "literal" here keeps this class's callers
+    #: that predate the setting sending what they always sent.
+    authorization_key_form: str = "literal"
     ca_certificates: str | None = field(default=None, repr=False)
     client_certificate: str | None = field(default=None, repr=False)
     client_key: str | None = field(default=None, repr=False)
@@ -195,6 +258,11 @@ class ConnectionSettings:
                     f"authorization_key: {low}..{high} printable ASCII characters"
                     f" (got {len(key)} characters)"
                 )
+        if self.authorization_key_form not in AUTHORIZATION_KEY_FORMS:
+            raise ValueError(
+                f"authorization_key_form {self.authorization_key_form!r}:"
+                f" one of {', '.join(AUTHORIZATION_KEY_FORMS)}"
+            )
         if profile >= 2:
             object.__setattr__(self, "_ssl_context", self._make_ssl_context())
         for name in ("connect_timeout", "pong_timeout", "reconnect_min"):
@@ -220,7 +288,13 @@ class ConnectionSettings:
         # PROTOCOL_TLS_CLIENT: CERT_REQUIRED and check_hostname, and no trust
         # anchors at all until we load ours (the system store is never used).
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        # Security Whitepaper: TLS 1.2 or above; the server's name checked against
+        # its certificate (RFC 6125). Both are PROTOCOL_TLS_CLIENT's defaults
+        # today: said here so that no default change can drop them.
         context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.check_hostname = True
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.set_ciphers(TLS_CIPHERS)
         try:
             context.load_verify_locations(cadata=self.ca_certificates)
         except (ssl.SSLError, ValueError) as exc:
@@ -273,12 +347,24 @@ class ConnectionSettings:
         default = 443 if self.ssl_context is not None else 80
         return host if self.port == default else f"{host}:{self.port}"
 
+    @property
+    def basic_password(self) -> bytes | None:
+        """The HTTP Basic password (profiles 1 and 2), as bytes; None otherwise."""
+        if self.security_profile not in (1, 2) or self.authorization_key is None:
+            return None
+        return basic_auth_password(self.authorization_key, self.authorization_key_form)
+
     def handshake_headers(self) -> list[tuple[bytes, bytes]]:
-        """Extra upgrade headers: HTTP Basic auth for profiles 1 and 2 (RFC 7617)."""
-        if self.security_profile not in (1, 2):
+        """Extra upgrade headers: HTTP Basic auth for profiles 1 and 2 (RFC 7617).
+
+        Built from bytes: the user-id is the charge point id in UTF-8 (RFC 7617
+        §2.1 charset), the password the AuthorizationKey's bytes, which need
+        not be text at all (the whitepaper: random binary).
+        """
+        password = self.basic_password
+        if password is None:
             return []
-        assert self.authorization_key is not None
-        credentials = f"{self.charge_point_id}:{self.authorization_key}".encode()
+        credentials = self.charge_point_id.encode("utf-8") + b":" + password
         return [(b"authorization", b"Basic " + base64.b64encode(credentials))]
 
 
@@ -709,10 +795,14 @@ class Connection:
         websocket: trio_websocket.WebSocketConnection,
         *,
         _stream: _WatchedStream | None = None,
+        settings: ConnectionSettings | None = None,
     ) -> None:
         self.websocket = websocket
         self._stream = _stream
         self._closing = False
+        #: What this connection was made with (``Link`` sets it): the session
+        #: tells by it which security profile has just proven to work.
+        self.settings = settings
 
     @property
     def closed(self) -> bool:
@@ -944,7 +1034,7 @@ class Link:
             connected_at = trio.current_time()
             self._reported.clear()
             self._set(LinkState.CONNECTED, settings.url, attempt)
-            connection = Connection(opened.websocket, _stream=opened.stream)
+            connection = Connection(opened.websocket, _stream=opened.stream, settings=settings)
             try:
                 reason = await _serve(connection, settings, session)
             finally:

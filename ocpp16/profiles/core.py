@@ -436,10 +436,16 @@ class CoreProfile:
         return answer
 
     async def change_configuration(self, p: dict[str, Any]) -> dict[str, Any]:
-        """ChangeConfiguration (5.3)."""
+        """ChangeConfiguration (5.3).
+
+        ``central_system_change``: a SecurityProfile raise also switches the
+        address to wss:// where it goes to TLS, and is put on trial (Security
+        Whitepaper ed. 3; the charge point takes it back if it does not
+        connect). Every change that reconnects does so after this answer.
+        """
         # The write (fsync) in a worker thread: the loop serves the rest meanwhile.
         with self.cp.answering_change():
-            result = await self.cp.config.change_async(p["key"], p["value"], source="ocpp")
+            result = await self.cp.config.central_system_change_async(p["key"], p["value"])
         if result.status != "Accepted":
             log.info("ChangeConfiguration %s: %s (%s)", p["key"], result.status, result.reason)
         return {"status": result.status}
