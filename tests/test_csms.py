@@ -257,7 +257,10 @@ def test_call_answered_by_the_client(csms: Csms) -> None:
 
 
 def test_basic_auth(tmp_path: Path) -> None:
-    with running_csms("--basic-auth", "0123456789abcdef0123456789abcdef") as csms:
+    # The password as text (literal form); the whitepaper's hex form is checked
+    # against the station in tests/test_ocpp_security.py.
+    key = "0123456789abcdef0123456789abcdef"
+    with running_csms("--basic-auth", key, "--basic-auth-form", "literal") as csms:
         url = csms.url("CP-5")
         with client(url, auth=("CP-5", "0123456789abcdef0123456789abcdef")) as cp:
             assert cp.call("Heartbeat", {})["currentTime"]

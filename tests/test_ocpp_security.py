@@ -23,6 +23,8 @@ from tests.ocpp_harness import CP, station, until
 
 pytestmark = pytest.mark.slow
 
+#: Hex (Security Whitepaper): the Basic password is the 16 bytes it encodes, as the
+#: lab central system (--basic-auth-form hex, its default) expects.
 KEY = "0123456789abcdef0123456789ABCDEF"
 
 
@@ -105,7 +107,9 @@ def test_profile_1_basic_authentication(basic_csms: Csms, data_dir: Path) -> Non
 
 
 def test_profile_1_wrong_key_is_reported_at_once(basic_csms: Csms, data_dir: Path) -> None:
-    evse_config(data_dir, ("AuthorizationKey", KEY.lower()), ("SecurityProfile", "1"))
+    # Another key (not KEY.lower(): a hex key names bytes, so its case does not matter).
+    wrong = "fedcba9876543210" + KEY[16:]
+    evse_config(data_dir, ("AuthorizationKey", wrong), ("SecurityProfile", "1"))
     with station(basic_csms, data_dir) as st:
         started = time.monotonic()
         view = until(lambda: _reason_contains(st.try_status(), "401"), 10, "401 reported")

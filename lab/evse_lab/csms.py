@@ -120,19 +120,39 @@ def cp_id_from_path(path: str) -> str | None:
     return unquote(rest)
 
 
-def basic_credentials(header: str | None) -> tuple[str, str] | None:
-    """(username, password) from an ``Authorization: Basic ...`` header, if any."""
+def basic_credentials(header: str | None) -> tuple[str, bytes] | None:
+    """(username, password bytes) from an ``Authorization: Basic ...`` header, if any.
+
+    The password is bytes: under the Security Whitepaper the AuthorizationKey is
+    hex and the password is the bytes it encodes, which need not be UTF-8.
+    """
     if header is None:
         return None
     scheme, _, token = header.strip().partition(" ")
     if scheme.lower() != "basic":
         return None
     try:
-        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+        decoded = base64.b64decode(token.strip(), validate=True)
+    except binascii.Error:
         return None
-    user, sep, password = decoded.partition(":")
-    return (user, password) if sep else None
+    user, sep, password = decoded.partition(b":")
+    try:
+        name = user.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return (name, password) if sep else None
+
+
+def expected_password(key: str, form: str) -> bytes:
+    """The password bytes a charge point with AuthorizationKey ``key`` sends: the
+    bytes the hex encodes (``form`` "hex", the whitepaper's; a key that is not
+    hex is sent as its text), or the key's text itself ("literal")."""
+    if form == "hex":
+        try:
+            return bytes.fromhex(key)
+        except ValueError:
+            pass
+    return key.encode("utf-8")
 
 
 _NAME_ABBREVIATIONS = {
@@ -664,11 +684,13 @@ class Central:
         settings: Settings,
         *,
         basic_auth_key: str | None = None,
+        basic_auth_form: str = "hex",
         log_file: TextIO | None = None,
         quiet: bool = False,
     ) -> None:
         self.settings = settings
         self.basic_auth_key = basic_auth_key
+        self.basic_auth_form = basic_auth_form
         self.log_file = log_file
         self.quiet = quiet
         self.started = time.monotonic()
@@ -800,7 +822,7 @@ class Central:
             ok = credentials is not None and (
                 credentials[0] == cp_id
                 and hmac.compare_digest(
-                    credentials[1].encode("utf-8"), self.basic_auth_key.encode("utf-8")
+                    credentials[1], expected_password(self.basic_auth_key, self.basic_auth_form)
                 )
             )
             if not ok:
@@ -1093,6 +1115,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY",
         help="require HTTP Basic auth: username = charge point id, password = KEY",
     )
+    parser.add_argument(
+        "--basic-auth-form",
+        choices=("hex", "literal"),
+        default="hex",
+        help="the password is the bytes KEY's hex encodes (hex, the Security "
+        "Whitepaper's) or KEY's text (literal)",
+    )
     parser.add_argument("--boot-status", choices=BOOT_STATUSES, default="Accepted")
     parser.add_argument("--boot-interval", type=int, default=300, help="seconds (heartbeat)")
     parser.add_argument("--rtt-ms", type=float, default=0.0, help="delay every CALLRESULT")
@@ -1131,7 +1160,13 @@ async def run(args: argparse.Namespace, log_file: TextIO | None = None) -> None:
     if args.accepted_tags is not None:
         settings.authorize.accepted = [t for t in args.accepted_tags.split(",") if t]
     tls = _server_tls(args)
-    central = Central(settings, basic_auth_key=args.basic_auth, log_file=log_file, quiet=args.quiet)
+    central = Central(
+        settings,
+        basic_auth_key=args.basic_auth,
+        basic_auth_form=args.basic_auth_form,
+        log_file=log_file,
+        quiet=args.quiet,
+    )
 
     # Bind now, so the ready line can name the port even if listening waits (--refuse-mode tcp:
     # a bound socket that does not listen yet answers connects with RST, "connection refused").
