@@ -33,7 +33,7 @@ import trio
 
 from fieldbus.errors import FieldbusError, PortConfigError
 from ops import install as installer
-from ops import logs
+from ops import logs, release
 from ops.privileges import PrivilegeError, run_as_owner_of
 from ops.probe import KINDS, probe
 from ops.systemd import EXIT_CONFIG, EXIT_HARDWARE, EXIT_LOCKED, EXIT_OK, EXIT_USAGE
@@ -181,9 +181,15 @@ Look at and drive a running station (through its control socket):
   evse passwd                 set the installer's password for the web page
 
 Install on a gateway (as root):
-  evse install                the evse user, /etc/evse, /var/lib/evse, a venv
+  evse install                the evse user, /etc/evse, /var/lib/evse, a release
                               in /opt/evse, the systemd unit (run again: upgrade)
   evse uninstall              remove it (keeps data and settings unless --purge)
+
+Firmware releases:
+  evse release build|sign|verify
+                              an image of a checkout (wheels, manifest), signed
+  evse release install|rollback|list
+                              releases side by side in /opt/evse, on trial
 
 Devices:
   evse probe KIND PORT        read one meter or board once
@@ -589,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     installer.add_parsers(sub, parents=[common])
+    release.add_parsers(sub, parents=[common])
 
     d = command("demo", "simulator + station: a full charging session, then exit", DEMO)
     d.add_argument("--seconds", type=_seconds, default=4.0, help="how long to charge (default 4)")
@@ -1363,6 +1370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "passwd": _run_passwd,
         "install": installer.run,
         "uninstall": installer.run,
+        "release": release.run,
     }[args.command]
     try:
         code = trio.run(partial(runner, args))

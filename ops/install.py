@@ -2,8 +2,10 @@
 
 ``evse install`` (as root) lays out, under ``--root DIR`` (default ``/``)::
 
-    /opt/evse/venv                          the firmware and its pinned dependencies
-    /usr/local/bin/evse                     -> /opt/evse/venv/bin/evse
+    /opt/evse/releases/<version>            the firmware and its pinned dependencies: a
+                                            venv per release (ops/release.py)
+    /opt/evse/current -> releases/<version> the release the unit runs
+    /usr/local/bin/evse                     -> /opt/evse/current/bin/evse
     /etc/evse/evse.toml                     the configuration, root:evse 0640, written once
     /var/lib/evse                           the data directory, evse:evse 0750
     /etc/sysusers.d/evse.conf               the evse system user (systemd-sysusers)
@@ -13,19 +15,28 @@
                                             from the configuration: the serial
                                             ports it may open, their group
 
-and enables the units. Run again it upgrades in place: the venv is reinstalled
-from the new source, the configuration and the data are kept (files in the
-data directory that are not the station user's are given back to it), the
-units and the drop-in are rewritten and a running station is restarted.
+and enables the units. The release is made as a firmware update makes one:
+an image of the firmware's wheel and its pinned dependencies' wheels, a venv
+installed offline from it, switched to once its self-check passed. /opt/evse
+belongs to the station's user: the station installs and switches releases
+itself (OCPP UpdateFirmware), as that user.
+
+Run again it upgrades in place: a release is made from the new source and
+switched to (the same version replaces the current one; another keeps the
+release before it, for `evse release rollback`), the configuration and the
+data are kept (files in the data directory that are not the station user's
+are given back to it), the units and the drop-in are rewritten and a running
+station is restarted. An installation of the layout before releases
+(/opt/evse/venv) is upgraded to it, and that venv removed.
 ``--units-only`` rewrites only the units and the drop-in from the
 configuration: what to run after changing a serial port in the file.
 
-``evse uninstall`` stops and removes the units, the venv and the link, and
+``evse uninstall`` stops and removes the units, /opt/evse and the link, and
 keeps the configuration, the data and the user; ``--purge`` removes those too.
 
 With ``--root DIR`` the same layout goes into a directory (tests, image
 builds): users are made in DIR/etc/passwd, the units are enabled with
-``systemctl --root``, and the venv's scripts name /opt/evse/venv, as they will
+``systemctl --root``, and the venvs' scripts name /opt/evse/releases/..., as they will
 once DIR is the root file system. The interpreter the venv is made from must
 then exist at the same path in the image (Debian's /usr/bin/python3).
 
@@ -56,6 +67,8 @@ from urllib.parse import unquote, urlsplit
 
 import trio
 
+from ops import release
+from ops.errors import ReleaseError
 from ops.systemd import EXIT_FAILURE, EXIT_OK
 
 if TYPE_CHECKING:
@@ -64,7 +77,10 @@ if TYPE_CHECKING:
 # --- the layout, as on the gateway ---------------------------------------------
 
 PREFIX = PurePosixPath("/opt/evse")
-VENV = PREFIX / "venv"
+#: The release the unit runs: a link to releases/<version> (ops/release.py).
+CURRENT = PREFIX / "current"
+#: The venv of the layout before releases: upgraded from, then removed.
+LEGACY_VENV = PREFIX / "venv"
 CONFIG = PurePosixPath("/etc/evse/evse.toml")
 DATA_DIR = PurePosixPath("/var/lib/evse")
 UNIT_DIR = PurePosixPath("/etc/systemd/system")
@@ -150,7 +166,12 @@ def dropin_text(
             f"# {CONFIG} could not be read ({problem}):",
             "# no serial port is allowed until it is fixed and this file rewritten.",
         ]
-    lines.append("[Service]")
+    lines += [
+        f"# {PREFIX} is the station's: it installs firmware releases there and",
+        "# switches their current link itself (ops/release.py, OCPP UpdateFirmware).",
+        "[Service]",
+        f"ReadWritePaths={PREFIX}",
+    ]
     if group != SERIAL_GROUPS[0]:
         # The unit names dialout; an empty assignment drops it first.
         lines += ["SupplementaryGroups=", f"SupplementaryGroups={group}"]
@@ -403,17 +424,6 @@ def ensure_data_dir(layout: Layout, path: PurePosixPath, uid: int, gid: int, say
     say(f"data: {path} owned by {USER}{note}")
 
 
-def venv_base(venv: Path) -> tuple[str, tuple[int, ...]] | None:
-    """(home, Python version) a venv was made from, from its pyvenv.cfg."""
-    try:
-        text = (venv / "pyvenv.cfg").read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    cfg = dict(re.findall(r"(?m)^\s*(\w+)\s*=\s*(.*?)\s*$", text))
-    version = tuple(int(part) for part in re.findall(r"\d+", cfg.get("version", ""))[:2])
-    return cfg.get("home", ""), version
-
-
 #: What a source tree's copy leaves out: VCS data, venvs, caches, build output.
 SOURCE_IGNORE = shutil.ignore_patterns(
     ".git", ".venv", ".nox", "build", "dist", "*.egg-info", "__pycache__", ".*_cache",
@@ -434,78 +444,70 @@ def buildable(source: str) -> Iterator[str]:
         yield str(copy)
 
 
-def ensure_venv(
+def ensure_release(
     layout: Layout,
     python: str,
     source: str,
     say: Say,
     *,
+    owner: tuple[int, int],
     wheelhouse: Path | None = None,
-) -> None:
-    """The venv with the pinned dependencies and the firmware from ``source``."""
-    venv = layout.at(VENV)
-    wanted = (str(PurePosixPath(python).parent), _python_version(python))
-    found = venv_base(venv)
-    if found is not None and found != wanted:
-        # Another interpreter (a distribution's new Python, --python): a venv
-        # cannot move to another base, so it is made anew.
-        say(f"venv: {VENV} was made from Python {found}; making it again from {python}")
-        shutil.rmtree(venv)
-    if not venv.exists():
-        venv.parent.mkdir(parents=True, exist_ok=True)
-        _run([python, "-m", "venv", str(venv)], f"venv {VENV}")
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "--no-input"]
-    index = ["--no-index", "--find-links", str(wheelhouse)] if wheelhouse is not None else []
-    say(f"venv: installing evse-firmware from {source} and its pinned dependencies (pip)")
+) -> str:
+    """A release made from ``source`` and switched to: its version.
+
+    The wheels are built by a throw-away venv of ``python`` (compiled wheels
+    are for the interpreter that runs them, not for the one running this),
+    packed into an image and installed from it like any update
+    (ops/release.py): verified, a venv made offline, self-checked, then
+    ``current`` switched, for good (an installer is there to look).
+    """
+    prefix = layout.at(PREFIX)
+    prefix.mkdir(parents=True, exist_ok=True)
+    os.chown(prefix, *owner)
+    os.chmod(prefix, 0o755)  # noqa: S103 - code: readable by all, written by the station
+    say(f"release: building evse-firmware from {source} and its pinned dependencies (pip)")
     with (
         shipped("constraints.txt") as constraints,
-        tempfile.TemporaryDirectory() as built,
+        tempfile.TemporaryDirectory(prefix="evse-install-") as tmp,
         buildable(source) as tree,
     ):
-        # One wheel, built (or fetched) once, for both installs below.
-        _run(
-            [*pip, "wheel", "--quiet", "--no-deps", *index, "--wheel-dir", built, tree],
-            "firmware wheel",
-        )
-        wheels = sorted(Path(built).glob("evse_firmware-*.whl"))
-        if not wheels:
-            raise InstallError(f"firmware wheel: pip built no evse_firmware wheel from {source}")
-        wheel = str(wheels[-1])
-        _run([*pip, "install", "--quiet", "-c", str(constraints), *index, wheel], "dependencies")
-        # The same version number does not make pip replace the code: an
-        # upgrade from a checkout must, so the firmware itself is always replaced.
-        _run(
-            [*pip, "install", "--quiet", "--no-deps", "--force-reinstall", *index, wheel],
-            "firmware",
-        )
-    if not layout.live:
-        _relocate(venv, str(VENV))
-    version = _run([str(venv / "bin" / "python"), "-c", _VERSION], "firmware version").strip()
-    say(f"venv: {VENV} from {python}, evse-firmware {version} from {source}")
-
-
-_VERSION = "import importlib.metadata as m; print(m.version('evse-firmware'))"
-
-
-def _relocate(venv: Path, final: str) -> None:
-    """Scripts of a venv made under --root name the path it has in the image."""
-    old = str(venv)
-    for script in (venv / "bin").iterdir():
-        if script.is_symlink() or not script.is_file():
-            continue
-        data = script.read_bytes()
-        if data.startswith(b"#!" + old.encode()) or script.name.startswith("activate"):
-            script.write_bytes(data.replace(old.encode(), final.encode()))
-    cfg = venv / "pyvenv.cfg"
-    cfg.write_text(cfg.read_text(encoding="utf-8").replace(old, final), encoding="utf-8")
+        builder = Path(tmp) / "build-venv"
+        _run([python, "-m", "venv", str(builder)], "build venv")
+        try:
+            wheels = Path(tmp) / "wheels"
+            firmware = release.build_wheels(
+                tree,
+                wheels,
+                constraints,
+                python=str(builder / "bin" / "python"),
+                wheelhouse=wheelhouse,
+            )
+            image = release.pack(wheels, Path(tmp), firmware, python=python)
+            releases = release.Releases(
+                prefix, python=python, runs_at=None if layout.live else PREFIX, owner=owner
+            )
+            version = releases.install(image, replace=True, say=say)
+            previous = releases.current()
+            releases.switch(version, trial=0)
+        except ReleaseError as exc:
+            raise InstallError(str(exc)) from None
+    kept = f", {previous} kept for evse release rollback" if previous not in (None, version) else ""
+    say(f"release: {CURRENT} -> releases/{version}, evse-firmware {version} from {python}{kept}")
+    legacy = layout.at(LEGACY_VENV)
+    if legacy.exists():
+        shutil.rmtree(legacy)
+        say(f"removed {LEGACY_VENV} (the layout before releases)")
+    return version
 
 
 def ensure_link(layout: Layout, say: Say) -> None:
     """/usr/local/bin/evse, so that `evse status` works from any shell."""
     link = layout.at(LINK)
-    target = str(VENV / "bin" / "evse")
+    target = str(CURRENT / "bin" / "evse")
     if link.is_symlink() and os.readlink(link) == target:
         return
+    if link.is_symlink() and os.readlink(link) == str(LEGACY_VENV / "bin" / "evse"):
+        link.unlink()
     if link.exists() or link.is_symlink():
         say(f"warning: {LINK} exists and is not ours; left alone (the station's is {target})")
         return
@@ -590,21 +592,23 @@ def install(
     """Install (or upgrade in place) the station under ``layout``."""
     group = serial_group(layout)
     if units_only:
-        if not layout.at(VENV).exists():
+        if not layout.at(CURRENT).is_symlink():
             raise InstallError(
-                f"--units-only: no installation at {layout.at(VENV)}; run evse install"
+                f"--units-only: no installation at {layout.at(CURRENT)}; run evse install"
             )
         install_units(layout, group, say)
         enable_units(layout, say, upgrade=True, use_systemctl=use_systemctl)
         return
-    upgrade = layout.at(VENV).exists()
+    upgrade = layout.at(CURRENT).is_symlink() or layout.at(LEGACY_VENV).exists()
     chosen = choose_python(python)
     uid, gid = ensure_user(layout, group, say, sysusers=sysusers)
     ensure_config(layout, gid, say)
     config, _ = load_installed_config(layout)
     for path in data_dirs(config):
         ensure_data_dir(layout, path, uid, gid, say)
-    ensure_venv(layout, chosen, source or running_source(), say, wheelhouse=wheelhouse)
+    ensure_release(
+        layout, chosen, source or running_source(), say, owner=(uid, gid), wheelhouse=wheelhouse
+    )
     ensure_link(layout, say)
     install_units(layout, group, say)
     enable_units(layout, say, upgrade=upgrade, use_systemctl=use_systemctl)
@@ -616,7 +620,8 @@ def install(
 
 
 def uninstall(layout: Layout, say: Say, *, purge: bool = False, use_systemctl: bool = True) -> None:
-    """Remove the units, venv and link; with ``purge`` the config, data and user too."""
+    """Remove the units, the releases and the link; with ``purge`` the config, data
+    and user too."""
     config, _ = load_installed_config(layout)
     present = [name for name in UNITS if layout.at(UNIT_DIR / name).exists()]
     if present and use_systemctl and shutil.which("systemctl"):
@@ -632,7 +637,10 @@ def uninstall(layout: Layout, say: Say, *, purge: bool = False, use_systemctl: b
     if _systemd_running(layout):
         _systemctl(layout, "daemon-reload")
     link = layout.at(LINK)
-    if link.is_symlink() and os.readlink(link) == str(VENV / "bin" / "evse"):
+    if link.is_symlink() and os.readlink(link) in (
+        str(CURRENT / "bin" / "evse"),
+        str(LEGACY_VENV / "bin" / "evse"),
+    ):
         link.unlink()
     shutil.rmtree(layout.at(PREFIX), ignore_errors=True)
     say(f"removed: units, {PREFIX}, {LINK}")
@@ -662,12 +670,14 @@ INSTALL_HELP = """\
 Installs the station on this gateway as a systemd service, or upgrades it in
 place: the evse system user (in the group that owns the serial ports),
 /etc/evse/evse.toml from the example when there is none (an existing one is
-never changed), /var/lib/evse owned by evse, a venv in /opt/evse/venv with the
-pinned dependencies and the firmware that is running this command (its
-checkout, or the wheel it was installed from), /usr/local/bin/evse, the units
-evse.service and evse.path (enabled) and the drop-in that lets the unit open
-the serial ports named in the configuration. Run again, it upgrades: the
-settings and the data are kept, a running station is restarted.
+never changed), /var/lib/evse owned by evse, the firmware that is running this
+command (its checkout, or the wheel it was installed from) as a release: a
+venv in /opt/evse/releases/VERSION with the pinned dependencies, linked from
+/opt/evse/current and /usr/local/bin/evse, the units evse.service and
+evse.path (enabled) and the drop-in that lets the unit open the serial ports
+named in the configuration. Run again, it upgrades: the settings and the data
+are kept, the release before is kept for evse release rollback (the same
+version is replaced), a running station is restarted.
 
 After changing a serial port in /etc/evse/evse.toml: evse install --units-only.
 
@@ -683,7 +693,7 @@ exit codes:
   2  a bad option"""
 
 UNINSTALL_HELP = """\
-Stops and removes the units, the venv in /opt/evse and /usr/local/bin/evse.
+Stops and removes the units, the releases in /opt/evse and /usr/local/bin/evse.
 The configuration (/etc/evse), the data (/var/lib/evse) and the evse user
 are kept, so that evse install brings the station back as it was; --purge
 removes them too.

@@ -40,6 +40,7 @@ from ops.install import (
     sysusers_text,
     writable_paths,
 )
+from ops.release import venv_python
 from ops.systemd import EXIT_FAILURE
 
 CHECKOUT = Path(__file__).resolve().parent.parent
@@ -94,9 +95,11 @@ def test_serial_devices_are_the_rtu_buses_and_the_reader(tmp_path: Path) -> None
 def test_dropin_allows_exactly_the_configured_devices() -> None:
     text = dropin_text(["/dev/ttyUSB0", "/dev/serial/by-id/usb-FTDI"], "dialout")
     lines = [line for line in text.splitlines() if line and not line.startswith("#")]
-    # dialout is the unit's own: nothing to override.
+    # dialout is the unit's own: nothing to override. /opt/evse: the station
+    # installs its releases there itself.
     assert lines == [
         "[Service]",
+        "ReadWritePaths=/opt/evse",
         "DeviceAllow=/dev/ttyUSB0 rw",
         "DeviceAllow=/dev/serial/by-id/usb-FTDI rw",
     ]
@@ -153,11 +156,13 @@ def test_a_checkout_is_built_from_a_copy_without_its_venvs_and_caches() -> None:
 
 
 def test_venv_base_is_read_from_pyvenv_cfg(tmp_path: Path) -> None:
-    assert install.venv_base(tmp_path) is None
+    assert venv_python(tmp_path) is None
     (tmp_path / "pyvenv.cfg").write_text(
         "home = /usr/bin\ninclude-system-site-packages = false\nversion = 3.11.2\n"
     )
-    assert install.venv_base(tmp_path) == ("/usr/bin", (3, 11))
+    assert venv_python(tmp_path) == "/usr/bin/python3"
+    (tmp_path / "pyvenv.cfg").write_text(f"home = /nowhere\nexecutable = {sys.executable}\n")
+    assert venv_python(tmp_path) == sys.executable
 
 
 def test_layout_maps_under_the_root(tmp_path: Path) -> None:
@@ -201,15 +206,18 @@ def test_not_root_is_refused_in_one_line(tmp_path: Path) -> None:
 # --- real installs into throw-away roots ------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Wheels of the firmware and its pinned dependencies, built once per session.
-
-    Shared by the xdist workers (the parent of their base temps, this session's
-    own) under a lock.
-    """
+def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This session's own directory that its xdist workers share (the parent of
+    their base temps)."""
     base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def build_wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Wheels of the firmware and its pinned dependencies, built once per session
+    (also for tests/test_release.py), by the first worker that asks, under a lock.
+    """
+    shared = shared_dir(tmp_path_factory)
     house = shared / "evse-wheelhouse"
     with open(shared / "evse-wheelhouse.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -229,6 +237,11 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 )
             (house / "done").touch()
     return house
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_wheelhouse(tmp_path_factory)
 
 
 @pytest.fixture
@@ -319,8 +332,20 @@ def test_install_twice_then_uninstall(throwaway_root: Path, wheelhouse: Path) ->
         root / "etc" / "group"
     )["dialout"][3].split(",")
 
-    # The layout, owners and modes.
-    venv = root / "opt" / "evse" / "venv"
+    # The layout, owners and modes: the first release, current, owned by evse.
+    prefix = root / "opt" / "evse"
+    assert os.readlink(prefix / "current") == "releases/0.1.0"
+    assert not (prefix / "previous").exists() and not (prefix / "trial.json").exists()
+    venv = prefix / "current"
+    assert [p.name for p in (prefix / "releases").iterdir()] == ["0.1.0"]
+    assert (prefix.stat().st_uid, prefix.stat().st_gid, prefix.stat().st_mode & 0o777) == (
+        uid,
+        gid,
+        0o755,
+    )
+    # Every file of the release, links included (lstat: bin/python -> /usr/bin/python3).
+    owners = {(p.lstat().st_uid, p.lstat().st_gid) for p in (prefix / "releases").rglob("*")}
+    assert owners == {(uid, gid)}
     config = root / "etc" / "evse" / "evse.toml"
     data = root / "var" / "lib" / "evse"
     assert (config.stat().st_uid, config.stat().st_gid, config.stat().st_mode & 0o777) == (
@@ -334,8 +359,10 @@ def test_install_twice_then_uninstall(throwaway_root: Path, wheelhouse: Path) ->
         0o750,
     )
     # The venv's scripts name the path they will have once the root is /.
-    assert (venv / "bin" / "evse").read_text().splitlines()[0] == "#!/opt/evse/venv/bin/python"
-    assert os.readlink(root / "usr" / "local" / "bin" / "evse") == "/opt/evse/venv/bin/evse"
+    assert (venv / "bin" / "evse").read_text().splitlines()[0] == (
+        "#!/opt/evse/releases/0.1.0/bin/python"
+    )
+    assert os.readlink(root / "usr" / "local" / "bin" / "evse") == "/opt/evse/current/bin/evse"
     site = next((venv / "lib").glob("python3*/site-packages"))
     # Only the station's dependencies: no bench central system, no websockets.
     assert (site / "ops" / "run.py").exists()
@@ -343,9 +370,12 @@ def test_install_twice_then_uninstall(throwaway_root: Path, wheelhouse: Path) ->
     assert not list(site.glob("websockets*"))
     # The unit and the drop-in made from the example file (its board is on ttyUSB0).
     unit = root / "etc" / "systemd" / "system" / "evse.service"
-    assert "ExecStart=/opt/evse/venv/bin/evse run --config /etc/evse/evse.toml" in unit.read_text()
+    text = unit.read_text()
+    assert "\nExecStart=/opt/evse/current/bin/evse run --config /etc/evse/evse.toml\n" in text
+    assert "\nExecStartPre=-/opt/evse/current/bin/python -I -m ops.release at-start\n" in text
     dropin = (unit.parent / "evse.service.d" / "50-install.conf").read_text()
     assert "DeviceAllow=/dev/ttyUSB0 rw" in dropin
+    assert "ReadWritePaths=/opt/evse" in dropin
     wants = root / "etc" / "systemd" / "system" / "multi-user.target.wants"
     assert os.readlink(wants / "evse.service") == "/etc/systemd/system/evse.service"
     assert os.readlink(wants / "evse.path") == "/etc/systemd/system/evse.path"
@@ -368,12 +398,21 @@ def test_install_twice_then_uninstall(throwaway_root: Path, wheelhouse: Path) ->
     config.write_text(edited)
     units_only = run_install(root, wheelhouse, "--units-only")
     assert "serial ports allowed: /dev/ttyACM3" in units_only.stdout
-    assert "venv:" not in units_only.stdout and "broken = True" in stale.read_text()
+    assert "release:" not in units_only.stdout and "broken = True" in stale.read_text()
     dropin = (unit.parent / "evse.service.d" / "50-install.conf").read_text()
     assert "DeviceAllow=/dev/ttyACM3 rw" in dropin and "ttyUSB0" not in dropin
 
+    # An installation of the layout before releases, as it would be upgraded:
+    # its venv and its link are replaced.
+    legacy = prefix / "venv"
+    (legacy / "bin").mkdir(parents=True)
+    link = root / "usr" / "local" / "bin" / "evse"
+    link.unlink()
+    link.symlink_to("/opt/evse/venv/bin/evse")
+
     # The upgrade from the checkout itself (the default source): built from a
-    # copy, so the checkout gets no root-owned build/ or *.egg-info.
+    # copy, so the checkout gets no root-owned build/ or *.egg-info. The same
+    # version: the current release is replaced in place.
     build = CHECKOUT / "build"
     before = build.stat().st_mtime_ns if build.exists() else None
     second = run_install(root, wheelhouse, checkout=True)
@@ -386,6 +425,10 @@ def test_install_twice_then_uninstall(throwaway_root: Path, wheelhouse: Path) ->
     assert (data / "station.sqlite").read_bytes() == b"the station's data"
     assert (data / "left-by-root").stat().st_uid == uid
     assert "broken = True" not in stale.read_text()
+    assert os.readlink(prefix / "current") == "releases/0.1.0"
+    assert [p.name for p in (prefix / "releases").iterdir()] == ["0.1.0"]
+    assert not legacy.exists() and "removed /opt/evse/venv" in second.stdout
+    assert os.readlink(link) == "/opt/evse/current/bin/evse"
     assert user_ids(root) == (uid, gid)
     assert verify_units(root) == []
 
@@ -406,9 +449,9 @@ def test_install_twice_then_uninstall(throwaway_root: Path, wheelhouse: Path) ->
 
 
 def evse_command(root: Path) -> list[str]:
-    """The tree's ``/opt/evse/venv/bin/evse``, run by the tree's interpreter (its
-    ``#!`` names /opt/evse/venv, where the tree is not mounted here)."""
-    venv = root / "opt" / "evse" / "venv"
+    """The tree's ``/opt/evse/current/bin/evse``, run by the tree's interpreter (its
+    ``#!`` names /opt/evse/releases/..., where the tree is not mounted here)."""
+    venv = root / "opt" / "evse" / "current"
     return [str(venv / "bin" / "python"), str(venv / "bin" / "evse")]
 
 

@@ -326,7 +326,7 @@ def test_unit_file() -> None:
     s = unit_settings()
     assert s["Service.Type"] == ["notify"]
     assert s["Service.NotifyAccess"] == ["main"]
-    assert s["Service.ExecStart"] == ["/opt/evse/venv/bin/evse run --config /etc/evse/evse.toml"]
+    assert s["Service.ExecStart"] == ["/opt/evse/current/bin/evse run --config /etc/evse/evse.toml"]
     assert s["Service.WatchdogSec"] == ["10"]
     assert s["Service.Restart"] == ["on-failure"]
     # Back within 2 s of a crash: the restart delay, plus a start that is READY
@@ -367,7 +367,7 @@ def test_unit_file_verifies() -> None:
         line
         for line in (result.stdout + result.stderr).splitlines()
         # The only expected complaint: the firmware is not installed here.
-        if line.strip() and "/opt/evse/venv/bin/evse" not in line
+        if line.strip() and "/opt/evse/current/bin/" not in line
     ]
     assert problems == []
 
