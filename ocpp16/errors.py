@@ -155,3 +155,15 @@ class CertificateError(OcppError):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+class IllegalTransition(OcppError):
+    """A sans-I/O state machine of ocpp16 (``ocpp16.firmware``) got an event its
+    state does not accept: a bug in whoever drives it. ``machine``, ``state``
+    and ``event`` name the missing row of its transition table."""
+
+    def __init__(self, machine: str, state: str, event: str) -> None:
+        self.machine = machine
+        self.state = state
+        self.event = event
+        super().__init__(f"{machine}: {event} is not accepted in state {state}")

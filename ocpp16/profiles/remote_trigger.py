@@ -1,4 +1,5 @@
-"""The Remote Trigger profile (OCPP 1.6 section 3.1): TriggerMessage (section 5.17).
+"""The Remote Trigger profile (OCPP 1.6 section 3.1): TriggerMessage (section 5.17),
+and the Security Whitepaper's ExtendedTriggerMessage (ed. 3).
 
 The central system asks for one of six messages; the answer goes out first
 and the triggered message after it: the handler hands the sending to
@@ -33,9 +34,21 @@ Rules (where OCPP 1.6 leaves room, the decision and why):
   id. Sent directly, not through the transaction queue: it is a reading on
   request, not a transaction record.
 * **DiagnosticsStatusNotification / FirmwareStatusNotification**: the status
-  of the upload / download in progress, Idle when there is none (the
-  Firmware Management profile supplies ``diagnostics_status`` /
-  ``firmware_status``; until then nothing is ever in progress).
+  of the upload / download or installation in progress, Idle when there is
+  none, as it is when the message is sent. The Firmware Management profile
+  (``ocpp16.profiles.firmware``, given as ``transfers``) is the source;
+  without one nothing is ever in progress. During a signed update the 1.6
+  FirmwareStatusNotification carries the nearest 1.6 status
+  (``ocpp16.firmware.as_plain_status``).
+* **ExtendedTriggerMessage** (whitepaper): BootNotification, Heartbeat,
+  MeterValues and StatusNotification exactly as TriggerMessage (the same
+  connector rules); FirmwareStatusNotification triggers a
+  SignedFirmwareStatusNotification and LogStatusNotification a
+  LogStatusNotification, each with the status in progress and its
+  requestId, or Idle without one (there is no request to name);
+  SignChargePointCertificate is delegated to ``sign_certificate`` (the
+  certificate part answers Accepted or Rejected and hands its
+  SignCertificate.req to ``after_answer``), Rejected when none is wired.
 * A ``requestedMessage`` outside the six never reaches the handler: the
   schema refuses it (a CALLERROR), so NotImplemented is not answered by this
   station, which implements every message of the enum.
@@ -49,7 +62,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -76,10 +89,52 @@ MESSAGES = (
     "MeterValues",
     "StatusNotification",
 )
+#: ExtendedTriggerMessage's MessageTriggerEnumType (whitepaper ed. 3), the schema's enum.
+EXTENDED_MESSAGES = (
+    "BootNotification",
+    "LogStatusNotification",
+    "FirmwareStatusNotification",
+    "Heartbeat",
+    "MeterValues",
+    "SignChargePointCertificate",
+    "StatusNotification",
+)
+#: The ones both triggers send alike.
+_COMMON = frozenset({"BootNotification", "Heartbeat", "MeterValues", "StatusNotification"})
+
+#: SignChargePointCertificate (``ocpp16.profiles.security``'s
+#: ``sign_charge_point_certificate``): called from the handler, before it returns;
+#: "Accepted" or "Rejected". An Accepted one hands its SignCertificate.req to
+#: ``CallChannel.after_answer`` itself, so it follows the answer.
+SignCertificateTrigger = Callable[[], str]
+
+
+class TransferStatus(Protocol):
+    """What is in progress (``ocpp16.profiles.firmware.FirmwareProfile``)."""
+
+    def firmware_status(self) -> str:
+        """FirmwareStatus (OCPP 1.6 7.25) of the update in progress, Idle for none."""
+        ...
+
+    def signed_firmware_status(self) -> tuple[str, int | None]:
+        """The whitepaper's FirmwareStatusEnumType and requestId, ("Idle", None) for none."""
+        ...
+
+    def diagnostics_status(self) -> str:
+        """DiagnosticsStatus (7.24) of the upload in progress, Idle for none."""
+        ...
+
+    def log_status(self) -> tuple[str, int | None]:
+        """UploadLogStatusEnumType and requestId of the log upload, ("Idle", None)."""
+        ...
 
 
 def _idle() -> str:
     return "Idle"
+
+
+def _idle_request() -> tuple[str, int | None]:
+    return "Idle", None
 
 
 class RemoteTriggerProfile:
@@ -91,24 +146,46 @@ class RemoteTriggerProfile:
         *,
         diagnostics_status: Callable[[], str] = _idle,
         firmware_status: Callable[[], str] = _idle,
+        transfers: TransferStatus | None = None,
+        sign_certificate: SignCertificateTrigger | None = None,
     ) -> None:
         self.cp = cp
         #: DiagnosticsStatus of the upload in progress (OCPP 1.6 7.24), Idle for none.
         self.diagnostics_status = diagnostics_status
         #: FirmwareStatus of the download or installation in progress (7.25).
         self.firmware_status = firmware_status
-        self.handlers: dict[str, Handler] = {"TriggerMessage": self.trigger_message}
+        #: The whitepaper's statuses with their requestId.
+        self.signed_firmware_status: Callable[[], tuple[str, int | None]] = _idle_request
+        self.log_status: Callable[[], tuple[str, int | None]] = _idle_request
+        if transfers is not None:
+            self.diagnostics_status = transfers.diagnostics_status
+            self.firmware_status = transfers.firmware_status
+            self.signed_firmware_status = transfers.signed_firmware_status
+            self.log_status = transfers.log_status
+        self.sign_certificate = sign_certificate
+        self.handlers: dict[str, Handler] = {
+            "TriggerMessage": self.trigger_message,
+            "ExtendedTriggerMessage": self.extended_trigger_message,
+        }
 
     def tasks(self) -> Sequence[Task]:
         return ()
+
+    def _unknown_connector(self, action: str, p: dict[str, Any]) -> bool:
+        cid = p.get("connectorId")
+        if cid is not None and cid != 0 and cid not in self.cp.station.connector_ids:
+            log.info(
+                "%s %s for connector %s: no such connector", action, p["requestedMessage"], cid
+            )
+            return True
+        return False
 
     async def trigger_message(self, p: dict[str, Any]) -> dict[str, Any]:
         """TriggerMessage (5.17): answered first, the message follows."""
         cp = self.cp
         requested = p["requestedMessage"]
         cid = p.get("connectorId")
-        if cid is not None and cid != 0 and cid not in cp.station.connector_ids:
-            log.info("TriggerMessage %s for connector %s: no such connector", requested, cid)
+        if self._unknown_connector("TriggerMessage", p):
             return {"status": "Rejected"}
         work: Callable[[], Awaitable[None]]
         if requested == "BootNotification":
@@ -133,7 +210,43 @@ class RemoteTriggerProfile:
         cp.channel.after_answer(f"triggered {requested}", work)
         return {"status": "Accepted"}
 
+    async def extended_trigger_message(self, p: dict[str, Any]) -> dict[str, Any]:
+        """ExtendedTriggerMessage (whitepaper ed. 3): answered first, the message follows."""
+        requested = p["requestedMessage"]
+        if requested in _COMMON:
+            return await self.trigger_message(p)
+        if self._unknown_connector("ExtendedTriggerMessage", p):
+            return {"status": "Rejected"}
+        work: Callable[[], Awaitable[None]]
+        if requested == "FirmwareStatusNotification":
+            work = partial(
+                self._request_status,
+                "SignedFirmwareStatusNotification",
+                self.signed_firmware_status,
+            )
+        elif requested == "LogStatusNotification":
+            work = partial(self._request_status, "LogStatusNotification", self.log_status)
+        elif requested == "SignChargePointCertificate":
+            status = "Rejected" if self.sign_certificate is None else self.sign_certificate()
+            if status != "Accepted":
+                log.info("ExtendedTriggerMessage SignChargePointCertificate: %s", status)
+                return {"status": "Rejected"}
+            return {"status": "Accepted"}
+        else:  # pragma: no cover - the schema's enum is EXTENDED_MESSAGES
+            return {"status": "NotImplemented"}
+        self.cp.channel.after_answer(f"triggered {requested}", work)
+        return {"status": "Accepted"}
+
     # -- the triggered messages, each after the answer is on the wire -------------------------
+
+    async def _request_status(
+        self, action: str, status: Callable[[], tuple[str, int | None]]
+    ) -> None:
+        value, request_id = status()
+        payload: dict[str, Any] = {"status": value}
+        if request_id is not None:
+            payload["requestId"] = request_id
+        await self._send(action, payload)
 
     async def _send(self, action: str, payload: dict[str, Any]) -> dict[str, Any] | None:
         try:
