@@ -682,7 +682,9 @@ def test_fallback_limit_above_the_station_maximum_is_rejected(
         assert bounded.get_float("FallbackLimit") == value
 
 
-def test_fallback_limit_over_ocpp_follows_the_same_rule(bounded: Configuration, store: Store) -> None:
+def test_fallback_limit_over_ocpp_follows_the_same_rule(
+    bounded: Configuration, store: Store
+) -> None:
     # ChangeConfiguration (chargepoint: change_async(source="ocpp")) reaches the
     # vendor key FallbackLimit with the installer's rule: above the maximum
     # Rejected and nothing changes, within it Accepted and GetConfiguration shows it.
