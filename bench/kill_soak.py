@@ -1,6 +1,6 @@
 """Kill -9 soak: the station killed at random moments, checked at an independent central system.
 
-One central system (``python -m ops.csms``, its record of every message it
+One central system (``python -m evse_lab.csms``, its record of every message it
 received, payloads included) and one device simulator (``python -m ops.cli
 sim``: an EVSE DIN board and an SDM630 meter over Modbus TCP, an EV driven
 through its HTTP control interface) run for the whole soak. The station is
@@ -1081,7 +1081,7 @@ def emit(rec: Recorder, out: Outcome) -> None:
     setup = (
         f"{s['kills']} kill -9 ({phases}), {s['launches']} launches, {s['slowed_starts']} "
         f"with fsync slowed ({s['slow_fsync']}); {s['transactions']} transactions checked at "
-        f"ops.csms; wall {s['wall_time_s']:.0f} s"
+        f"evse_lab.csms; wall {s['wall_time_s']:.0f} s"
     )
     for key, unit in (
         ("lost", "transactions"),
