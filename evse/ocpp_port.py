@@ -6,6 +6,20 @@ transactions, asks for the link state and smart-charging limit); towards
 ocpp16 it is the ``StationControl`` the charge point asks to start, stop,
 change availability, unlock or reset. Translating between the station's
 records and OCPP's payloads happens here and nowhere else.
+
+It is also what a firmware update needs of the station (the Firmware
+Management profile's ``StationHooks``: ``transactions_running``,
+``make_unavailable`` / ``restore_availability`` for this run only, and
+``restart``, which the run sets as ``on_restart``), and it keeps the
+charge point's certificate store once the central-system extensions have
+loaded it (``CertificateSlot``): its installed CentralSystemRootCertificates
+are trust anchors beside the installer's file, its client certificate (the
+CSR flow's) is what security profile 3 presents.
+
+Extensions (``extensions``, built by ``ops/firmware_wiring.py``): the
+Firmware Management and certificate profiles and what they bring, built in a
+worker thread just before the first connection (``ChargePoint`` calls
+``_load_extensions``), never by a station without a central system.
 """
 
 from __future__ import annotations
@@ -13,8 +27,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Awaitable, Callable
-from datetime import datetime
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -26,19 +41,85 @@ from evse.limits import CentralSystem
 from evse.station import Station
 from evse.store import Journal, TransactionRecord
 from ocpp16.chargepoint import ChargePoint, Identity
-from ocpp16.config import Configuration
+from ocpp16.config import Configuration, InstalledCredentials
 from ocpp16.errors import OcppError
 from ocpp16.local_auth import CacheStep, ClearCacheStatus, LocalAnswer, LocalAuth, LocalListStep
 from ocpp16.metering import MeterSnapshot
-from ocpp16.profiles.remote_trigger import RemoteTriggerProfile
+from ocpp16.profiles import Handler, Profile, Task
+from ocpp16.profiles.remote_trigger import RemoteTriggerProfile, TransferStatus
 from ocpp16.profiles.reservation import ReservationProfile
 from ocpp16.queue import TransactionQueue
 
 if TYPE_CHECKING:
+    from ocpp16.certificates import CertificateStore
     from ocpp16.profile_store import ProfileStore
-    from ocpp16.transport import ConnectionSettings
+    from ocpp16.security_events import SecurityEvents
+    from ocpp16.transport import Connection, ConnectionSettings
 
 log = logging.getLogger(__name__)
+
+
+class CertificateSlot:
+    """The charge point's certificate store, once the extensions have opened it.
+
+    Made before the store exists (the registry asks it when SecurityProfile is
+    raised: ``credentials``), filled at the first connection. Until then, and
+    when the store could not be opened, only the installer's files count.
+    """
+
+    def __init__(self) -> None:
+        self.store: CertificateStore | None = None
+
+    def central_system_root(self) -> bool:
+        """A CentralSystemRootCertificate is installed (InstallCertificate)."""
+        store = self.store
+        return store is not None and bool(store.central_system_roots())
+
+    def client_certificate(self) -> bool:
+        """A charge point certificate and key from the CSR flow are valid now."""
+        store = self.store
+        return store is not None and store.client_certificate(datetime.now(UTC)) is not None
+
+    def credentials(self) -> InstalledCredentials:
+        """The registry's prerequisites of a SecurityProfile raise (whitepaper ed. 3)."""
+        return InstalledCredentials(
+            central_system_root=self.central_system_root,
+            client_certificate=self.client_certificate,
+        )
+
+
+@dataclass
+class Extensions:
+    """What the extensions builder (``ops/firmware_wiring.py``) hands the port."""
+
+    #: Registered with the charge point, in this order.
+    profiles: Sequence[Profile] = ()
+    #: The certificate store (trust anchors, the client certificate).
+    certificates: CertificateStore | None = None
+    #: What the status triggers report (the Firmware Management profile).
+    transfers: TransferStatus | None = None
+    #: ExtendedTriggerMessage SignChargePointCertificate (the certificate profile).
+    sign_certificate: Callable[[], str] | None = None
+
+
+#: Builds the extensions for a port; blocking (a worker thread).
+ExtensionsBuilder = Callable[["OcppPort"], Extensions]
+
+
+class SecurityEventsSender:
+    """The SecurityEventNotification sender (``SecurityEvents.task``) as a profile with
+    no calls of its own: a connection task, started once BootNotification is
+    Accepted. Not an OCPP 1.6 feature profile, so not advertised."""
+
+    name = "SecurityEvents"
+
+    def __init__(self, events: SecurityEvents, cp: ChargePoint) -> None:
+        self.handlers: Mapping[str, Handler] = {}
+        # From now on events are stamped in the charge point's clock.
+        self._task = events.task(cp)
+
+    def tasks(self) -> Sequence[Task]:
+        return (self._task,)
 
 
 class OcppPort:
@@ -51,8 +132,20 @@ class OcppPort:
         connector: str = "socket",
         local_auth: LocalAuth | None = None,
         charging_profiles: ProfileStore | None = None,
+        security_events: SecurityEvents | None = None,
+        certificates: CertificateSlot | None = None,
+        extensions: ExtensionsBuilder | None = None,
     ) -> None:
         self.config = config
+        #: The security log and SecurityEventNotification queue (None: events only logged).
+        self.security_events = security_events
+        #: The certificate store, once loaded (the registry's credentials read it too).
+        self.certificates = certificates if certificates is not None else CertificateSlot()
+        self._extensions = extensions
+        #: The run's restart into a new release (a firmware update): set by ops/run.py.
+        self.on_restart: Callable[[], Awaitable[None]] | None = None
+        #: A firmware installation holds the connector Unavailable (this run only).
+        self.held_for_update = False
         self.queue = queue
         #: The local authorization list and the authorization cache (None: neither).
         self.local_auth = local_auth
@@ -74,7 +167,11 @@ class OcppPort:
             connection_settings=self.refresh_connection_settings,
             local_auth=local_auth,
             charging_profiles=charging_profiles,
+            emit=security_events.emit if security_events is not None else None,
+            extensions=self._load_extensions if extensions is not None else None,
         )
+        self.chargepoint.on_connection = self._connected
+        self.chargepoint.on_clock_set = self._clock_set
         smart = self.chargepoint.smart_charging
         if smart is not None:
             # A new limit reaches the station's arbitration as a link change does.
@@ -95,7 +192,12 @@ class OcppPort:
             local_parent=local_auth.parent_of if local_auth is not None else None,
         )
         self.chargepoint.register(self.reservations)
-        self.chargepoint.register(RemoteTriggerProfile(self.chargepoint))
+        #: TriggerMessage / ExtendedTriggerMessage; the transfers it reports and the
+        #: CSR trigger are plugged in by the extensions.
+        self.trigger = RemoteTriggerProfile(self.chargepoint)
+        self.chargepoint.register(self.trigger)
+        if security_events is not None:
+            self.chargepoint.register(SecurityEventsSender(security_events, self.chargepoint))
         #: Messages waiting in the queue, as last counted (``describe``).
         self.queued_messages = 0
 
@@ -153,11 +255,26 @@ class OcppPort:
         # Only the files the security profile uses, each checked as when it was
         # set: a certificate gone bad fails only TLS, never a profile 0/1 connection.
         ca, cert, private_key = c.connection_files()
+        profile = c.get_int("SecurityProfile")
+        store = self.certificates.store
+        if store is not None and profile >= 2:
+            # The roots the central system installed (InstallCertificate) are trust
+            # anchors beside the installer's file (docs/security.md); for profile 3
+            # the certificate of the CSR flow in force now is presented, else the
+            # installer's files (whitepaper A02.FR.08/09: the newest valid one).
+            installed = store.ca_bundle()
+            if installed:
+                ca = f"{ca.rstrip()}\n{installed}" if ca else installed
+            if profile == 3:
+                pair = store.client_certificate(self.chargepoint.now())
+                if pair is not None:
+                    cert = pair[0].read_text(encoding="ascii")
+                    private_key = pair[1].read_text(encoding="ascii")
         key = c.get_str("AuthorizationKey")
         return ConnectionSettings(
             central_system_url=address,
             charge_point_id=cp_id,
-            security_profile=c.get_int("SecurityProfile"),
+            security_profile=profile,
             authorization_key=str(key) if key else None,
             authorization_key_form=c.get_str("BasicAuthPasswordForm"),
             ca_certificates=ca,
@@ -166,6 +283,85 @@ class OcppPort:
             ping_interval=c.get_float("WebSocketPingInterval"),
             reconnect_max=c.get_float("ReconnectFrequency"),
         )
+
+    # -- the extensions (worker thread, before the first connection) ----------------------
+
+    def _load_extensions(self) -> Sequence[Profile]:
+        """Build the extensions and plug what they bring into the port."""
+        assert self._extensions is not None
+        loaded = self._extensions(self)
+        if loaded.certificates is not None:
+            self.certificates.store = loaded.certificates
+        transfers = loaded.transfers
+        if transfers is not None:
+            # RemoteTriggerProfile(transfers=...) does the same at construction; the
+            # trigger was registered before this profile existed. No connection
+            # yet: nothing reads these meanwhile.
+            self.trigger.diagnostics_status = transfers.diagnostics_status
+            self.trigger.firmware_status = transfers.firmware_status
+            self.trigger.signed_firmware_status = transfers.signed_firmware_status
+            self.trigger.log_status = transfers.log_status
+        if loaded.sign_certificate is not None:
+            self.trigger.sign_certificate = loaded.sign_certificate
+        return loaded.profiles
+
+    def _connected(self, conn: Connection) -> None:
+        """A new connection: the certificate store learns whether TLS is in use.
+
+        M04.FR.06 (a root in use cannot be deleted): without TLS none is; with TLS
+        every installed CentralSystemRootCertificate counts as in use (the store's
+        rule for a chain it cannot match), since the transport does not hand out
+        the server's chain. CertificateStoreMaxLength is per type and 1: that is
+        the one installed root anyway. AdditionalRootCertificateCheck is read-only
+        false (station-spec 2), so there is never a fallback root to confirm or
+        revert (``CertificateStore.confirm_root`` / ``revert_root``).
+        """
+        store = self.certificates.store
+        settings = getattr(conn, "settings", None)
+        if store is None or settings is None:
+            return
+        store.note_connection(None if settings.security_profile < 2 else [])
+
+    def _clock_set(self) -> None:
+        """Whitepaper ed. 3 SettingSystemTime (critical): the central system's
+        currentTime set the station's time in this boot, or stepped it by more than
+        a second (``CentralClock.set``); a heartbeat's drift is no event."""
+        events = self.security_events
+        offset = self.chargepoint.clock.offset
+        if events is None or offset is None:
+            return
+        events.emit(
+            "SettingSystemTime",
+            f"set by the central system's currentTime, {offset.total_seconds():+.3f} s",
+        )
+
+    # -- what a firmware update needs of the station (ocpp16.firmware.StationHooks) ----------
+
+    def transactions_running(self) -> bool:
+        station = self.station
+        return station is not None and station.tx is not None
+
+    async def make_unavailable(self) -> None:
+        """The connector Unavailable now if idle, else when its transaction ends (OCPP
+        1.6 5.19: installing waits for charging to end); no new transaction starts.
+        For this run only: nothing is persisted, so a restart (into the new release,
+        or after a power cut) comes back as available as before."""
+        await self._hold_for_update(True)
+
+    async def restore_availability(self) -> None:
+        """The update ended without a restart: availability as the settings say."""
+        await self._hold_for_update(False)
+
+    async def restart(self) -> None:
+        """End the run (transaction ended, board off) and restart into the new release."""
+        if self.on_restart is None:
+            log.error("a restart into a new release was asked for, but no restart hook is set")
+            return
+        await self.on_restart()
+
+    async def _hold_for_update(self, held: bool) -> None:
+        self.held_for_update = held
+        await self._station().hold_unavailable(held)
 
     # -- CentralSystemPort (what the station tells us) --------------------------------------
 

@@ -350,6 +350,9 @@ class Station:
         #: ChangeAvailability: the connector's own and the charge point's (connector 0).
         self.connector_operative = True
         self.station_operative = True
+        #: Unavailable for this run only, never persisted (``hold_unavailable``: a
+        #: firmware install waiting for the transaction to end, OCPP 1.6 5.19).
+        self.held_unavailable = False
         self._mains_lost = False
         self._mains_by_meter = False
         #: The socket's lock: the connector's latest command (``SetLock``), counted,
@@ -1692,7 +1695,9 @@ class Station:
                 self.station_operative = operative
                 self._notify(partial(self.central.status_changed, 0, *self.station_status()))
             self.connector_operative = operative
-            effective = self.connector_operative and self.station_operative
+            effective = (
+                self.connector_operative and self.station_operative and not self.held_unavailable
+            )
             scheduled = self.connector.snapshot.in_transaction and not effective
             if effective != self.connector.snapshot.operative:
                 await self._handle(AvailabilityChanged(effective))
@@ -1700,6 +1705,21 @@ class Station:
 
         result: str = await self.call(apply)
         return result
+
+    async def hold_unavailable(self, held: bool) -> None:
+        """Unavailable (``held``) for this run only, or back to what ChangeAvailability
+        set: nothing is persisted, so a restart (into a new release, after a power
+        cut) comes back as available as before. A running transaction goes on; the
+        connector becomes Unavailable when it ends (OCPP 1.6 5.19: an install waits
+        for charging to end, no new transaction starts meanwhile)."""
+
+        async def apply() -> None:
+            self.held_unavailable = held
+            effective = self.connector_operative and self.station_operative and not held
+            if effective != self.connector.snapshot.operative:
+                await self._handle(AvailabilityChanged(effective))
+
+        await self.call(apply)
 
     async def reserve(
         self, reservation_id: int, id_tag: str, expiry: datetime, parent_id_tag: str | None = None

@@ -17,7 +17,19 @@ Core (``profiles.core``) is always registered; LocalAuthListManagement
 SmartCharging (``profiles.smart_charging``) when it keeps charging profiles.
 Reservation (``profiles.reservation``) and RemoteTrigger
 (``profiles.remote_trigger``) are registered by ``evse.ocpp_port.OcppPort``
-(a reservation is the station's Reserved state).
+(a reservation is the station's Reserved state). FirmwareManagement
+(``profiles.firmware``) and the Security Whitepaper's certificate messages
+(``profiles.security``) are ``extensions``: built (in a worker thread) when
+the first connection is about to be made, not before, so that a station
+with no central system never loads what they need (cryptography, httpx:
+about 11 MB resident).
+
+SupportedFeatureProfiles (OCPP 1.6 section 9.1) names the OCPP 1.6 feature
+profiles of section 3.1 that are registered, and nothing else: the Security
+Whitepaper (ed. 3) adds messages, not a feature profile name, so a profile
+registered under another name (the certificate messages, "Security"; the
+security event sender) answers its calls but is not advertised
+(``AdvertisedProfiles``).
 
 It never reaches into the station: it talks to a ``StationControl`` (the
 evse side implements it) and is told about transactions and status changes
@@ -27,8 +39,9 @@ runs ``run()`` in an isolated slot and restarts it.
 Registration (OCPP 1.6 section 4.2): until BootNotification is Accepted the
 charge point sends nothing else; while Pending it answers the central
 system's configuration requests (GetConfiguration, ChangeConfiguration,
-TriggerMessage, DataTransfer) and refuses the rest with SecurityError;
-Rejected, it answers nothing but retries the boot after the interval.
+TriggerMessage, ExtendedTriggerMessage, DataTransfer) and refuses the rest
+with SecurityError; Rejected, it answers nothing but retries the boot after
+the interval.
 
 Tasks, by name (ARCHITECTURE.md draws the tree): ``run`` starts the
 profiles' charge-point-lifetime tasks (Core: "meter values", "clock-aligned
@@ -43,7 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -56,7 +69,7 @@ from ocpp16.clock import CentralClock
 from ocpp16.config import Configuration
 from ocpp16.errors import CallError, ConnectionLost
 from ocpp16.metering import MeterSnapshot
-from ocpp16.profiles import Lifetime, Profile, Profiles
+from ocpp16.profiles import FEATURE_PROFILES, Lifetime, Profile, Profiles
 from ocpp16.profiles.core import CoreProfile
 from ocpp16.profiles.local_auth import LocalAuthListProfile
 from ocpp16.profiles.smart_charging import SmartChargingProfile
@@ -79,8 +92,17 @@ log = logging.getLogger(__name__)
 DEFAULT_BOOT_RETRY = 30.0
 
 #: What may be answered before BootNotification is Accepted (OCPP 1.6 4.2.1).
+#: ExtendedTriggerMessage is the Security Whitepaper's TriggerMessage (ed. 3,
+#: "for the other values the behaviour matches TriggerMessage"): a central system
+#: that keeps a station Pending may trigger its BootNotification either way.
 ALLOWED_WHILE_PENDING = frozenset(
-    {"GetConfiguration", "ChangeConfiguration", "TriggerMessage", "DataTransfer"}
+    {
+        "GetConfiguration",
+        "ChangeConfiguration",
+        "TriggerMessage",
+        "ExtendedTriggerMessage",
+        "DataTransfer",
+    }
 )
 
 #: Configuration keys the connection is made with: a change reconnects.
@@ -100,10 +122,23 @@ _CONNECTION_KEYS = frozenset(
     }
 )
 #: Security Whitepaper ed. 3, appendix "Security events": a security parameter
-#: was changed (critical). Raised for these keys, and when a raised
-#: SecurityProfile is taken back because it did not connect.
+#: was changed. Raised for these keys (whoever changes them: the central
+#: system, the installer; techInfo names the key, never a secret value), and
+#: when a raised SecurityProfile is taken back because it did not connect. The
+#: certificate store's own changes (InstallCertificate, CertificateSigned) are
+#: raised by ``profiles.security``.
 RECONFIGURATION_OF_SECURITY_PARAMETERS = "ReconfigurationOfSecurityParameters"
-_SECURITY_PARAMETERS = frozenset({"SecurityProfile", "AuthorizationKey", "BasicAuthPasswordForm"})
+_SECURITY_PARAMETERS = frozenset(
+    {
+        "SecurityProfile",
+        "AuthorizationKey",
+        "BasicAuthPasswordForm",
+        "CentralSystemRootCertificate",
+        "ChargePointCertificate",
+        "ChargePointPrivateKey",
+        "CpoName",
+    }
+)
 
 #: ``emit(event_type, tech_info)``: raises a security event (the security log and
 #: SecurityEventNotification; ``ocpp16.security_events``). Sync, never blocks.
@@ -112,6 +147,27 @@ Emit = Callable[[str, str | None], None]
 
 def _no_event(event_type: str, tech_info: str | None) -> None:
     log.debug("security event %s (%s): no security log wired", event_type, tech_info)
+
+
+#: Profiles built when the first connection is about to be made (blocking: run in
+#: a worker thread; ``evse.ocpp_port`` and ``ops/firmware_wiring.py`` build them).
+Extensions = Callable[[], Sequence[Profile]]
+
+
+class AdvertisedProfiles(Profiles):
+    """The charge point's profiles: SupportedFeatureProfiles lists only OCPP 1.6's.
+
+    OCPP 1.6 section 9.1: SupportedFeatureProfiles is a list of the feature
+    profiles of section 3.1. The Security Whitepaper (ed. 3) defines messages
+    and keys but no profile name, and a central system may compare the list
+    with the six names it knows; so a profile registered under another name
+    (the certificate messages, the security event sender) answers its calls
+    and runs its tasks, and is not advertised.
+    """
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n in super().names if n in FEATURE_PROFILES)
 
 
 #: Configuration keys a waiting task times itself by.
@@ -194,8 +250,20 @@ class ChargePoint:
         local_auth: LocalAuth | None = None,
         charging_profiles: ProfileStore | None = None,
         emit: Emit | None = None,
+        extensions: Extensions | None = None,
     ) -> None:
         self.config = config
+        #: Profiles that load only once a central system is configured (module docstring).
+        self._extensions = extensions
+        #: Set at the first BootNotification Accepted of this process (a new release's
+        #: trial waits for it: ops/run.py).
+        self.registered = trio.Event()
+        #: Called with each new connection before anything is sent on it (the
+        #: certificate store learns whether TLS is in use: M04.FR.06).
+        self.on_connection: Callable[[Connection], None] | None = None
+        #: Called when the central system's currentTime set the clock in this boot,
+        #: or stepped it (``CentralClock.set``): the station raises SettingSystemTime.
+        self.on_clock_set: Callable[[], None] | None = None
         #: Security events: the transport's (certificate, TLS version, cipher,
         #: refused credentials) and this module's (security parameters changed,
         #: a profile raise taken back).
@@ -234,7 +302,7 @@ class ChargePoint:
             Callable[[int, dict[str, Any], float | None, datetime], Awaitable[bool]] | None
         ) = None
         #: The feature profiles: who answers which call, what runs, what is advertised.
-        self.profiles = Profiles()
+        self.profiles: Profiles = AdvertisedProfiles()
         self.core = CoreProfile(self)
         self.register(self.core)
         #: The local list and the authorization cache, when the station keeps them
@@ -255,10 +323,49 @@ class ChargePoint:
             self.core.remote_start_profiles = self.smart_charging
 
     def register(self, profile: Profile) -> None:
-        """Add a feature profile (before ``run``): its handlers answer the central
-        system's calls from now on, its tasks run with the next connection (or
-        the next ``run``), and SupportedFeatureProfiles lists it."""
+        """Add a feature profile (before ``run``, or as an extension before the
+        first connection): its handlers answer the central system's calls from
+        now on, its tasks run with the next connection (or the next ``run``),
+        and SupportedFeatureProfiles lists it if it is an OCPP 1.6 profile."""
         self.profiles.register(profile)
+
+    async def _load_extensions(self) -> None:
+        """Build and register the extensions, once (a failure is logged, and the
+        station goes on without them: charging never depends on them)."""
+        build, self._extensions = self._extensions, None
+        if build is None:
+            return
+        try:
+            profiles = await trio.to_thread.run_sync(build)
+        except Exception as exc:
+            log.critical(
+                "firmware management and certificates are not available: %s", exc, exc_info=True
+            )
+            return
+        background = self._nursery_for_background
+        for profile in profiles:
+            try:
+                self.register(profile)
+            except ValueError as exc:  # a programming error: said, not fatal
+                log.critical("profile %s not registered: %s", profile.name, exc)
+                continue
+            for task in profile.tasks():
+                if task.lifetime is Lifetime.CHARGE_POINT and background is not None:
+                    background.start_soon(task.run, name=task.name)
+
+    def reconnect(self, reason: str) -> None:
+        """Close the connection and connect again at once, with settings built anew
+        (a change of a key they are made of; a new client certificate in force)."""
+        link = self._link
+        if link is None:
+            return
+        settings = self._settings()
+        if settings is None:
+            # Connection disabled or address removed: close and stay closed.
+            self._link_scope.cancel(reason=reason)
+            return
+        link.update_settings(settings)
+        link.reconnect(reason)
 
     # -- what the station tells us ------------------------------------------------------
 
@@ -514,6 +621,14 @@ class ChargePoint:
                 )
                 await self._wait_for_config_change()
                 continue
+            if self._extensions is not None:
+                # A central system is configured: what only a connection needs
+                # loads now, and the settings are built again with it (the
+                # certificate store's roots and client certificate).
+                await self._load_extensions()
+                settings = self._settings()
+                if settings is None:
+                    continue
             from ocpp16.transport import Link  # noqa: PLC0415 - see the imports
 
             self._link = Link(
@@ -559,16 +674,7 @@ class ChargePoint:
             self._reconnect_for(name)
 
     def _reconnect_for(self, name: str) -> None:
-        link = self._link
-        if link is None:
-            return
-        settings = self._settings()
-        if settings is None:
-            # Connection disabled or address removed: close and stay closed.
-            self._link_scope.cancel(reason=f"{name} changed")
-            return
-        link.update_settings(settings)
-        link.reconnect(f"{name} changed")
+        self.reconnect(f"{name} changed")
 
     @contextlib.contextmanager
     def answering_change(self) -> Iterator[None]:
@@ -667,6 +773,11 @@ class ChargePoint:
     async def _session(self, conn: Connection) -> None:
         """One connection: the channel's tasks, the registration, then the rest."""
         await self._prove_trial(conn)
+        if self.on_connection is not None:
+            try:
+                self.on_connection(conn)
+            except Exception:
+                log.exception("connection hook failed")
         self.channel.open(conn)
         try:
             async with trio.open_nursery() as nursery:
@@ -735,6 +846,7 @@ class ChargePoint:
             if status == "Accepted":
                 self.registration = Registration.ACCEPTED
                 self._booted_once = True
+                self.registered.set()
                 if interval > 0:
                     # OCPP 1.6 4.2: the interval the central system gives is the
                     # heartbeat interval, even outside the key's own range; the key
@@ -764,6 +876,11 @@ class ChargePoint:
         if self.clock.set(current_time):
             # Clock-aligned readings follow the central system's time: recompute.
             self.timing.unpark_all()
+            if self.on_clock_set is not None:
+                try:
+                    self.on_clock_set()
+                except Exception:
+                    log.exception("clock hook failed")
 
     async def _heartbeats(self) -> None:
         last = trio.current_time()

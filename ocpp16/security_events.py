@@ -98,6 +98,7 @@ _W = logging.WARNING
 #: The Security Whitepaper ed. 3's security events, in its table's order, with its
 #: "critical" column (FirmwareUpdated, SettingSystemTime, StartupOfTheDevice,
 #: ResetOrReboot, SecurityLogWasCleared, MemoryExhaustion, TamperDetectionActivated).
+#: This station's own events are in ``STATION_EVENTS``.
 EVENTS: Final[Mapping[str, EventType]] = {
     e.name: e
     for e in (
@@ -146,6 +147,25 @@ EVENTS: Final[Mapping[str, EventType]] = {
     )
 }
 
+#: This station's own events, beside the whitepaper's table (which has no event for
+#: a failed update; SecurityEventNotification.req's type is any string(50)):
+#: FirmwareRolledBack, a new release did not reach its trial's goal and the
+#: previous one runs again (ops/release.py, ``ocpp16.firmware.FIRMWARE_ROLLED_BACK``;
+#: techInfo: from, to and why). Critical, as FirmwareUpdated is: the central system
+#: must learn that the firmware it installed is not the one running, and the event
+#: must not be pushed out of a full queue.
+STATION_EVENTS: Final[Mapping[str, EventType]] = {
+    e.name: e
+    for e in (
+        EventType(
+            "FirmwareRolledBack",
+            True,
+            "a firmware update was rolled back to the previous release",
+            _W,
+        ),
+    )
+}
+
 
 #: The settings whose change is a ReconfigurationOfSecurityParameters
 #: (``SecurityEvents.watch_configuration``).
@@ -161,9 +181,15 @@ SECURITY_PARAMETERS: Final = frozenset(
 )
 
 
+def event_type_of(name: str) -> EventType | None:
+    """The whitepaper's row of an event, or this station's own (``STATION_EVENTS``)."""
+    return EVENTS.get(name) or STATION_EVENTS.get(name)
+
+
 def is_critical(event_type: str) -> bool:
-    """The whitepaper's "critical" flag; an event it does not list is not critical."""
-    known = EVENTS.get(event_type)
+    """The whitepaper's "critical" flag (or this station's own event's); an event
+    neither lists is not critical."""
+    known = event_type_of(event_type)
     return known is not None and known.critical
 
 
@@ -232,7 +258,7 @@ class SecurityEvents:
         """
         if not isinstance(event_type, str) or not 1 <= len(event_type) <= MAX_TYPE_LENGTH:
             raise ValueError(f"security event type {event_type!r}: 1..50 characters")
-        known = EVENTS.get(event_type)
+        known = event_type_of(event_type)
         critical = known is not None and known.critical
         payload: dict[str, Any] = {"type": event_type}
         now = self.wall_clock()
@@ -437,9 +463,11 @@ __all__ = [
     "EVENTS",
     "SECURITY_LOGGER",
     "SECURITY_PARAMETERS",
+    "STATION_EVENTS",
     "Emit",
     "EventType",
     "SecurityEvents",
+    "event_type_of",
     "is_critical",
     "no_emit",
 ]

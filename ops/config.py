@@ -722,6 +722,37 @@ SECTIONS: tuple[Section, ...] = (
         ),
     ),
     Section(
+        "firmware",
+        "Firmware updates (OCPP UpdateFirmware, SignedUpdateFirmware): releases installed "
+        "side by side in the layout evse install makes (ops/release.py).",
+        (
+            file_setting(
+                "releases",
+                Kind.PATH,
+                "The releases root: releases/<version> (a venv each) and the current link "
+                "the unit starts. An update is installed there and the station restarts "
+                "into it (exit 1: systemd restarts the unit); only where evse install laid "
+                "it out (a current link) is anything installed. A new release's trial "
+                "applies only to a station run from one of these releases, never to one "
+                "run from a checkout or another venv (nor evse run --sim, which uses none).",
+                default="/opt/evse",
+            ),
+            file_setting(
+                "trial",
+                Kind.FLOAT,
+                "A new release must reach BootNotification Accepted (with no central "
+                "system: a station loop that answers) within this time after the switch, "
+                "and within 3 starts; otherwise the station goes back to the previous "
+                "release and reports InstallationFailed with a FirmwareRolledBack security "
+                "event.",
+                default=600.0,
+                lo=60,
+                hi=86400,
+                unit="s",
+            ),
+        ),
+    ),
+    Section(
         "logging",
         "Log output (to standard error: the journal under systemd).",
         (
@@ -882,6 +913,13 @@ class WebConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FirmwareConfig:
+    #: None: no releases at all (evse run --sim): an update fails at Installing.
+    releases: Path | None
+    trial: float
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: str
     format: str
@@ -899,6 +937,7 @@ SECTION_CLASSES: Mapping[str, type[Any]] = {
     "safety": SafetyConfig,
     "control": ControlConfig,
     "web": WebConfig,
+    "firmware": FirmwareConfig,
     "logging": LoggingConfig,
 }
 
@@ -915,6 +954,7 @@ class Config:
     safety: SafetyConfig
     control: ControlConfig
     web: WebConfig
+    firmware: FirmwareConfig
     logging: LoggingConfig
     #: The file it was read from; None when built in memory.
     source: Path | None = None

@@ -8,6 +8,22 @@ follows the station, the watchdog, and the liveness probe that aborts a
 wedged station loop), handles SIGTERM/SIGINT (the first stops the
 transaction with reason Reboot and switches off, exit 0; later ones are
 logged) and turns failures into the documented exit codes (ops/systemd.py).
+
+Issue 10 (firmware, diagnostics, security) adds, in this order at start: the
+station's own log files (``ops.logs.install_file_logs``: the QueueHandler's
+thread writes them, never the trio thread), the releases' start check
+(``Releases.at_start``, only when the station runs from a release: a trial
+that failed here exits 1 at once, before the store or the bus is touched, so
+that the unit starts the previous release), the security event queue and
+StartupOfTheDevice, and the OCPP port with its extensions (the Firmware
+Management and certificate profiles, ``ops/firmware_wiring.py``, built at the
+first connection only). While a new release is on trial the task "release
+trial" confirms it once BootNotification is Accepted (no central system: once
+the station loop answers) or, at the trial's deadline, lets ``check_trial``
+roll it back. A restart into another release (an installed update, a rollback)
+is an orderly stop (transaction ended with Reboot, board off) that exits 1,
+the code the unit restarts on: never the re-exec of an OCPP Reset, whose
+``sys.executable`` is the release that is being left.
 """
 
 from __future__ import annotations
@@ -18,8 +34,9 @@ import logging
 import os
 import signal
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,7 +46,8 @@ import trio
 from evse.auth import AuthStatus, AuthStep, FreeCharging, LocalTagList
 from evse.connector import StopReason
 from evse.errors import HardwareUnavailable, StoreError, find_in_group
-from evse.ocpp_port import OcppPort
+from evse.limits import CentralSystem
+from evse.ocpp_port import CertificateSlot, OcppPort
 from evse.rfid import RfidConfig as ReaderConfig
 from evse.safety import SafetySettings
 from evse.station import Station, StationSettings
@@ -40,8 +58,9 @@ from ocpp16.config import Configuration
 from ocpp16.errors import ConfigRejected
 from ocpp16.local_auth import AuthSettings, LocalAuth
 from ocpp16.profile_store import ProfileStore
-from ocpp16.queue import TransactionQueue
-from ops import lock, systemd
+from ocpp16.queue import SecurityEventQueue, TransactionQueue
+from ocpp16.security_events import SecurityEvents
+from ops import firmware_wiring, lock, logs, systemd
 from ops.config import (
     BOARD_RETRIES,
     METER_RETRIES,
@@ -52,6 +71,8 @@ from ops.config import (
     seed_registry,
 )
 from ops.control import control_service
+from ops.errors import ReleaseError
+from ops.firmware_wiring import ReleaseContext
 from ops.progress import Transfers
 
 log = logging.getLogger(__name__)
@@ -70,6 +91,9 @@ PROBE_INTERVAL = 1.0
 #: How often STATUS= is compared with the station's state (at most this many
 #: notifications per second: 1 / STATUS_INTERVAL).
 STATUS_INTERVAL = 0.25
+#: How often a release on trial looks again whether a central system is configured
+#: (its goal: BootNotification Accepted with one, an answering loop without).
+TRIAL_LOOK = 5.0
 
 
 def auth_steps(config: Config) -> list[AuthStep]:
@@ -97,8 +121,22 @@ class Central:
     local_auth: LocalAuth | None = None
     #: The ChargePointMax and TxDefault charging profiles (OCPP 1.6 3.13).
     charging_profiles: ProfileStore | None = None
+    #: SecurityEventNotifications waiting (same file, own tables), and the security
+    #: log with its sender (Security Whitepaper ed. 3).
+    security_queue: SecurityEventQueue | None = None
+    events: SecurityEvents | None = None
+    #: Long transfers (firmware download, diagnostics upload): evse status shows them.
+    transfers: Transfers = field(default_factory=Transfers)
+    #: The releases of this run (issue 10).
+    releases: ReleaseContext = field(default_factory=ReleaseContext)
 
     def close(self) -> None:
+        # The security events first: close writes what is still waiting, into the
+        # queue it shares the file with (the flush before a restart or a reset).
+        if self.events is not None:
+            self.events.close()
+        if self.security_queue is not None:
+            self.security_queue.close()
         if self.charging_profiles is not None:
             self.charging_profiles.close()
         if self.local_auth is not None:
@@ -107,7 +145,12 @@ class Central:
         self.settings_store.close()
 
 
-def open_central(config: Config) -> Central:
+def open_central(
+    config: Config,
+    *,
+    releases: ReleaseContext | None = None,
+    flush_logs: Callable[[], object] | None = None,
+) -> Central:
     """Open the configuration registry and the transaction queue; build the port.
 
     The file's values of the registry keys it seeds (``ops.config.SEATS``:
@@ -117,16 +160,33 @@ def open_central(config: Config) -> Central:
     warning names the key and both values; while the file is unchanged, a
     value changed since by the central system or the installer stays. A file
     value the registry refuses is a ConfigError naming both values (exit 78).
+
+    The security event queue is opened too and StartupOfTheDevice raised
+    (whitepaper ed. 3: critical, sent once registered). ``releases``: this
+    run's (``ops.firmware_wiring.release_context``, after ``at_start``); the
+    port's extensions (firmware management, certificates) load at its first
+    connection. ``flush_logs`` writes out the log files before GetDiagnostics
+    or GetLog reads them.
     """
+    context = releases if releases is not None else firmware_wiring.release_context(config)
     path = store_path(config)
     settings_store = Store.open(path)
+    # The certificate store is opened with the extensions; a SecurityProfile raise
+    # asks it for an installed root or client certificate (whitepaper prerequisites).
+    certificates = CertificateSlot()
     try:
-        registry = Configuration(settings_store, maxima=registry_maxima(config))
+        registry = Configuration(
+            settings_store, maxima=registry_maxima(config), credentials=certificates.credentials()
+        )
         seed_registry(registry, config)
     except BaseException:
         settings_store.close()
         raise
     queue = TransactionQueue.open(path)
+    security_queue = SecurityEventQueue.open(path)
+    events = SecurityEvents(security_queue)
+    events.emit("StartupOfTheDevice", f"evse-firmware {VERSION}")
+    transfers = Transfers()
     # The list's and the cache's policy keys are read at every use (live).
     local_auth = LocalAuth.open(path, settings=lambda: AuthSettings.from_keys(registry.get_bool))
     charging_profiles = ProfileStore.open(path)
@@ -144,8 +204,33 @@ def open_central(config: Config) -> Central:
         connector=config.station.connector,
         local_auth=local_auth,
         charging_profiles=charging_profiles,
+        security_events=events,
+        certificates=certificates,
+        extensions=firmware_wiring.extensions(
+            config=config,
+            registry=registry,
+            queue=queue,
+            settings_store=settings_store,
+            security_queue=security_queue,
+            events=events,
+            context=context,
+            transfers=transfers,
+            version=VERSION,
+            flush_logs=flush_logs,
+        ),
     )
-    return Central(registry, queue, port, settings_store, local_auth, charging_profiles)
+    return Central(
+        registry,
+        queue,
+        port,
+        settings_store,
+        local_auth,
+        charging_profiles,
+        security_queue=security_queue,
+        events=events,
+        transfers=transfers,
+        releases=context,
+    )
 
 
 def plan_from_config(
@@ -479,7 +564,15 @@ async def run_station(
         try:
             await trio.to_thread.run_sync(check_data_dir, config)
             held = await trio.to_thread.run_sync(lock.acquire, station_claims(config))
+            file_logs = None
             try:
+                file_logs = await _start_file_logs(config)
+                context = await _releases_at_start(config)
+                if context.report.restart:
+                    # The trial failed and `current` went back: this process runs the
+                    # failed release's code. Exit so the unit starts the previous one
+                    # (nothing was switched on: store and bus are not touched yet).
+                    return systemd.EXIT_FAILURE
                 return await _run_locked(
                     config,
                     signals=signals,
@@ -488,11 +581,53 @@ async def run_station(
                     settings=settings,
                     probe_timeout=probe_timeout,
                     on_web_ready=on_web_ready,
+                    releases=context,
+                    flush_logs=file_logs.flush if file_logs is not None else None,
                 )
             finally:
+                if file_logs is not None:
+                    file_logs.close()
                 held.release()
         finally:
             notifier.close()
+
+
+async def _start_file_logs(config: Config) -> logs.FileLogs | None:
+    """The station's own log files (GetDiagnostics, GetLog); None when they cannot be
+    kept (said once: the station charges without them)."""
+    try:
+        return await trio.to_thread.run_sync(logs.install_file_logs, config.station.data_dir)
+    except OSError as exc:
+        log.error("station log files not kept in %s: %s", config.station.data_dir, exc)
+        return None
+
+
+async def _releases_at_start(config: Config) -> ReleaseContext:
+    """This run's releases; when the station runs from one, its start counted
+    (``Releases.at_start``) and what it found in ``report``."""
+    context = firmware_wiring.release_context(config)
+    releases = context.releases
+    if releases is None or not context.running:
+        return context
+    try:
+        report = await trio.to_thread.run_sync(releases.at_start)
+    except (ReleaseError, OSError) as exc:
+        log.error("releases in %s not checked at start: %s", releases.root, exc)
+        return context
+    if report.rolled_back is not None:
+        # Kept until the firmware profile has reported it (its restart_reported).
+        failed, to, why = report.rolled_back
+        log.error("release %s was rolled back to %s: %s", failed, to, why)
+    elif report.installed is not None:
+        # A confirm whose record was not cleared (a crash in between): the
+        # firmware profile reports an update from its own state.
+        with contextlib.suppress(ReleaseError, OSError):
+            await trio.to_thread.run_sync(releases.report_delivered)
+    if report.restart:
+        log.critical("restarting into release %s (exit 1: the unit starts it)", releases.current())
+    elif report.on_trial is not None:
+        log.warning("release %s is on trial: it must register to stay", report.on_trial)
+    return replace(context, report=report)
 
 
 def _web_service(
@@ -530,8 +665,12 @@ async def _run_locked(
     settings: Mapping[str, str] | None,
     probe_timeout: float,
     on_web_ready: Callable[[str], None] | None = None,
+    releases: ReleaseContext | None = None,
+    flush_logs: Callable[[], object] | None = None,
 ) -> int:
-    central = await trio.to_thread.run_sync(open_central, config)
+    central = await trio.to_thread.run_sync(
+        partial(open_central, config, releases=releases, flush_logs=flush_logs)
+    )
     try:
         if settings:
             # For this run only: a flag on one command line must not change
@@ -567,7 +706,7 @@ async def _supervise(
     port = central.port
     central_steps = [] if config.authorization.mode == "free" else port.auth_steps()
     # Long transfers (firmware download, diagnostics upload) report here; evse status shows them.
-    transfers = Transfers()
+    transfers = central.transfers
     services = [
         control_service(socket_path, central.registry, central.queue, transfers, config=config)
     ]
@@ -588,13 +727,34 @@ async def _supervise(
         await notifier.stopping("stopping")
         await supervisor.shutdown(reason)
 
+    def security_event(event_type: str, tech_info: str) -> None:
+        if central.events is not None:
+            central.events.emit(event_type, tech_info)
+
     async def on_reset(hard: bool) -> None:
         # OCPP 1.6 5.15: stop transactions with SoftReset/HardReset, then restart.
         restart.requested = True
+        # Whitepaper ed. 3 ResetOrReboot (critical); written out by central.close().
+        security_event("ResetOrReboot", f"{'Hard' if hard else 'Soft'} Reset by the central system")
         if run.stopping is None:
             await stop(StopReason.HARD_RESET if hard else StopReason.SOFT_RESET, "OCPP Reset")
 
     port.on_reset = on_reset
+
+    async def restart_into_release(why: str) -> None:
+        # Exit 1 once stopped (transaction ended with Reboot, board off): the unit
+        # restarts through `current`, i.e. into the release now switched to.
+        restart.release = why
+        security_event("ResetOrReboot", why)
+        if run.stopping is None:
+            await stop(StopReason.REBOOT, why)
+
+    async def restart_for_update() -> None:
+        releases = central.releases.releases
+        version = await trio.to_thread.run_sync(releases.current) if releases else None
+        await restart_into_release(f"restart into firmware release {version}")
+
+    port.on_restart = restart_for_update
 
     def running() -> None:
         # The identity the central system sees: station.id as seeded, or what
@@ -623,6 +783,7 @@ async def _supervise(
                     if run.stopping is None:
                         log.info("%s: stopping", name)
                         run.stopping = name
+                        security_event("ResetOrReboot", f"{name}: the station stops")
                         nursery.start_soon(stop, StopReason.REBOOT, name, name="orderly stop")
                     else:
                         log.warning(
@@ -643,6 +804,18 @@ async def _supervise(
                         await stop(StopReason.LOCAL, "driver finished")
 
             nursery.start_soon(on_signals, name="signals")
+            if central.releases.running and central.releases.report.on_trial is not None:
+                nursery.start_soon(
+                    partial(
+                        _release_trial,
+                        supervisor,
+                        central,
+                        lambda why: nursery.start_soon(
+                            restart_into_release, why, name="rollback restart"
+                        ),
+                    ),
+                    name="release trial",
+                )
             nursery.start_soon(supervisor.run, name="supervisor")
             nursery.start_soon(attach, name="attach")
             nursery.start_soon(
@@ -666,6 +839,9 @@ async def _supervise(
             code = systemd.EXIT_SOFTWARE
     if run.aborted is not None and code == systemd.EXIT_OK:
         code = systemd.EXIT_SOFTWARE
+    if restart.release is not None and code == systemd.EXIT_OK:
+        log.warning("%s: exit %d, the unit restarts it", restart.release, systemd.EXIT_FAILURE)
+        return systemd.EXIT_FAILURE
     if restart.requested and code == systemd.EXIT_OK:
         return EXIT_RESTART
     return code
@@ -677,7 +853,54 @@ EXIT_RESTART = -1
 
 @dataclass
 class RestartRequest:
+    #: An OCPP Reset: the same firmware again (EXIT_RESTART, re-executed).
     requested: bool = False
+    #: Why the run restarts into another release (an update, a rollback): exit 1,
+    #: the code the unit restarts on (ops/systemd.py), through `current`.
+    release: str | None = None
+
+
+async def _release_trial(
+    supervisor: Supervisor, central: Central, restart: Callable[[str], object]
+) -> None:
+    """The release on trial: confirmed once it reaches its goal, else rolled back at
+    the trial's deadline (``Releases.check_trial``), with a restart into the previous one.
+
+    The goal (issue 10): BootNotification Accepted; with no central system
+    configured, a station loop that answers. The deadline is the trial
+    record's wall-clock time, waited for on trio's clock from now.
+    """
+    releases = central.releases.releases
+    assert releases is not None
+    while True:
+        trial = await trio.to_thread.run_sync(releases.trial)
+        if trial is None:
+            return  # confirmed (the firmware profile) or ended meanwhile
+        left = max(0.0, trial.deadline - time.time())
+        with trio.move_on_after(left):
+            await _trial_goal(supervisor, central)
+            await trio.to_thread.run_sync(firmware_wiring.confirm_release, releases)
+            log.info("release %s confirmed: its trial is over", trial.version)
+            return
+        report = await trio.to_thread.run_sync(releases.check_trial)
+        if report.restart and report.rolled_back is not None:
+            failed, to, why = report.rolled_back
+            log.error("release %s rolled back to %s: %s", failed, to, why)
+            restart(f"rollback from firmware release {failed} to {to}")
+            return
+
+
+async def _trial_goal(supervisor: Supervisor, central: Central) -> None:
+    await supervisor.started.wait()
+    station = supervisor.station
+    assert station is not None
+    await station.call(_noop)  # the loop answers
+    registered = central.port.chargepoint.registered
+    while not registered.is_set():
+        if central.port.link is CentralSystem.NOT_CONFIGURED:
+            return
+        with trio.move_on_after(TRIAL_LOOK):
+            await registered.wait()
 
 
 def _live_settings(station: Station, nursery: trio.Nursery) -> Callable[[str, object], None]:
@@ -711,7 +934,10 @@ def sim_config(
         "safety": {"persist_interval": 2.0},
         "web": {"port": web_port},
     }
-    return config_from_dict(data, source="<simulator>")
+    config = config_from_dict(data, source="<simulator>")
+    # No releases on the simulator: the station runs as from a checkout, and an
+    # update ends InstallationFailed after its download and manifest check.
+    return replace(config, firmware=replace(config.firmware, releases=None))
 
 
 #: OCPP 1.6 BootNotification.req chargePointModel: CiString20Type.

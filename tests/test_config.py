@@ -120,6 +120,8 @@ DEFAULTS: dict[str, Any] = {
     "web.certificate": None,
     "web.key": None,
     "web.session_lifetime": 28800.0,
+    "firmware.releases": Path("/opt/evse"),
+    "firmware.trial": 600.0,
     "logging.format": "auto",
 }
 

@@ -233,6 +233,10 @@ def test_a_file_value_the_registry_refuses_is_refused_naming_both_values(
     wss = "wss://cs.example.com/ocpp/"
     registry = start(opened, config_of(tmp_path, connection__central_system_address=wss))
     assert registry.change("AuthorizationKey", KEY32, source="installer").ok
+    # Profile 2 is TLS: its root certificate first (the whitepaper's prerequisite,
+    # checked since `evse run` gives the registry its credentials).
+    root = Pki(tmp_path).ca_pem
+    assert registry.change("CentralSystemRootCertificate", str(root), source="installer").ok
     assert registry.change("SecurityProfile", "2", source="installer").ok
     opened[0].close()
     opened.clear()

@@ -578,3 +578,32 @@ async def test_off_bound_per_board_and_transport(
         db = tmp_path / f"{board}-{transport}.sqlite"
         async with vclock_rig(tmp_path, board=board, transport=transport, db=db) as rig:
             assert rig.off_bound() * 1000 == pytest.approx(ms, abs=1e-6), (board, transport)
+
+
+async def test_a_hold_for_an_update_waits_for_the_transaction_and_is_never_persisted(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """OCPP 1.6 5.19: the install waits for charging to end, no new transaction
+    starts meanwhile; the hold is for this run only (a restart comes back
+    Available) and a ChangeAvailability(Operative) meanwhile does not lift it."""
+    db = tmp_path / "station.sqlite"
+    async with vclock_rig(tmp_path, db=db) as rig:
+        await rig.charge()
+        await rig.station.hold_unavailable(True)
+        await trio.sleep(1.0)
+        assert rig.station.connector.status.value == "Charging"
+        rig.unplug()
+        await rig.status("Unavailable")
+        assert await rig.station.set_availability(True) == "Accepted"
+        await trio.sleep(1.0)
+        assert rig.station.connector.status.value == "Unavailable"
+        assert rig.db_rows("SELECT value FROM settings WHERE key LIKE '%availab%'") in (
+            [],
+            [("1",)],
+        )
+    async with vclock_rig(tmp_path, db=db) as rig:
+        await rig.status("Available")
+        await rig.station.hold_unavailable(True)
+        await rig.status("Unavailable")
+        await rig.station.hold_unavailable(False)
+        await rig.status("Available")

@@ -343,6 +343,7 @@ class FirmwareProfile:
         signatures: SignatureCheck | None = None,
         emit: Emit = _no_event,
         start_report: StartReport | None = None,
+        restart_reported: Callable[[], None] | None = None,
         progress: ProgressSink | None = None,
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         restart_grace: float = RESTART_GRACE,
@@ -358,6 +359,11 @@ class FirmwareProfile:
         self.signatures = signatures
         self.emit = emit
         self.start_report = start_report
+        #: Called (blocking, in a worker thread) once what ``start_report`` had to
+        #: say has been reported, after the notification it caused was delivered:
+        #: the integrator then clears it at its source (``Releases.report_delivered``),
+        #: so that a rollback is reported once, and again after a restart until then.
+        self.restart_reported = restart_reported
         self.progress = progress
         self.max_image_bytes = max_image_bytes
         self.restart_grace = restart_grace
@@ -938,6 +944,7 @@ class FirmwareProfile:
         if pending is None:
             if rolled_back is not None:  # no request of ours pending: the event only
                 self.emit(FIRMWARE_ROLLED_BACK, rolled_back[:TECH_INFO_LENGTH])
+                self._start_report_done()
             return
         running = self.cp.identity.firmware_version
         if rolled_back is not None:
@@ -954,6 +961,21 @@ class FirmwareProfile:
             event = Restarted(installed=False, reason=f"running {running}, not {pending.version}")
         log.info("firmware update to %s: %s", pending.version, event)
         await self._carry_all(self.firmware.handle(event, self.cp.now()))
+        self._start_report_done()
+
+    def _start_report_done(self) -> None:
+        """``restart_reported``, once the outbox has delivered what precedes it."""
+        done = self.restart_reported
+        if done is None:
+            return
+
+        async def work() -> None:
+            try:
+                await trio.to_thread.run_sync(done)
+            except Exception:
+                log.exception("the report of this start was sent, but not marked as sent")
+
+        self._outbox.put(_Item(None, work=work))
 
 
 def _remove(path: Path) -> None:
@@ -963,6 +985,8 @@ def _remove(path: Path) -> None:
         return
     path.unlink(missing_ok=True)
     path.with_name(path.name + ".part").unlink(missing_ok=True)
+    # ocpp16.transfer's resume record beside the part.
+    path.with_name(path.name + ".part.json").unlink(missing_ok=True)
 
 
 def _write_atomically(path: Path, text: str) -> None:
