@@ -59,11 +59,8 @@ import re
 import shutil
 import subprocess
 import sys
-import sysconfig
-import tarfile
 import tempfile
 import time
-import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -71,6 +68,14 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ops.errors import ReleaseError
+
+if TYPE_CHECKING:
+    import tarfile
+
+#: tarfile, zipfile and sysconfig are imported where images are built or read,
+#: not with this module: the station imports it at every start (its trial
+#: bookkeeping) and must not carry them (issue 7, resident memory).
+_LAZY = ("tarfile", "zipfile", "sysconfig")
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
@@ -195,6 +200,8 @@ def _scan(image: Path, into: Path | None = None) -> Manifest:
     or paths: nothing can land outside ``into``), listed in the manifest,
     once, with its size and sha256; every listed member must be there.
     """
+    import tarfile  # noqa: PLC0415 - see _LAZY
+
     name = image.name
     seen: dict[str, Member] = {}
     manifest_bytes: bytes | None = None
@@ -430,6 +437,8 @@ def wheel_name_version(wheel: str) -> tuple[str, str]:
 
 def wheel_version(wheel: Path) -> str:
     """The Version: of a wheel's METADATA (the one pip installs and reports)."""
+    import zipfile  # noqa: PLC0415 - see _LAZY
+
     try:
         with zipfile.ZipFile(wheel) as zf:
             meta = next(
@@ -524,6 +533,9 @@ def pack(wheels: Path, out_dir: Path, firmware: Path, *, python: str | None = No
     wheels are zip files already. Written under a temporary name and
     renamed, so an image of that name is always whole.
     """
+    import sysconfig  # noqa: PLC0415 - see _LAZY
+    import tarfile  # noqa: PLC0415
+
     python_version = f"{sys.version_info.major}.{sys.version_info.minor}"
     platform = sysconfig.get_platform()
     if python is not None:
@@ -571,6 +583,8 @@ _ABOUT_PYTHON = (
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    import tarfile  # noqa: PLC0415 - see _LAZY
+
     info = tarfile.TarInfo(name)
     info.size = size
     info.mode = 0o644

@@ -29,6 +29,9 @@ LAZY = (
     "ocpp.",
     "asyncio",
     "difflib",
+    # Release images are built and read only by `evse release` and an update
+    # (zipfile is not here: importlib.metadata, for the version, loads it).
+    "tarfile",
 )
 
 CHILD = """
