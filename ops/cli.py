@@ -264,7 +264,8 @@ examples:
 
 exit codes (ops/systemd.py has systemd's view of each):
   0   stopped on request (SIGTERM, SIGINT)
-  1   failed while running (e.g. the store)
+  1   failed while running (e.g. the store), or stopped to restart into
+      another release (a firmware update, a rolled-back trial)
   2   bad command line
   69  a device did not answer at start (one line: device, port, reason)
   70  internal error, or the liveness probe failed (switched off first)

@@ -17,7 +17,10 @@ can tell the causes apart (the unit restarts on every code but 2 and 78):
 code   name            meaning
 =====  ==============  ==========================================================
 0      EXIT_OK         stopped on request (SIGTERM, SIGINT)
-1      EXIT_FAILURE    failed while running, e.g. the store; restarted
+1      EXIT_FAILURE    failed while running, e.g. the store; restarted. Also an
+                       orderly stop into another release (a firmware update
+                       installed, or a trial rolled back): the unit's restart
+                       follows the ``current`` link (ops/release.py)
 2      EXIT_USAGE      bad command line; not restarted
 69     EXIT_HARDWARE   EX_UNAVAILABLE: a device (board, meter) did not answer at
                        start (nothing on its TCP port, no such serial device, a
