@@ -831,14 +831,17 @@ async def test_backoff_on_a_refusing_server_grows_caps_and_then_connects() -> No
     attempts = [s for s in rec.statuses if s.state is LinkState.CONNECTING]
     starts = [s.since for s in attempts]
     gaps = [b - a for a, b in itertools.pairwise(starts)]
-    # The delays are exactly those of the seeded jitter, give or take a refused connect.
+    # The delays are exactly those of the seeded jitter, give or take a refused
+    # connect and the scheduling of a loaded machine (wall clock, real sockets:
+    # it failed once with 0.1 s of slack while the quick lane filled both cores).
+    slack = 0.25
     replica = random.Random(3)
     expected = [backoff_delay(n, low, high, replica) for n in range(1, len(gaps) + 1)]
     for gap, want in zip(gaps, expected, strict=True):
-        assert want <= gap < want + 0.1
-    assert gaps[0] <= 2 * low + 0.1  # starts small
-    assert all(high / 2 <= gap < high + 0.1 for gap in gaps[3:])  # then capped
-    assert 7 <= len(attempts) <= 12  # ~2 s of refusals: no storm
+        assert want <= gap < want + slack
+    assert gaps[0] <= 2 * low + slack  # starts small
+    assert all(high / 2 <= gap < high + slack for gap in gaps[3:])  # then capped
+    assert 5 <= len(attempts) <= 12  # ~2 s of refusals: no storm
     assert [s.attempt for s in attempts] == list(range(1, len(attempts) + 1))
     assert rec.statuses[-2].state is LinkState.CONNECTED
     disconnected = [s for s in rec.statuses if s.state is LinkState.DISCONNECTED]
