@@ -131,6 +131,7 @@ async def test_download_over_https_with_the_ca_trusted(www: Path, image: bytes, 
     assert read(dest) == image
 
 
+@pytest.mark.slow  # starts an FTP server process (pyftpdlib)
 async def test_download_over_ftp_with_a_password(
     ftp: FtpServer, ftp_root: Path, dest: Path
 ) -> None:
@@ -279,6 +280,7 @@ async def test_a_body_beyond_the_cap_is_cut_without_a_length(
     assert read(dest) == image
 
 
+@pytest.mark.slow  # starts an FTP server process (pyftpdlib)
 async def test_ftp_file_over_the_cap_is_refused_by_its_size(
     ftp: FtpServer, ftp_root: Path, dest: Path
 ) -> None:
@@ -477,6 +479,7 @@ async def _cancelled_ftp_part(
         return slow.port, size
 
 
+@pytest.mark.slow  # starts an FTP server process (pyftpdlib)
 async def test_cancelled_ftp_download_writes_nothing_afterwards_then_resumes(
     ftp_root: Path, dest: Path
 ) -> None:
@@ -495,6 +498,7 @@ async def test_cancelled_ftp_download_writes_nothing_afterwards_then_resumes(
     assert reports[0].done == size
 
 
+@pytest.mark.slow  # starts an FTP server process (pyftpdlib)
 async def test_ftp_server_without_rest_starts_over(ftp_root: Path, dest: Path) -> None:
     data = payload(MB)
     port, size = await _cancelled_ftp_part(ftp_root, dest, data, at_least=50_000)
@@ -506,6 +510,7 @@ async def test_ftp_server_without_rest_starts_over(ftp_root: Path, dest: Path) -
     assert read(dest) == data
 
 
+@pytest.mark.slow  # starts an FTP server process (pyftpdlib)
 async def test_ftp_errors(ftp: FtpServer, ftp_root: Path, dest: Path) -> None:
     with pytest.raises(TransferError, match="550"):
         await download(ftp.url("missing.tar"), dest, max_bytes=CAP)
@@ -578,6 +583,7 @@ async def test_upload_errors_name_the_status(www: Path, diagnostics: tuple[Path,
         await upload(server.url("u"), source.with_name("absent.zip"))
 
 
+@pytest.mark.slow  # starts an FTP server process (pyftpdlib)
 async def test_upload_ftp_with_a_password(
     ftp: FtpServer, ftp_root: Path, diagnostics: tuple[Path, bytes]
 ) -> None:
@@ -592,6 +598,7 @@ async def test_upload_ftp_with_a_password(
     assert reports[-1] == Progress(len(data), len(data))
 
 
+@pytest.mark.slow  # starts an FTP server process (pyftpdlib)
 async def test_upload_ftp_anonymous(
     tmp_path: Path, ftp_root: Path, diagnostics: tuple[Path, bytes]
 ) -> None:
@@ -602,6 +609,7 @@ async def test_upload_ftp_anonymous(
     assert (ftp_root / "diag.zip").read_bytes() == data
 
 
+@pytest.mark.slow  # starts an FTP server process (pyftpdlib)
 async def test_upload_ftp_refused(
     ftp: FtpServer, ftp_root: Path, diagnostics: tuple[Path, bytes]
 ) -> None:
@@ -610,6 +618,7 @@ async def test_upload_ftp_refused(
         await upload(ftp.url("no/such/dir/diag.zip"), source)
 
 
+@pytest.mark.slow  # starts an FTP server process (pyftpdlib)
 async def test_passwords_never_reach_the_log_or_the_errors(
     www: Path, ftp: FtpServer, diagnostics: tuple[Path, bytes], caplog: pytest.LogCaptureFixture
 ) -> None:
