@@ -45,7 +45,17 @@ def quick(session: nox.Session) -> None:
     """
     session.install(*PINNED, "-e", ".[test]", *LAB)
     session.run(
-        "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", *WORKERS, *session.posargs
+        "pytest",
+        "-q",
+        "-m",
+        "not slow",
+        "-p",
+        "no:cacheprovider",
+        *WORKERS,
+        *session.posargs,
+        # Fewer examples of the whole-station state machines here (15 of 20-50):
+        # the full suite (nox -s tests, CI) runs them all.
+        env={"EVSE_STATEFUL_EXAMPLES": "15"},
     )
 
 
