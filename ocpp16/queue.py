@@ -268,47 +268,25 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-class TransactionQueue(SqliteAccess):
-    """The queue in the station's SQLite file. Open with ``TransactionQueue.open(path)``."""
+def _connect(path: str | Path) -> tuple[Path, sqlite3.Connection]:
+    """The connection each queue of the station's file opens, the file checked first
+    (a missing directory or a directory in its place named as such)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise _error(f"directory {path.parent} does not exist", path=path.parent)
+    if path.is_dir():
+        raise _error("is a directory, not a database file", path=path)
+    try:
+        conn = sqlite3.connect(
+            path, timeout=BUSY_TIMEOUT_S, check_same_thread=False, isolation_level=None
+        )
+    except sqlite3.Error as exc:
+        raise _error(f"cannot open: {exc}", path=path) from exc
+    return path, conn
 
-    def __init__(
-        self, path: Path, connection: sqlite3.Connection, clock: Callable[[], datetime]
-    ) -> None:
-        # Use TransactionQueue.open: it sets and verifies the pragmas and migrates.
-        self._path = path
-        self._conn: sqlite3.Connection | None = connection
-        self._lock = threading.Lock()
-        self._clock = clock
 
-    # -- opening and closing ------------------------------------------------
-
-    @classmethod
-    def open(
-        cls, path: str | Path, *, clock: Callable[[], datetime] = _utc_now
-    ) -> TransactionQueue:
-        """Open (or create) the queue's tables in the file at ``path``.
-
-        ``clock`` gives the wall time stamped on messages (aware datetimes).
-        """
-        path = Path(path)
-        if not path.parent.is_dir():
-            raise _error(f"directory {path.parent} does not exist", path=path.parent)
-        if path.is_dir():
-            raise _error("is a directory, not a database file", path=path)
-        try:
-            conn = sqlite3.connect(
-                path, timeout=BUSY_TIMEOUT_S, check_same_thread=False, isolation_level=None
-            )
-        except sqlite3.Error as exc:
-            raise _error(f"cannot open: {exc}", path=path) from exc
-        queue = cls(path, conn, clock)
-        try:
-            queue._configure()
-            queue._migrate()
-        except BaseException:
-            conn.close()
-            raise
-        return queue
+class _QueueFile(SqliteAccess):
+    """What both queues of the station's file share: closing, the file's path."""
 
     def close(self) -> None:
         """Close the connection; later calls raise QueueError. Closing twice is harmless."""
@@ -332,6 +310,39 @@ class TransactionQueue(SqliteAccess):
     @property
     def path(self) -> Path:
         return self._path
+
+
+class TransactionQueue(_QueueFile):
+    """The queue in the station's SQLite file. Open with ``TransactionQueue.open(path)``."""
+
+    def __init__(
+        self, path: Path, connection: sqlite3.Connection, clock: Callable[[], datetime]
+    ) -> None:
+        # Use TransactionQueue.open: it sets and verifies the pragmas and migrates.
+        self._path = path
+        self._conn: sqlite3.Connection | None = connection
+        self._lock = threading.Lock()
+        self._clock = clock
+
+    # -- opening and closing ------------------------------------------------
+
+    @classmethod
+    def open(
+        cls, path: str | Path, *, clock: Callable[[], datetime] = _utc_now
+    ) -> TransactionQueue:
+        """Open (or create) the queue's tables in the file at ``path``.
+
+        ``clock`` gives the wall time stamped on messages (aware datetimes).
+        """
+        path, conn = _connect(path)
+        queue = cls(path, conn, clock)
+        try:
+            queue._configure()
+            queue._migrate()
+        except BaseException:
+            conn.close()
+            raise
+        return queue
 
     @property
     def schema_version(self) -> int:
@@ -924,7 +935,7 @@ def _security_event(row: _SecurityRow) -> QueuedSecurityEvent:
     )
 
 
-class SecurityEventQueue(SqliteAccess):
+class SecurityEventQueue(_QueueFile):
     """Queued SecurityEventNotifications in the station's SQLite file (see the comment
     above ``SECURITY_MIGRATIONS``). Open with ``SecurityEventQueue.open(path)``; the
     methods are synchronous (trio code calls them in a worker thread)."""
@@ -945,17 +956,7 @@ class SecurityEventQueue(SqliteAccess):
         cls, path: str | Path, *, clock: Callable[[], datetime] = _utc_now
     ) -> SecurityEventQueue:
         """Open (or create) the security event tables in the file at ``path``."""
-        path = Path(path)
-        if not path.parent.is_dir():
-            raise _error(f"directory {path.parent} does not exist", path=path.parent)
-        if path.is_dir():
-            raise _error("is a directory, not a database file", path=path)
-        try:
-            conn = sqlite3.connect(
-                path, timeout=BUSY_TIMEOUT_S, check_same_thread=False, isolation_level=None
-            )
-        except sqlite3.Error as exc:
-            raise _error(f"cannot open: {exc}", path=path) from exc
+        path, conn = _connect(path)
         queue = cls(path, conn, clock)
         try:
             queue._configure()
@@ -964,29 +965,6 @@ class SecurityEventQueue(SqliteAccess):
             conn.close()
             raise
         return queue
-
-    def close(self) -> None:
-        """Close the connection; later calls raise QueueError. Closing twice is harmless."""
-        with self._lock:
-            if self._conn is not None:
-                conn, self._conn = self._conn, None
-                with self._translate("close"):
-                    conn.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    @property
-    def path(self) -> Path:
-        return self._path
 
     @property
     def schema_version(self) -> int:
