@@ -53,9 +53,9 @@ def quick(session: nox.Session) -> None:
         "no:cacheprovider",
         *WORKERS,
         *session.posargs,
-        # Fewer examples of the whole-station state machines here (15 of 20-50):
-        # the full suite (nox -s tests, CI) runs them all.
-        env={"EVSE_STATEFUL_EXAMPLES": "15"},
+        # Fewer examples of the state machines here (station 15 of 20-50,
+        # connector 100 of 300): the full suite (nox -s tests, CI) runs them all.
+        env={"EVSE_STATEFUL_EXAMPLES": "15", "EVSE_CONNECTOR_EXAMPLES": "100"},
     )
 
 

@@ -314,7 +314,7 @@ def test_send_local_list_then_offline_start_with_a_listed_tag(csms: Csms, tmp_pa
         change(csms, "AllowOfflineTxForUnknownId", "true")
         listed = [entry(LISTED, parent="FLEET"), entry("BLOCKED01", "Blocked")]
         assert send_list(csms, 1, "Full", *listed) == "Accepted"
-        go_offline(csms, st, 10)
+        go_offline(csms, st, 6)
         refused = st.present("BLOCKED01")
         assert (refused["status"], refused["source"]) == ("Blocked", "local list")
         st.plug()

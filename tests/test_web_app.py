@@ -86,7 +86,7 @@ async def test_failed_logins_are_rate_limited(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="evse.security")
-    async with web_rig(tmp_path, limiter=LoginLimiter(5, window=3.0)) as w:
+    async with web_rig(tmp_path, limiter=LoginLimiter(5, window=1.5)) as w:
         client = w.client()
         page = await client.get("/login")
         token = page.csrf()
@@ -105,7 +105,7 @@ async def test_failed_logins_are_rate_limited(
         assert len(failures) == 5 and len(lockouts) == 1
         assert all(r.levelno == logging.WARNING for r in failures + lockouts)
         # Once the window has passed, the installer gets in.
-        await trio.sleep(3.1)
+        await trio.sleep(1.6)
         ok = await client.post_form("/login", {"csrf": token, "password": PASSWORD})
         assert ok.status == 303
 
