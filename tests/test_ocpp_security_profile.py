@@ -19,9 +19,7 @@ import base64
 import binascii
 import itertools
 import json
-import socket
 import ssl
-import threading
 import urllib.parse
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -59,6 +57,7 @@ from ocpp16.transport import (
     basic_auth_password,
 )
 from tests.chargepoint_rig import IDENTITY, FakeStation
+from tests.test_transport import alerting_tls_server
 
 CP = "CP-1"
 #: 20 bytes with the ones a text password cannot hold: NUL, LF, CR, ':', 0xff.
@@ -245,41 +244,6 @@ async def serving(
         )
         yield server.port
         nursery.cancel_scope.cancel()
-
-
-@contextmanager
-def tls_refuser(context: ssl.SSLContext) -> Iterator[tuple[int, list[str]]]:
-    """A blocking stdlib TLS server in a thread that sends its alert when it
-    refuses the handshake; (port, the handshake outcomes it saw)."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    listener.settimeout(0.05)
-    outcomes: list[str] = []
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                conn.settimeout(2)
-                try:
-                    with context.wrap_socket(conn, server_side=True):
-                        outcomes.append("ok")
-                except (ssl.SSLError, OSError) as exc:
-                    outcomes.append(str(exc))
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1], outcomes
-    finally:
-        stop.set()
-        thread.join()
-        listener.close()
 
 
 # --------------------------------------------------------------------------- the station
@@ -564,9 +528,11 @@ async def test_a_tls_11_only_server_is_refused_as_invalid_tls_version(
         context.maximum_version = ssl.TLSVersion.TLSv1_1
     context.set_ciphers("DEFAULT:@SECLEVEL=0")
     pki.ca.issue_cert("127.0.0.1").configure_cert(context)
-    with tls_refuser(context) as (port, outcomes):
-        async with station(tmp_path, profile_2(port, pki)) as st:
-            await until(lambda: st.events, "a security event")
+    async with (
+        alerting_tls_server(context) as (port, outcomes),
+        station(tmp_path, profile_2(port, pki)) as st,
+    ):
+        await until(lambda: st.events, "a security event")
     ((kind, info, _),) = st.events
     assert kind == INVALID_TLS_VERSION
     assert info is not None and "PROTOCOL_VERSION" in info
@@ -578,7 +544,7 @@ async def test_a_server_without_an_acceptable_cipher_suite_is_invalid_tls_cipher
 ) -> None:
     # AES128-SHA: CBC with SHA-1 MACs, which we never offer.
     context = pki.server_context("127.0.0.1", rsa_cipher="AES128-SHA")
-    with tls_refuser(context) as (port, outcomes):
+    async with alerting_tls_server(context) as (port, outcomes):
         settings = profile_2(port, pki) | {"CentralSystemRootCertificate": str(pki.rsa_ca_file)}
         async with station(tmp_path, settings) as st:
             await until(lambda: st.events, "a security event")
