@@ -840,7 +840,7 @@ class ChargePoint:
                 log.warning("BootNotification failed: %s", exc)
                 await trio.sleep(DEFAULT_BOOT_RETRY)
                 continue
-            self._set_clock(answer.get("currentTime"))
+            self.set_clock(answer.get("currentTime"))
             interval = float(answer.get("interval", 0) or 0)
             status = answer.get("status")
             if status == "Accepted":
@@ -872,7 +872,10 @@ class ChargePoint:
         registration sends its next BootNotification now, not after the interval."""
         self._boot_wakeup.set()
 
-    def _set_clock(self, current_time: object) -> None:
+    def set_clock(self, current_time: object) -> None:
+        """Take a ``currentTime`` from any answer (BootNotification, Heartbeat, a
+        triggered Heartbeat): when it set the clock or stepped it, the timers
+        recompute and ``on_clock_set`` is told (the SettingSystemTime event)."""
         if self.clock.set(current_time):
             # Clock-aligned readings follow the central system's time: recompute.
             self.timing.unpark_all()
@@ -894,6 +897,6 @@ class ChargePoint:
             last = trio.current_time()
             try:
                 answer = await self.call("Heartbeat", {})
-                self._set_clock(answer.get("currentTime"))
+                self.set_clock(answer.get("currentTime"))
             except CallFailed as exc:
                 log.warning("Heartbeat failed: %s", exc)

@@ -16,7 +16,7 @@ progress. This autojump jumps only when every task is blocked AND no worker
 thread is running, so virtual time advances only by waiting, exactly.
 
 Wall time: ``ChargePoint`` reads ``datetime.now(UTC)`` itself (in ``now()``
-and ``_set_clock``); there is no constructor seam for a wall clock.
+and ``set_clock``); there is no constructor seam for a wall clock.
 ``WallClockChargePoint`` overrides the public ``now()`` to follow trio's
 clock from a fixed epoch, for the tests that need exact wall time
 (clock-aligned meter values, sample timestamps).

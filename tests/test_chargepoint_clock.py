@@ -49,7 +49,7 @@ async def test_times_before_the_clock_is_set_are_corrected_when_it_is(
     assert start["timestamp"] == "1970-01-01T00:10:00.000Z"
     # The central system's answer sets the clock: 2026, not 1970.
     now = datetime.now(UTC)
-    cp._set_clock("2026-11-22T12:00:00Z")
+    cp.set_clock("2026-11-22T12:00:00Z")
     assert cp.synced_offset is not None
     sent = cp._prepare("StartTransaction", dict(start))
     assert UNSYNCED not in sent
@@ -76,7 +76,7 @@ async def test_times_before_the_clock_is_set_are_corrected_when_it_is(
 
 async def test_a_time_from_an_earlier_boot_is_sent_as_recorded(chargepoint: ChargePoint) -> None:
     cp = chargepoint
-    cp._set_clock("2026-11-22T12:00:00Z")
+    cp.set_clock("2026-11-22T12:00:00Z")
     payload = {"timestamp": "1970-01-01T00:10:00.000Z", UNSYNCED: "another-boot"}
     sent = cp._prepare("StopTransaction", payload)
     assert sent == {"timestamp": "1970-01-01T00:10:00.000Z"}

@@ -13,7 +13,7 @@ the order in which the charge point wrote frames to its connection
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +201,34 @@ async def test_heartbeat_and_the_idle_status_notifications(
         assert cs.payloads("DiagnosticsStatusNotification") == [{"status": "Idle"}]
         assert cs.payloads("FirmwareStatusNotification") == [{"status": "Idle"}]
         assert trio.current_time() < 1.0  # at once, not at the heartbeat interval
+
+
+async def test_a_triggered_heartbeat_that_steps_the_clock_is_a_setting_system_time(
+    tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    """The triggered Heartbeat's currentTime goes the way of every other answer's:
+    a step of more than a second tells ``on_clock_set`` (evse.ocpp_port raises the
+    whitepaper's SettingSystemTime from it); the same time again does not."""
+    ahead = [0.0]
+
+    def heartbeat(call: IncomingCall) -> dict[str, Any]:
+        at = datetime.now(UTC) + timedelta(seconds=ahead[0])
+        return {"currentTime": format_time(at)}
+
+    async with open_rig(tmp_path, clock) as rig:
+        told: list[float] = []
+        rig.cp.on_clock_set = lambda: told.append(rig.cp.clock.offset.total_seconds())  # type: ignore[union-attr]
+        cs = await up(rig, Heartbeat=heartbeat)
+        told.clear()  # BootNotification's currentTime set it first
+        ahead[0] = 3600.0
+        await trigger(cs, "Heartbeat")
+        await settle(lambda: cs.payloads("Heartbeat"), "the triggered heartbeat")
+        await settle(lambda: told, "the clock hook")
+        assert len(told) == 1 and told[0] == pytest.approx(3600.0, abs=5.0)
+        await trigger(cs, "Heartbeat")
+        await settle(lambda: len(cs.payloads("Heartbeat")) == 2, "the second heartbeat")
+        await trio.sleep(1)
+        assert len(told) == 1
 
 
 async def test_the_firmware_profile_supplies_what_is_in_progress(

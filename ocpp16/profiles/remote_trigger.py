@@ -265,8 +265,8 @@ class RemoteTriggerProfile:
     async def _heartbeat(self) -> None:
         cp = self.cp
         answer = await self._send("Heartbeat", {})
-        if answer is not None and cp.clock.set(answer.get("currentTime")):
-            cp.timing.unpark_all()
+        if answer is not None:
+            cp.set_clock(answer.get("currentTime"))
 
     async def _statuses(self, connectors: Sequence[int]) -> None:
         cp = self.cp
