@@ -857,6 +857,11 @@ async def test_tc_084_a_lowering_is_rejected_and_keeps_the_connection(
         station(tmp_path, profile_2(port, pki)) as st,
     ):
         await until(lambda: st.cp.online, "registered with profile 2")
+        # The BootNotification's interval is stored by a worker thread after the
+        # registration: the snapshot is taken once it is there.
+        await until(
+            lambda: "ocpp.HeartbeatInterval" in st.store.settings(), "the boot's interval stored"
+        )
         before = st.store.settings()
         for lower in ("1", "0"):
             answer = await cs.peer.call(
