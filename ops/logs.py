@@ -44,6 +44,16 @@ window matters most). A security event is one line; 3 MiB hold some 20 000.
 Compressed for an upload, 10 MiB of JSON lines is about 1 MB. Files are 0640
 (the directory 0750): the log names id tags and addresses.
 
+A security log that was cleared between two runs (the whitepaper's critical
+SecurityLogWasCleared) is noticed at the next start: ``security.log``'s inode
+and size are kept in ``<data_dir>/security-log.mark`` (outside ``log/``, so
+that removing the directory is noticed too) at every start, rotation and
+close; at start the file the mark names must still be ``security.log`` or one
+of its backups (a rotation we made), at least as long as it was. A missing or
+shorter file is ``FileLogs.security_log_cleared`` (the reason, for the
+event's techInfo). A kill -9 only leaves the mark older, never longer than
+the file, so it raises nothing.
+
 Writes never block the caller for long: the root logger gets a
 ``QueueHandler`` whose queue a ``QueueListener`` thread drains into the two
 files, so the trio thread only formats the message and puts it on a bounded
@@ -266,8 +276,56 @@ def is_security_record(record: logging.LogRecord) -> bool:
     return record.name == SECURITY_LOGGER or record.name.startswith(SECURITY_LOGGER + ".")
 
 
+#: Where the security log's inode and size are kept between runs (in the data dir).
+SECURITY_MARK = "security-log.mark"
+
+
+def _write_mark(mark: Path, log_file: Path) -> None:
+    """Record ``log_file``'s inode and size in ``mark`` (replaced atomically)."""
+    try:
+        st = log_file.stat()
+        tmp = mark.with_name(mark.name + ".tmp")
+        tmp.write_text(json.dumps({"ino": st.st_ino, "size": st.st_size}), encoding="utf-8")
+        os.replace(tmp, mark)
+    except OSError as exc:
+        logging.getLogger(__name__).warning("security log mark %s not written: %s", mark, exc)
+
+
+def security_log_cleared(data_dir: Path) -> str | None:
+    """Why the security log counts as cleared since the last run, or None (module
+    docstring). No mark (a first start, or one before this rule) is no finding."""
+    mark = Path(data_dir) / SECURITY_MARK
+    try:
+        recorded = json.loads(mark.read_text(encoding="utf-8"))
+        ino, size = int(recorded["ino"]), int(recorded["size"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return (
+            f"{mark} unreadable ({exc.__class__.__name__}): the security log cannot be vouched for"
+        )
+    for path in reversed(log_files(data_dir, "security")):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        if st.st_ino == ino:
+            if st.st_size < size:
+                return f"{path.name} shrank from {size} to {st.st_size} bytes since the last run"
+            return None
+    return f"{SECURITY_LOG} of the last run ({size} bytes) is gone from {log_dir(data_dir)}"
+
+
 class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
-    """A rotating file created (and kept) with ``FILE_MODE``, whatever the umask."""
+    """A rotating file created (and kept) with ``FILE_MODE``, whatever the umask;
+    with ``mark``, the file's inode and size recorded after every rotation."""
+
+    mark: Path | None = None
+
+    def doRollover(self) -> None:  # noqa: N802 - logging's name
+        super().doRollover()
+        if self.mark is not None:
+            _write_mark(self.mark, Path(self.baseFilename))
 
     def _open(self) -> io.TextIOWrapper:
         fd = os.open(
@@ -350,6 +408,9 @@ class FileLogs:
     handler: FileLogHandler
     listener: logging.handlers.QueueListener
     _security_level: int
+    #: Why the security log counts as cleared since the last run (None: it does not).
+    security_log_cleared: str | None = None
+    _mark: Path | None = None
     _closed: bool = False
 
     @property
@@ -378,6 +439,8 @@ class FileLogs:
         self.listener.stop()
         for handler in self.listener.handlers:
             handler.close()
+        if self._mark is not None:
+            _write_mark(self._mark, self.security)
         logging.getLogger(SECURITY_LOGGER).setLevel(self._security_level)
 
     def __enter__(self) -> FileLogs:
@@ -433,8 +496,10 @@ def install_file_logs(
     """
     while _current:
         _current[0].close()
+    cleared = security_log_cleared(data_dir)
     directory = log_dir(data_dir)
     directory.mkdir(mode=DIR_MODE, exist_ok=True)
+    mark = Path(data_dir) / SECURITY_MARK
     formatter = JsonFormatter()
     main = _PrivateRotatingFileHandler(
         directory / MAIN_LOG, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
@@ -449,6 +514,9 @@ def install_file_logs(
     except BaseException:
         main.close()
         raise
+    # The file is open (created if it was not there): its inode is the one to follow.
+    _write_mark(mark, directory / SECURITY_LOG)
+    security.mark = mark
     main.setFormatter(formatter)
     security.setFormatter(formatter)
     security.addFilter(is_security_record)
@@ -468,6 +536,8 @@ def install_file_logs(
         handler=handler,
         listener=listener,
         _security_level=level,
+        security_log_cleared=cleared,
+        _mark=mark,
     )
     _current.append(logs)
     return logs

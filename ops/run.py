@@ -60,7 +60,7 @@ from ocpp16.local_auth import AuthSettings, LocalAuth
 from ocpp16.profile_store import ProfileStore
 from ocpp16.queue import SecurityEventQueue, TransactionQueue
 from ocpp16.security_events import SecurityEvents
-from ops import firmware_wiring, lock, logs, systemd
+from ops import firmware_wiring, lock, logs, resources, systemd
 from ops.config import (
     BOARD_RETRIES,
     METER_RETRIES,
@@ -150,6 +150,7 @@ def open_central(
     *,
     releases: ReleaseContext | None = None,
     flush_logs: Callable[[], object] | None = None,
+    security_log_cleared: str | None = None,
 ) -> Central:
     """Open the configuration registry and the transaction queue; build the port.
 
@@ -166,7 +167,8 @@ def open_central(
     run's (``ops.firmware_wiring.release_context``, after ``at_start``); the
     port's extensions (firmware management, certificates) load at its first
     connection. ``flush_logs`` writes out the log files before GetDiagnostics
-    or GetLog reads them.
+    or GetLog reads them. ``security_log_cleared`` (``FileLogs``'s finding at
+    start) raises SecurityLogWasCleared, critical, after StartupOfTheDevice.
     """
     context = releases if releases is not None else firmware_wiring.release_context(config)
     path = store_path(config)
@@ -186,6 +188,8 @@ def open_central(
     security_queue = SecurityEventQueue.open(path)
     events = SecurityEvents(security_queue)
     events.emit("StartupOfTheDevice", f"evse-firmware {VERSION}")
+    if security_log_cleared is not None:
+        events.emit("SecurityLogWasCleared", security_log_cleared)
     transfers = Transfers()
     # The list's and the cache's policy keys are read at every use (live).
     local_auth = LocalAuth.open(path, settings=lambda: AuthSettings.from_keys(registry.get_bool))
@@ -583,6 +587,9 @@ async def run_station(
                     on_web_ready=on_web_ready,
                     releases=context,
                     flush_logs=file_logs.flush if file_logs is not None else None,
+                    security_log_cleared=(
+                        file_logs.security_log_cleared if file_logs is not None else None
+                    ),
                 )
             finally:
                 if file_logs is not None:
@@ -667,9 +674,16 @@ async def _run_locked(
     on_web_ready: Callable[[str], None] | None = None,
     releases: ReleaseContext | None = None,
     flush_logs: Callable[[], object] | None = None,
+    security_log_cleared: str | None = None,
 ) -> int:
     central = await trio.to_thread.run_sync(
-        partial(open_central, config, releases=releases, flush_logs=flush_logs)
+        partial(
+            open_central,
+            config,
+            releases=releases,
+            flush_logs=flush_logs,
+            security_log_cleared=security_log_cleared,
+        )
     )
     try:
         if settings:
@@ -818,6 +832,11 @@ async def _supervise(
                 )
             nursery.start_soon(supervisor.run, name="supervisor")
             nursery.start_soon(attach, name="attach")
+            # Whitepaper ed. 3 MemoryExhaustion: the data directory's disk or RAM low.
+            nursery.start_soon(
+                partial(resources.watch, resources.reader(config.station.data_dir), security_event),
+                name="resources",
+            )
             nursery.start_soon(
                 partial(serve_systemd, supervisor, notifier, run, on_ready=running),
                 name="systemd",

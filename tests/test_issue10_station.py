@@ -196,6 +196,44 @@ def test_tc_079_get_log_security_log(
     assert all(line["logger"] == "evse.security" for line in lines)
 
 
+def test_a_security_log_cleared_between_runs_is_reported_once(csms: Csms, data_dir: Path) -> None:
+    """Whitepaper ed. 3 SecurityLogWasCleared (critical): a restart with the log as it
+    was raises nothing; removing the security log files while the station is
+    stopped is raised at the next start, after StartupOfTheDevice, once."""
+
+    def startups() -> int:
+        return security_events(csms).count("StartupOfTheDevice")
+
+    with station(csms, data_dir):
+        booted(csms)
+        until(lambda: startups() == 1, 20, "the first StartupOfTheDevice")
+    with station(csms, data_dir):
+        booted(csms, boots=2)
+        until(lambda: startups() == 2, 20, "the second StartupOfTheDevice")
+    assert "SecurityLogWasCleared" not in security_events(csms)
+    for path in (data_dir / "log").glob("security.log*"):
+        path.unlink()
+    with station(csms, data_dir):
+        booted(csms, boots=3)
+        until(lambda: "SecurityLogWasCleared" in security_events(csms), 20, "the event")
+        (cleared,) = [
+            m
+            for m in calls(csms, "SecurityEventNotification")
+            if m["payload"]["type"] == "SecurityLogWasCleared"
+        ]
+        assert "security.log of the last run" in cleared["payload"]["techInfo"]
+        sent = security_events(csms)
+        at = sent.index("SecurityLogWasCleared")
+        assert sent[at - 1] == "StartupOfTheDevice" and sent.count("StartupOfTheDevice") == 3
+        # The new security log has both events of this run.
+        lines = (data_dir / "log" / "security.log").read_text()
+        assert "StartupOfTheDevice" in lines and "SecurityLogWasCleared" in lines
+    with station(csms, data_dir):
+        booted(csms, boots=4)
+        until(lambda: startups() == 4, 20, "the fourth StartupOfTheDevice")
+    assert security_events(csms).count("SecurityLogWasCleared") == 1
+
+
 def test_tc_075_1_install_certificate_and_get_installed_certificate_ids(
     csms: Csms, running: StationProcess
 ) -> None:

@@ -455,3 +455,78 @@ def test_closing_waits_for_room_for_the_writers_stop_mark() -> None:
     listener.enqueue_sentinel()  # QueueListener's own would raise queue.Full here
     assert records.waits == [None]
     assert records.get_nowait() is None  # QueueListener's sentinel
+
+
+# --- SecurityLogWasCleared: the mark kept between runs -------------------------------------
+
+
+def security_record(text: str) -> None:
+    logging.getLogger("evse.security").info(text)
+
+
+def test_a_first_start_and_plain_restarts_find_nothing(tmp_path: Path) -> None:
+    for run in range(3):
+        with logs.install_file_logs(tmp_path) as files:
+            assert files.security_log_cleared is None, run
+            security_record(f"StartupOfTheDevice (critical) run {run}")
+            assert files.flush()
+
+
+def test_our_own_rotations_are_not_a_clearing(tmp_path: Path) -> None:
+    with logs.install_file_logs(tmp_path, security_max_bytes=600, security_backups=2) as files:
+        for n in range(40):
+            security_record(f"InvalidMessages {n:03d}")
+        assert files.flush()
+        # Rotated many times, the oldest rotated away (three files kept).
+        assert len(logs.log_files(tmp_path, "security")) == 3
+    with logs.install_file_logs(tmp_path, security_max_bytes=600, security_backups=2) as files:
+        assert files.security_log_cleared is None
+
+
+def test_a_rotation_seen_from_a_mark_left_before_it_is_not_a_clearing(tmp_path: Path) -> None:
+    mark = tmp_path / logs.SECURITY_MARK
+    with logs.install_file_logs(tmp_path, security_max_bytes=600, security_backups=3) as files:
+        security_record("StartupOfTheDevice (critical)")
+        assert files.flush()
+        before = mark.read_bytes()
+        for n in range(6):
+            security_record(f"InvalidMessages {n:03d} " + "x" * 60)
+        assert files.flush()
+        assert len(logs.log_files(tmp_path, "security")) >= 2
+    # As if killed -9 right after the first rotation: the old mark names security.log.N.
+    mark.write_bytes(before)
+    with logs.install_file_logs(tmp_path, security_max_bytes=600, security_backups=3) as files:
+        assert files.security_log_cleared is None
+
+
+@pytest.mark.parametrize("how", ["deleted", "truncated", "directory removed", "mark garbled"])
+def test_a_cleared_security_log_is_found_at_the_next_start(tmp_path: Path, how: str) -> None:
+    with logs.install_file_logs(tmp_path) as files:
+        for n in range(5):
+            security_record(f"ReconfigurationOfSecurityParameters {n}")
+        assert files.flush()
+    security = tmp_path / "log" / "security.log"
+    size = security.stat().st_size
+    if how == "deleted":
+        security.unlink()
+    elif how == "truncated":
+        with security.open("r+") as f:
+            f.truncate(size // 2)
+    elif how == "directory removed":
+        for path in (tmp_path / "log").iterdir():
+            path.unlink()
+        (tmp_path / "log").rmdir()
+    else:
+        (tmp_path / logs.SECURITY_MARK).write_text("{not json")
+    with logs.install_file_logs(tmp_path) as files:
+        reason = files.security_log_cleared
+        assert reason is not None
+        if how == "truncated":
+            assert f"from {size} to {size // 2} bytes" in reason
+        elif how == "mark garbled":
+            assert "cannot be vouched for" in reason
+        else:
+            assert "is gone" in reason and f"({size} bytes)" in reason
+    # Said once: the next start follows the new file.
+    with logs.install_file_logs(tmp_path) as files:
+        assert files.security_log_cleared is None
