@@ -76,6 +76,9 @@ class CallChannel:
         self._call_lock = trio.Lock()
         self._call_ended = trio.Event()
         self._waiting: dict[str, trio.MemorySendChannel[object]] = {}
+        #: Told of every frame refused or not understood (its description), from the
+        #: reader: the charge point's InvalidMessages security event.
+        self.on_problem: Callable[[str], None] | None = None
         #: ``after_answer`` work of the call being answered.
         self._after: list[tuple[str, Callable[[], Awaitable[None]]]] = []
 
@@ -189,6 +192,11 @@ class CallChannel:
                         await incoming.send(event)
                     elif isinstance(event, rpc_module.ProtocolProblem):
                         log.warning("OCPP protocol problem: %s", event.description)
+                        if self.on_problem is not None:
+                            try:
+                                self.on_problem(event.description)
+                            except Exception:
+                                log.exception("protocol problem hook failed")
                     else:
                         self._dispatch_result(event)
 

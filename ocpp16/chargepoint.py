@@ -91,6 +91,9 @@ log = logging.getLogger(__name__)
 #: Seconds before a BootNotification is retried when the answer gave no interval.
 DEFAULT_BOOT_RETRY = 30.0
 
+#: At most one InvalidMessages security event per this many seconds (``_invalid_message``).
+INVALID_MESSAGES_EVERY = 60.0
+
 #: What may be answered before BootNotification is Accepted (OCPP 1.6 4.2.1).
 #: ExtendedTriggerMessage is the Security Whitepaper's TriggerMessage (ed. 3,
 #: "for the other values the behaviour matches TriggerMessage"): a central system
@@ -281,6 +284,10 @@ class ChargePoint:
         self.registration = Registration.NONE
         self.link_status = LinkStatus(LinkState.DISABLED, "not started", 0.0)
         self.channel = CallChannel(self._answer)
+        self.channel.on_problem = self._invalid_message
+        #: InvalidMessages: when the last was raised (trio time), and how many since.
+        self._invalid_at: float | None = None
+        self._invalid_since = 0
         self._link: Link | None = None
         self._link_scope = trio.CancelScope()
         self._booted_once = False
@@ -871,6 +878,22 @@ class ChargePoint:
         """TriggerMessage BootNotification (OCPP 1.6 5.17) while not registered: the
         registration sends its next BootNotification now, not after the interval."""
         self._boot_wakeup.set()
+
+    def _invalid_message(self, description: str) -> None:
+        """Whitepaper ed. 3 InvalidMessages (not critical): a frame from the central
+        system refused or not understood (it got its CALLERROR where it could). At
+        most one event per ``INVALID_MESSAGES_EVERY`` seconds, the next one
+        counting those in between: a peer sending garbage must not fill the
+        security log and the queue (whose cap drops non-critical events anyway)."""
+        now = trio.current_time()
+        if self._invalid_at is not None and now - self._invalid_at < INVALID_MESSAGES_EVERY:
+            self._invalid_since += 1
+            return
+        more = (
+            f" (and {self._invalid_since} more since the last event)" if self._invalid_since else ""
+        )
+        self._invalid_at, self._invalid_since = now, 0
+        self.emit("InvalidMessages", f"{description}{more}")
 
     def set_clock(self, current_time: object) -> None:
         """Take a ``currentTime`` from any answer (BootNotification, Heartbeat, a
