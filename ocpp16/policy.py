@@ -92,6 +92,10 @@ class StatusPolicy:
         """The central system accepted this StatusNotification."""
         self._reported[connector_id] = current
 
+    def is_reported(self, connector_id: int, current: ConnectorStatus) -> bool:
+        """Whether ``current`` is what this connection last reported for the connector."""
+        return self._reported.get(connector_id) == current
+
     @staticmethod
     def follows_start(current: ConnectorStatus) -> bool:
         """The status belongs to a running transaction: it goes after StartTransaction."""

@@ -306,6 +306,18 @@ def test_tc_044_1_update_restart_installed_and_tc_044_3_a_broken_release_rolls_b
             assert unit.starts[1].pre == f"evse release at-start: {V2} on trial"
             installed = at(csms, since, "FirmwareStatusNotification", status="Installed")
             assert installed > second["t"]  # after the restart, once registered
+            # TC_044_1: the idle connector's Unavailable is reported before Installing.
+            seq_of = {
+                (m["action"], m["payload"].get("status"), m["payload"].get("connectorId")): m["seq"]
+                for m in reversed(
+                    calls_since(csms, "StatusNotification", since)
+                    + calls_since(csms, "FirmwareStatusNotification", since)
+                )
+            }
+            assert (
+                seq_of[("StatusNotification", "Unavailable", 1)]
+                < seq_of[("FirmwareStatusNotification", "Installing", None)]
+            )
             wait_for(
                 csms,
                 CP,

@@ -74,6 +74,8 @@ class CoreProfile:
         self.aligned = AlignedSchedule()
         self._queue_wakeup = trio.Event()
         self._status_wakeup = trio.Event()
+        #: Set (and replaced) each time a StatusNotification is accepted.
+        self._status_reported = trio.Event()
         #: Who takes a RemoteStartTransaction's chargingProfile (Smart Charging);
         #: None: the profile is ignored.
         self.remote_start_profiles: RemoteStartProfiles | None = None
@@ -101,6 +103,10 @@ class CoreProfile:
 
     def status_changed(self) -> None:
         self._status_wakeup.set()
+
+    async def status_reported(self) -> None:
+        """Return once the next StatusNotification is accepted (any connector)."""
+        await self._status_reported.wait()
 
     def start_message(
         self,
@@ -215,6 +221,8 @@ class CoreProfile:
                 try:
                     await cp.call("StatusNotification", payload)
                     self.status.reported(cid, current)
+                    self._status_reported.set()
+                    self._status_reported = trio.Event()
                 except CallFailed as exc:
                     log.warning("StatusNotification failed: %s", exc)
                     wait = min(wait, STATUS_RETRY)

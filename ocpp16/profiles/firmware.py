@@ -156,6 +156,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: How long the install waits for the connectors' Unavailable to be reported.
+UNAVAILABLE_REPORT_WAIT = 10.0
+
 #: The largest firmware image downloaded (a release with every pinned wheel is
 #: tens of megabytes).
 DEFAULT_MAX_IMAGE_BYTES = 256 * 1024 * 1024
@@ -668,6 +671,26 @@ class FirmwareProfile:
 
     # -- the effects --------------------------------------------------------------------------
 
+    async def _unavailable_reported(self) -> None:
+        """OCA TC_044_1: the idle connectors' StatusNotification Unavailable goes out
+        before FirmwareStatusNotification Installing. The two leave by two senders
+        (the status task, this profile's outbox), so wait, online and for at most
+        ``UNAVAILABLE_REPORT_WAIT`` s, until every connector now Unavailable is
+        reported; a connector still charging turns Unavailable after its
+        transaction and is not waited for here."""
+        cp = self.cp
+        with trio.move_on_after(UNAVAILABLE_REPORT_WAIT):
+            while cp.online:
+                waiting = [
+                    cid
+                    for cid in cp.station.connector_ids
+                    if (current := cp.station.status_of(cid))[0] == "Unavailable"
+                    and not cp.core.status.is_reported(cid, current)
+                ]
+                if not waiting:
+                    return
+                await cp.core.status_reported()
+
     async def _carry_out(self, effect: Effect) -> Event | None:
         """One effect; the event it produces (commands only)."""
         if isinstance(effect, Notify):
@@ -685,6 +708,7 @@ class FirmwareProfile:
             return await self._check_signature(effect)
         elif isinstance(effect, MakeUnavailable):
             await self._hook("make the connectors unavailable", self.hooks.make_unavailable)
+            await self._unavailable_reported()
         elif isinstance(effect, AwaitIdle):
             while self.hooks.transactions_running():
                 with trio.move_on_after(self.idle_poll):
